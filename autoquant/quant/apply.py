@@ -1,0 +1,107 @@
+"""Calibration of activation ranges and ``apply(model, config)``: a fake-quantized copy."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from autoquant.quant.fake import ActivationParams, fake_quantize_activation, fake_quantize_weight
+from autoquant.space.discovery import quantizable_modules
+from autoquant.space.values import QuantConfig
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Observed min/max of every quantizable layer's input and output on the calibration data,
+    taken on the float model (as ONNX Runtime's static quantization calibrates)."""
+
+    input_ranges: dict[str, tuple[float, float]]
+    output_ranges: dict[str, tuple[float, float]]
+
+    def input_params(self, layer: str) -> ActivationParams:
+        return ActivationParams.from_range(*self.input_ranges[layer])
+
+    def output_params(self, layer: str) -> ActivationParams:
+        return ActivationParams.from_range(*self.output_ranges[layer])
+
+    def to_dict(self) -> dict:
+        return {
+            "input_ranges": {k: list(v) for k, v in self.input_ranges.items()},
+            "output_ranges": {k: list(v) for k, v in self.output_ranges.items()},
+        }
+
+
+def calibrate(model: torch.nn.Module, inputs: torch.Tensor, *, batch_size: int = 256) -> Calibration:
+    """Min/max observers on each Linear/Conv2d input and output."""
+    modules = quantizable_modules(model)
+    lo_in: dict[str, float] = {}
+    hi_in: dict[str, float] = {}
+    lo_out: dict[str, float] = {}
+    hi_out: dict[str, float] = {}
+
+    def observe(name: str):
+        def hook(_module, args, output) -> None:
+            x = args[0]
+            lo_in[name] = min(lo_in.get(name, float("inf")), float(x.min()))
+            hi_in[name] = max(hi_in.get(name, float("-inf")), float(x.max()))
+            lo_out[name] = min(lo_out.get(name, float("inf")), float(output.min()))
+            hi_out[name] = max(hi_out.get(name, float("-inf")), float(output.max()))
+
+        return hook
+
+    handles = [m.register_forward_hook(observe(n)) for n, m in modules.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                model(inputs[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Calibration(
+        input_ranges={n: (lo_in[n], hi_in[n]) for n in lo_in},
+        output_ranges={n: (lo_out[n], hi_out[n]) for n in lo_out},
+    )
+
+
+def _input_hook(act_bits: int, params: ActivationParams | None):
+    def hook(_module, args):
+        return (fake_quantize_activation(args[0], act_bits, params), *args[1:])
+
+    return hook
+
+
+def _output_hook(act_bits: int, params: ActivationParams | None):
+    def hook(_module, _args, output):
+        return fake_quantize_activation(output, act_bits, params)
+
+    return hook
+
+
+def apply(
+    model: torch.nn.Module, config: QuantConfig, calibration: Calibration | None = None
+) -> torch.nn.Module:
+    """A deep copy of ``model`` computing as ``config`` says; ``model`` itself is not touched.
+
+    Weights are replaced by their fake-quantized values once; activations are fake-quantized by
+    hooks on the layer's input and output. int8 activations need ``calibration``.
+    """
+    qmodel = copy.deepcopy(model)
+    modules = quantizable_modules(qmodel)
+    for name, choice in config.choices:
+        if name not in modules:
+            raise KeyError(f"config names layer {name!r}, which the model does not have")
+        module = modules[name]
+        with torch.no_grad():
+            module.weight.copy_(fake_quantize_weight(module.weight, choice))
+        if choice.act_bits == 32:
+            continue
+        if choice.act_bits == 8 and calibration is None:
+            raise ValueError(f"layer {name!r} has int8 activations but no calibration was given")
+        in_params = calibration.input_params(name) if choice.act_bits == 8 else None
+        out_params = calibration.output_params(name) if choice.act_bits == 8 else None
+        module.register_forward_pre_hook(_input_hook(choice.act_bits, in_params))
+        module.register_forward_hook(_output_hook(choice.act_bits, out_params))
+    return qmodel.eval()

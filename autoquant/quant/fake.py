@@ -1,0 +1,130 @@
+"""Fake quantization of weights and activations in torch.
+
+The integer grid, scales, zero points and rounding here are the ones the ONNX exporter writes,
+so an exported graph computes what the search measured. Integers are signed: a ``b``-bit value
+lies in ``[-2^(b-1), 2^(b-1)-1]``; asymmetric weights add an integer zero point in that range.
+Rounding is round-half-to-even (``torch.round``), as ONNX ``QuantizeLinear`` does.
+Activations use uint8 ``[0, 255]`` with a zero point, per tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autoquant.space.values import QuantChoice
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Integer weight and the parameters to dequantize it: ``w ≈ (q - zero_point) * scale``.
+
+    ``scale`` and ``zero_point`` broadcast against the weight (per-tensor: shape ``[1,...]``;
+    per-channel: ``[O, 1, ...]``; per-group: ``[O, I/B, 1, ...]`` broadcast over block members
+    after reshaping to ``[O, I/B, B, ...]``).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    group_size: int | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        if self.group_size is None:
+            return (self.q - self.zero_point) * self.scale
+        grouped = _grouped(self.q, self.group_size)
+        out = (grouped - self.zero_point.unsqueeze(2)) * self.scale.unsqueeze(2)
+        return out.reshape(self.q.shape)
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[O, I, *k]`` → ``[O, I/B, B, *k]``: blocks of ``B`` along axis 1."""
+    o, i = w.shape[:2]
+    return w.reshape(o, i // group_size, group_size, *w.shape[2:])
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.where(amax > _EPS, amax / qmax, torch.ones_like(amax))
+        zero = torch.zeros_like(scale)
+    else:
+        lo = torch.clamp(lo, max=0.0)
+        hi = torch.clamp(hi, min=0.0)
+        span = hi - lo
+        scale = torch.where(span > _EPS, span / (qmax - qmin), torch.ones_like(span))
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, choice: QuantChoice) -> QuantParams:
+    """Quantize a weight in torch layout (``[O, I]`` or ``[O, I, kh, kw]``) as ``choice`` says."""
+    if not choice.weight_is_int:
+        raise ValueError(f"{choice.label} is not an integer weight format")
+    w = w.detach().float()
+    bits = choice.weight_bits
+    qmin, qmax = int_range(bits)
+    group = None
+    if choice.granularity == "per_tensor":
+        reduce_dims = tuple(range(w.dim()))
+        view = w
+    elif choice.granularity == "per_channel":
+        reduce_dims = tuple(range(1, w.dim()))
+        view = w
+    else:
+        assert choice.group_size is not None
+        group = choice.group_size
+        view = _grouped(w, group)
+        reduce_dims = (2,)
+    lo = view.amin(dim=reduce_dims, keepdim=True)
+    hi = view.amax(dim=reduce_dims, keepdim=True)
+    scale, zero = _scale_zero(lo, hi, bits, choice.symmetric)
+    q = torch.clamp(torch.round(view / scale) + zero, qmin, qmax)
+    if group is not None:
+        return QuantParams(q.reshape(w.shape), scale.squeeze(2), zero.squeeze(2), bits, group)
+    return QuantParams(q, scale, zero, bits)
+
+
+def fake_quantize_weight(w: torch.Tensor, choice: QuantChoice) -> torch.Tensor:
+    """The weight the quantized layer computes with, in float32."""
+    if choice.weight_bits == 32:
+        return w.detach().clone()
+    if choice.weight_bits == 16:
+        return w.detach().half().float()
+    return quantize_weight(w, choice).dequantize().to(w.dtype)
+
+
+@dataclass(frozen=True)
+class ActivationParams:
+    """uint8 asymmetric per-tensor parameters of one activation tensor."""
+
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float) -> ActivationParams:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = (hi - lo) / 255.0 if hi - lo > _EPS else 1.0
+        zero = int(min(max(round(-lo / scale), 0), 255))
+        # float32 is what the graph stores; keep the simulation on the same number.
+        return cls(scale=float(torch.tensor(scale, dtype=torch.float32)), zero_point=zero)
+
+
+def fake_quantize_activation(x: torch.Tensor, act_bits: int, params: ActivationParams | None):
+    if act_bits == 32:
+        return x
+    if act_bits == 16:
+        return x.half().float()
+    assert params is not None, "int8 activations need calibrated parameters"
+    scale = torch.tensor(params.scale, dtype=x.dtype)
+    q = torch.clamp(torch.round(x / scale) + params.zero_point, 0, 255)
+    return (q - params.zero_point) * scale

@@ -1,0 +1,1 @@
+"""Results directory writer, terminal summaries (HTML report and run comparison come later)."""

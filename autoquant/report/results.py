@@ -1,0 +1,112 @@
+"""Tables of a run, computed from the ledger, and the files they are written to.
+
+``trials.parquet`` has one row per measured or failed config (a trial that re-proposed a measured
+config is bookkeeping of the sampler and is not a row). ``pareto.csv`` holds the non-dominated
+rows among the complete, feasible ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoquant.pareto import non_dominated_mask
+from autoquant.search.ledger import LedgerEntry
+from autoquant.search.objectives import Objective
+
+LAYER_PREFIX = "layer:"
+
+
+def _fp32_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for row in rows:
+        if row["reference"] == "fp32" and row["state"] == "COMPLETE":
+            return row
+    return None
+
+
+def trial_rows(ledger: list[LedgerEntry], objectives: tuple[Objective, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in ledger:
+        if entry.reused_from is not None or entry.config is None:
+            continue
+        if entry.state not in ("COMPLETE", "FAIL"):
+            continue
+        row: dict[str, Any] = {
+            "trial": entry.number,
+            "state": entry.state,
+            "config_hash": entry.config_hash,
+            "reference": entry.reference,
+            "duration_s": entry.duration_s,
+            "fail_reason": entry.fail_reason,
+        }
+        for name, figure in entry.figures.items():
+            row[name] = figure.value
+            row[f"{name}_source"] = figure.source
+        if entry.constraints is not None:
+            row["feasible"] = all(c <= 0 for c in entry.constraints)
+        else:
+            row["feasible"] = entry.state == "COMPLETE"
+        for layer, choice in entry.config.choices:
+            row[f"{LAYER_PREFIX}{layer}"] = choice.label
+        row["config"] = entry.config.to_json()
+        rows.append(row)
+    fp32 = _fp32_reference(rows)
+    for row in rows:
+        ok = fp32 is not None and row["state"] == "COMPLETE"
+        row["accuracy_drop"] = fp32["accuracy"] - row["accuracy"] if ok else math.nan
+        row["size_ratio"] = fp32["size_bytes"] / row["size_bytes"] if ok else math.nan
+    front = front_mask(rows, objectives)
+    for row, on in zip(rows, front):
+        row["on_front"] = bool(on)
+    return rows
+
+
+def front_mask(rows: list[dict[str, Any]], objectives: tuple[Objective, ...]) -> np.ndarray:
+    eligible = [i for i, r in enumerate(rows) if r["state"] == "COMPLETE" and r["feasible"]]
+    mask = np.zeros(len(rows), dtype=bool)
+    if not eligible:
+        return mask
+    values = np.array([[rows[i][o.figure] for o in objectives] for i in eligible], dtype=float)
+    on = non_dominated_mask(values, [o.direction for o in objectives])
+    mask[np.array(eligible)[on]] = True
+    return mask
+
+
+def trials_frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    first = ["trial", "state", "reference", "config_hash", "accuracy", "accuracy_source",
+             "accuracy_drop", "size_bytes", "size_bytes_source", "size_ratio", "mean_weight_bits",
+             "bops", "feasible", "on_front"]
+    ordered = [c for c in first if c in frame.columns]
+    return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+
+def pareto_frame(frame, objectives: tuple[Objective, ...]):
+    if frame.empty:
+        return frame
+    front = frame[frame["on_front"]].copy()
+    cost = [o.figure for o in objectives if o.direction == "minimize"]
+    return front.sort_values(cost + ["trial"]).reset_index(drop=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    tmp.replace(path)
+
+
+def write_tables(run_dir: Path, ledger: list[LedgerEntry], objectives: tuple[Objective, ...]):
+    """Write ``trials.parquet`` and ``pareto.csv``; returns (trials, pareto) frames."""
+    frame = trials_frame(trial_rows(ledger, objectives))
+    front = pareto_frame(frame, objectives)
+    _atomic_write(run_dir / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
+    _atomic_write(run_dir / "pareto.csv", lambda p: front.to_csv(p, index=False))
+    return frame, front

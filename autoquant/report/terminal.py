@@ -1,0 +1,47 @@
+"""Compact rich tables for people working over SSH."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def front_table(front, *, title: str) -> Table:
+    """One row per config; accuracy is measured on the task's held-out data, sizes and bits are
+    exact for the config."""
+    table = Table(
+        title=title, title_justify="left",
+        caption="acc: measured; drop: points below fp32; KiB, x (smaller than fp32), bits, MBOPs: exact",
+        caption_justify="left",
+    )
+    table.add_column("trial", justify="right")
+    table.add_column("ref")
+    table.add_column("acc", justify="right")
+    table.add_column("drop", justify="right")
+    table.add_column("KiB", justify="right")
+    table.add_column("x", justify="right")
+    table.add_column("bits", justify="right")
+    table.add_column("MBOPs", justify="right")
+    layer_cols = [c for c in front.columns if c.startswith("layer:")]
+    table.add_column("layers: " + " ".join(c.removeprefix("layer:") for c in layer_cols))
+    for _, row in front.iterrows():
+        table.add_row(
+            str(row["trial"]),
+            row["reference"] if isinstance(row["reference"], str) else "",
+            _fmt(row["accuracy"], ".4f"),
+            _fmt(row["accuracy_drop"] * 100, "+.2f"),
+            _fmt(row["size_bytes"] / 1024, ".1f"),
+            _fmt(row["size_ratio"], ".2f"),
+            _fmt(row["mean_weight_bits"], ".2f"),
+            _fmt(row["bops"] / 1e6, ".1f"),
+            " ".join(str(row[c]) for c in layer_cols),
+        )
+    return table

@@ -1,0 +1,40 @@
+"""Optuna samplers by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _nsga2(*, seed: int, population_size: int, constraints_func: Callable | None) -> Any:
+    import optuna
+
+    return optuna.samplers.NSGAIISampler(
+        population_size=population_size, seed=seed, constraints_func=constraints_func
+    )
+
+
+def _tpe(*, seed: int, population_size: int, constraints_func: Callable | None) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=seed, constraints_func=constraints_func, multivariate=True,
+        n_startup_trials=min(population_size, 20),
+    )
+
+
+def _random(*, seed: int, population_size: int, constraints_func: Callable | None) -> Any:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+SAMPLERS: dict[str, Callable[..., Any]] = {"nsga2": _nsga2, "tpe": _tpe, "random": _random}
+
+
+def make_sampler(name: str, *, seed: int, population_size: int, constraints_func: Callable | None):
+    try:
+        factory = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}") from None
+    return factory(seed=seed, population_size=population_size, constraints_func=constraints_func)

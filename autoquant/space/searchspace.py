@@ -1,0 +1,200 @@
+"""The search space: for each layer, the valid ``QuantChoice`` values, and why others are out."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from autoquant.errors import UserError
+from autoquant.space.values import FP32, LayerInfo, QuantChoice, QuantConfig
+
+_FIELDS = ("weight_bits", "act_bits", "granularity", "group_sizes", "symmetric")
+_UNSET: dict[str, Any] = {
+    "weight_bits": [32],
+    "act_bits": [32],
+    "granularity": ["per_channel"],
+    "group_sizes": [],
+    "symmetric": [True],
+}
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    layer: str
+    choice: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    layer: LayerInfo
+    choices: tuple[QuantChoice, ...]
+    pinned: bool
+    matched_rules: tuple[int, ...]
+
+    def by_label(self) -> dict[str, QuantChoice]:
+        return {c.label: c for c in self.choices}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    layers: tuple[LayerSpace, ...]
+    exclusions: tuple[Exclusion, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(len(ls.choices) for ls in self.layers)
+
+    @property
+    def layer_infos(self) -> tuple[LayerInfo, ...]:
+        return tuple(ls.layer for ls in self.layers)
+
+    def layer(self, name: str) -> LayerSpace:
+        for ls in self.layers:
+            if ls.layer.name == name:
+                return ls
+        raise KeyError(name)
+
+    def contains(self, config: QuantConfig) -> bool:
+        mapping = config.as_mapping()
+        return set(mapping) == {ls.layer.name for ls in self.layers} and all(
+            mapping[ls.layer.name] in ls.choices for ls in self.layers
+        )
+
+    def reference(self, choice: QuantChoice) -> QuantConfig | None:
+        """The config that gives every layer ``choice`` where allowed; layers that don't allow it
+        (pinned ones) keep their closest allowed choice. None if no layer allows it."""
+        if not any(choice in ls.choices for ls in self.layers):
+            return None
+        out = {}
+        for ls in self.layers:
+            out[ls.layer.name] = choice if choice in ls.choices else _closest(ls.choices, choice)
+        return QuantConfig(tuple(out.items()))
+
+    def all_configs(self):
+        """Every config; only sensible for small spaces (benchmarks, tests)."""
+        names = [ls.layer.name for ls in self.layers]
+        for combo in itertools.product(*(ls.choices for ls in self.layers)):
+            yield QuantConfig(tuple(zip(names, combo)))
+
+
+def _closest(choices: tuple[QuantChoice, ...], target: QuantChoice) -> QuantChoice:
+    return min(
+        choices,
+        key=lambda c: (
+            abs(c.weight_bits - target.weight_bits),
+            abs(c.act_bits - target.act_bits),
+            c.granularity != target.granularity,
+        ),
+    )
+
+
+def _matches(rule, layer: LayerInfo, n_layers: int) -> bool:
+    match = rule.match
+    if match.kind is not None and layer.kind not in match.kind:
+        return False
+    if match.name is not None and not re.search(match.name, layer.name):
+        return False
+    if match.position is not None:
+        positions = set()
+        if layer.index == 0:
+            positions.add("first")
+        if layer.index == n_layers - 1:
+            positions.add("last")
+        if not positions & set(match.position):
+            return False
+    return True
+
+
+def why_invalid(layer: LayerInfo, choice: QuantChoice) -> str | None:
+    """None if ``choice`` can be applied to ``layer`` and exported; otherwise the reason."""
+    if choice.act_bits == 8 and not choice.weight_is_int:
+        return "int8 activations need integer weights (integer kernels take both)"
+    if choice.weight_bits == 32 and choice.act_bits == 16:
+        return "float16 activations with float32 weights have no deployable kernel"
+    if choice.granularity == "per_group":
+        size = choice.group_size
+        dim = layer.reduction_dim
+        if size is None:
+            return "per_group needs a group size"
+        if dim % size:
+            return f"group size {size} does not divide the input dimension {dim}"
+        if dim // size * layer.kernel_elems <= 1:
+            return f"group size {size} covers the whole input dimension {dim}: same as per_channel"
+    return None
+
+
+def _expand(values: dict[str, Any]) -> list[QuantChoice]:
+    out = []
+    for wb, ab, gran, sym in itertools.product(
+        values["weight_bits"], values["act_bits"], values["granularity"], values["symmetric"]
+    ):
+        if wb in (16, 32):
+            out.append(QuantChoice(weight_bits=wb, act_bits=ab))
+            continue
+        if gran == "per_group":
+            for gs in values["group_sizes"] or [None]:
+                out.append(QuantChoice(wb, ab, "per_group", gs, sym))
+        else:
+            out.append(QuantChoice(wb, ab, gran, None, sym))
+    return out
+
+
+def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search space") -> SearchSpace:
+    """Resolve the rules of a ``SearchSpaceSpec`` against the discovered layers.
+
+    Raises ``UserError`` when a layer ends with no valid choice.
+    """
+    resolved = []
+    exclusions: list[Exclusion] = []
+    for layer in layers:
+        values = dict(_UNSET)
+        pin = None
+        matched = []
+        for index, rule in enumerate(spec.rules):
+            if not _matches(rule, layer, len(layers)):
+                continue
+            matched.append(index)
+            if rule.pin is not None:
+                pin = (index, rule.pin)
+                continue
+            for field in _FIELDS:
+                value = getattr(rule, field)
+                if value is not None:
+                    values[field] = list(value)
+                    pin = None if field in ("weight_bits", "act_bits") else pin
+        if pin is not None:
+            index, p = pin
+            candidates = [QuantChoice(p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric)]
+            if p.weight_bits in (16, 32):
+                candidates = [QuantChoice(weight_bits=p.weight_bits, act_bits=p.act_bits)]
+        else:
+            candidates = _expand(values)
+        valid: list[QuantChoice] = []
+        for choice in candidates:
+            reason = why_invalid(layer, choice)
+            if reason is None:
+                if choice not in valid:
+                    valid.append(choice)
+            else:
+                exclusions.append(Exclusion(layer.name, choice.label, reason))
+        if not valid:
+            rule_keys = ", ".join(f"rules[{i}]" for i in matched) or "no rule matched"
+            reasons = "; ".join(sorted({e.reason for e in exclusions if e.layer == layer.name}))
+            raise UserError(
+                f"layer {layer.name!r} ({layer.kind}, weight {list(layer.weight_shape)}) is left with "
+                f"no valid choice: {reasons}; allowed: widen the rule's values",
+                file=file,
+                key=rule_keys,
+            )
+        valid.sort(key=lambda c: (-c.weight_bits, -c.act_bits, c.label))
+        resolved.append(
+            LayerSpace(layer, tuple(valid), pinned=pin is not None or len(valid) == 1, matched_rules=tuple(matched))
+        )
+    return SearchSpace(tuple(resolved), tuple(exclusions))
+
+
+__all__ = ["FP32", "Exclusion", "LayerSpace", "SearchSpace", "build_space", "why_invalid"]

@@ -1,0 +1,189 @@
+"""The small typed values that every stage passes around: layers, choices, configs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LayerKind = Literal["linear", "conv"]
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+
+INT_WEIGHT_BITS = (2, 3, 4, 8)
+FLOAT_WEIGHT_BITS = (16, 32)
+WEIGHT_BITS = INT_WEIGHT_BITS + FLOAT_WEIGHT_BITS
+ACT_BITS = (8, 16, 32)
+GRANULARITIES: tuple[Granularity, ...] = ("per_tensor", "per_channel", "per_group")
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer as discovered from the model.
+
+    ``weight_shape`` is torch's layout: ``[out, in]`` for linear, ``[out, in/groups, kh, kw]`` for
+    conv. ``input_shape``/``output_shape`` include the batch dimension of the probe (1). ``macs``
+    are multiply-accumulates for one sample.
+    """
+
+    name: str
+    kind: LayerKind
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    macs: int
+    params: int
+    has_bias: bool
+    index: int = 0
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def reduction_dim(self) -> int:
+        """Size of axis 1 of the weight: the axis per-group quantization blocks run along."""
+        return self.weight_shape[1]
+
+    @property
+    def weight_numel(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @property
+    def kernel_elems(self) -> int:
+        return math.prod(self.weight_shape[2:]) if len(self.weight_shape) > 2 else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "weight_shape": list(self.weight_shape),
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "macs": self.macs,
+            "params": self.params,
+            "has_bias": self.has_bias,
+            "index": self.index,
+        }
+
+
+@dataclass(frozen=True, order=True)
+class QuantChoice:
+    """What one layer gets.
+
+    ``weight_bits`` 2/3/4/8 are integer formats; 16 is float16 and 32 is float32 (not quantized).
+    ``act_bits`` 8 is asymmetric per-tensor uint8 with calibrated ranges on the layer's input and
+    output; 16 rounds activations to float16; 32 leaves them alone. Granularity and symmetry only
+    mean something for integer weights; float choices are normalised to per-tensor, symmetric.
+    Per-group blocks run along weight axis 1 (the input/reduction axis) with ``group_size``
+    elements each.
+    """
+
+    weight_bits: int = 32
+    act_bits: int = 32
+    granularity: Granularity = "per_tensor"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    @property
+    def weight_is_int(self) -> bool:
+        return self.weight_bits in INT_WEIGHT_BITS
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.weight_bits == 32 and self.act_bits == 32
+
+    @property
+    def label(self) -> str:
+        """A short, unique, human-readable name: ``w4g32a-a8`` = 4-bit, groups of 32, asymmetric."""
+        if not self.weight_is_int:
+            w = f"f{self.weight_bits}"
+        else:
+            gran = {"per_tensor": "t", "per_channel": "c"}.get(self.granularity)
+            if gran is None:
+                gran = f"g{self.group_size}"
+            w = f"w{self.weight_bits}{gran}{'s' if self.symmetric else 'a'}"
+        return f"{w}-a{self.act_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantChoice:
+        return cls(
+            weight_bits=int(data["weight_bits"]),
+            act_bits=int(data["act_bits"]),
+            granularity=data["granularity"],
+            group_size=None if data.get("group_size") is None else int(data["group_size"]),
+            symmetric=bool(data["symmetric"]),
+        )
+
+
+FP32 = QuantChoice()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Layer name → ``QuantChoice`` for every quantizable layer, with a stable hash."""
+
+    choices: tuple[tuple[str, QuantChoice], ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, QuantChoice]) -> QuantConfig:
+        return cls(tuple(mapping.items()))
+
+    def as_mapping(self) -> dict[str, QuantChoice]:
+        return dict(self.choices)
+
+    def __getitem__(self, layer: str) -> QuantChoice:
+        return self.as_mapping()[layer]
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.choices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "_type": "QuantConfig",
+            "_version": CONFIG_FORMAT_VERSION,
+            "_data": {name: choice.to_dict() for name, choice in self.choices},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if data.get("_type") != "QuantConfig":
+            raise ValueError(f"not a QuantConfig record: _type={data.get('_type')!r}")
+        if data.get("_version") != CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"QuantConfig version {data.get('_version')!r} is not supported; "
+                f"this autoquant reads version {CONFIG_FORMAT_VERSION}"
+            )
+        return cls(tuple((n, QuantChoice.from_dict(c)) for n, c in data["_data"].items()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def hash(self) -> str:
+        """Stable across runs and processes: the layer order does not change it."""
+        canonical = json.dumps(
+            {n: c.to_dict() for n, c in sorted(self.choices)}, sort_keys=True, separators=(",", ":")
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def uniform(cls, layers: list[LayerInfo] | tuple[LayerInfo, ...], choice: QuantChoice):
+        return cls(tuple((layer.name, choice) for layer in layers))

@@ -1,0 +1,253 @@
+"""Pydantic models of the YAML files, and ``load_spec()``: the only YAML reader.
+
+Every error a user can make in a file comes out as one ``UserError`` line naming the file, the
+key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autoquant.errors import UserError
+
+MAX_YAML_BYTES = 1 << 20
+SPEC_VERSION = 1
+
+WeightBits = Literal[2, 3, 4, 8, 16, 32]
+ActBits = Literal[8, 16, 32]
+GranularityName = Literal["per_tensor", "per_channel", "per_group"]
+SamplerName = Literal["nsga2", "tpe", "random"]
+ObjectiveName = Literal["accuracy", "size"]
+TARGET_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- search spaces -------------------------------------------------------------------------------
+
+
+class LayerMatch(_Strict):
+    """Which layers a rule applies to; every given field must match (an empty match matches all)."""
+
+    kind: list[Literal["linear", "conv"]] | None = None
+    name: str | None = Field(default=None, description="regular expression, searched in the layer name")
+    position: list[Literal["first", "last"]] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class PinnedChoice(_Strict):
+    weight_bits: WeightBits
+    act_bits: ActBits = 32
+    granularity: GranularityName = "per_channel"
+    group_size: int | None = Field(default=None, ge=2)
+    symmetric: bool = True
+
+
+class SpaceRule(_Strict):
+    """Sets the allowed values for the layers it matches. Later rules override the fields they
+    set; ``pin`` fixes one choice."""
+
+    match: LayerMatch = LayerMatch()
+    weight_bits: list[WeightBits] | None = Field(default=None, min_length=1)
+    act_bits: list[ActBits] | None = Field(default=None, min_length=1)
+    granularity: list[GranularityName] | None = Field(default=None, min_length=1)
+    group_sizes: list[Annotated[int, Field(ge=2)]] | None = Field(default=None, min_length=1)
+    symmetric: list[bool] | None = Field(default=None, min_length=1)
+    pin: PinnedChoice | None = None
+
+
+class SearchSpaceSpec(_Strict):
+    version: Literal[1] = 1
+    description: str = ""
+    rules: list[SpaceRule] = Field(min_length=1)
+
+
+# --- run specs -----------------------------------------------------------------------------------
+
+
+class UserTaskSpec(_Strict):
+    function: str = Field(description="package.module:function returning an autoquant Task")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("function")
+    @classmethod
+    def _is_target(cls, value: str) -> str:
+        if not TARGET_PATTERN.match(value):
+            raise ValueError("must look like package.module:function")
+        return value
+
+
+class ConstraintsSpec(_Strict):
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
+    max_size_bytes: int | None = Field(default=None, gt=0)
+
+
+class SearchSettings(_Strict):
+    sampler: SamplerName = "nsga2"
+    trials: int = Field(default=100, ge=2, le=100_000)
+    timeout_s: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    population_size: int = Field(default=20, ge=2)
+
+
+class EvaluationSettings(_Strict):
+    calibration_samples: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+
+
+class RunSpec(_Strict):
+    version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    task: Union[str, UserTaskSpec]  # noqa: UP007 - pydantic reports the union members by name
+    space: Union[str, SearchSpaceSpec]  # noqa: UP007
+    objectives: list[ObjectiveName] = Field(default_factory=lambda: ["accuracy", "size"])
+    constraints: ConstraintsSpec = ConstraintsSpec()
+    search: SearchSettings = SearchSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_ok(cls, value: list[str]) -> list[str]:
+        if "accuracy" not in value:
+            raise ValueError("must include 'accuracy'")
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat an objective")
+        if len(value) < 2:
+            raise ValueError("needs accuracy and at least one cost objective, e.g. [accuracy, size]")
+        return value
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> Any:
+    """safe_load with a size cap; a missing or unreadable file is a UserError."""
+    if not path.exists():
+        raise UserError("file not found", file=str(path))
+    if not path.is_file():
+        raise UserError("is not a file", file=str(path))
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"file is {size} bytes; at most {MAX_YAML_BYTES} allowed", file=str(path))
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"not valid YAML{where}: {problem}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", file=str(path)) from None
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk field annotations along ``loc`` to the model class that holds the last key."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None if part not in {"UserTaskSpec", "SearchSpaceSpec"} else current
+        current = _inner_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if isinstance(found, type) and issubclass(found, BaseModel):
+                return found
+        return None
+    return annotation
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], file: str) -> UserError:
+    errors = exc.errors(include_url=False)
+    # For unions pydantic reports every branch; the branch whose name matches the input's shape
+    # says the most, so prefer errors that are not about the wrong basic type.
+    errors.sort(key=lambda e: e["type"] in {"string_type", "dict_type", "model_type"})
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if p not in {"str", "UserTaskSpec", "SearchSpaceSpec"})
+    key = _key_path(loc)
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        holder = _model_at(model, tuple(first["loc"][:-1]))
+        allowed = ", ".join(holder.model_fields) if holder else "see the documentation"
+        message = f"unknown key {loc[-1]!r}; allowed keys: {allowed}"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = f"bad value {value!r}: {first['msg'].removeprefix('Value error, ')}"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return UserError(message + more, file=file, key=key)
+
+
+def parse_model(model: type[BaseModel], data: Any, *, file: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(
+            f"top level must be a mapping of keys to values, got {type(data).__name__}", file=file
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, model, file) from None
+
+
+def load_space(path: Path) -> SearchSpaceSpec:
+    return parse_model(SearchSpaceSpec, read_yaml(path), file=str(path))
+
+
+def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
+    """Read a run spec and the search space it names (a path relative to the spec, or inline)."""
+    path = Path(path)
+    spec: RunSpec = parse_model(RunSpec, read_yaml(path), file=str(path))
+    if isinstance(spec.space, SearchSpaceSpec):
+        return spec, spec.space
+    space_path = Path(spec.space)
+    if not space_path.is_absolute():
+        space_path = path.parent / space_path
+    if not space_path.exists():
+        raise UserError(
+            f"search space file {spec.space!r} not found (looked at {space_path}); "
+            "allowed: a path relative to the spec, or an inline mapping with rules",
+            file=str(path),
+            key="space",
+        )
+    return spec, load_space(space_path)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

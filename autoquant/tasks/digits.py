@@ -1,0 +1,135 @@
+"""Built-in tasks on scikit-learn's bundled digits data (1797 8x8 images, no download).
+
+Models are trained deterministically at first use (seconds on 2 cores) and cached as a
+``state_dict`` under the cache directory; loading uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoquant.tasks.base import Task, evaluate, top1_accuracy
+
+RECIPE_VERSION = 1
+MIN_FP32_ACCURACY = 0.95
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("AUTOQUANT_CACHE_DIR") or Path.home() / ".cache" / "autoquant"
+    return Path(root)
+
+
+def digits_splits(seed: int = 0):
+    """(train_x, train_y, eval_x, eval_y) as float tensors in [0, 1], images ``[N, 1, 8, 8]``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = data.target.astype(np.int64)
+    tx, ex, ty, ey = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return (torch.from_numpy(tx), torch.from_numpy(ty), torch.from_numpy(ex), torch.from_numpy(ey))
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: tuple[int, ...] = (256, 128)) -> None:
+        super().__init__()
+        dims = (64, *hidden)
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.out(x)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
+    key = hashlib.sha256(f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}".encode()).hexdigest()
+    path = cache_dir() / "tasks" / f"{name}-{key[:12]}.pt"
+    model = factory()
+    if path.exists():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except Exception:  # a corrupt cache entry is retrained, never trusted
+            path.unlink(missing_ok=True)
+    torch.manual_seed(0)
+    model = factory()
+    _train(model, x, y, epochs=epochs, seed=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model
+
+
+def _digits_task(name: str, factory, *, epochs: int, description: str, calibration_samples: int = 256) -> Task:
+    tx, ty, ex, ey = digits_splits()
+    model = _cached_model(name, factory, tx, ty, epochs=epochs)
+    task = Task(
+        name=name,
+        model=model,
+        calibration_inputs=tx[:calibration_samples],
+        eval_inputs=ex,
+        eval_targets=ey,
+        metric=top1_accuracy,
+        input_shape=(1, 1, 8, 8),
+        description=description,
+    )
+    accuracy = evaluate(task, model)
+    if accuracy < MIN_FP32_ACCURACY:
+        raise RuntimeError(f"built-in task {name} trained to {accuracy:.3f} < {MIN_FP32_ACCURACY}")
+    return task
+
+
+def digits_cnn() -> Task:
+    return _digits_task(
+        "digits-cnn", DigitsCNN, epochs=30,
+        description="2 conv + 2 linear layers on scikit-learn digits (8x8), 72k params",
+    )
+
+
+def digits_mlp() -> Task:
+    return _digits_task(
+        "digits-mlp", DigitsMLP, epochs=30,
+        description="3-layer MLP 64-256-128-10 on scikit-learn digits, 50k params",
+    )
