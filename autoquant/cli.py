@@ -6,7 +6,7 @@ import enum
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -33,11 +33,17 @@ class SamplerName(str, enum.Enum):
 @app.command()
 def search(
     spec: Annotated[Path, typer.Argument(help="run spec YAML, e.g. examples/digits-cnn.yaml")],
-    out: Annotated[Optional[Path], typer.Option(help="run directory [default: results/<name>]")] = None,
-    trials: Annotated[Optional[int], typer.Option(min=2, help="total configs to measure (resumes count)")] = None,
-    timeout: Annotated[Optional[float], typer.Option(min=0.001, help="seconds for this invocation")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="sampler seed")] = None,
-    sampler: Annotated[Optional[SamplerName], typer.Option(help="search strategy")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory [default: results/<name>]")
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=2, help="total configs to measure (resumes count)")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="seconds for this invocation")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help="search strategy")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Run (or resume) a search; write the run directory; print the Pareto front."""
@@ -61,7 +67,10 @@ def search(
         run = prepare(spec, overrides=overrides)
     run_dir = out if out is not None else Path("results") / run.spec.name
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"bad value {str(run_dir)!r}: exists and is not a directory; allowed: a directory path", key="--out")
+        raise UserError(
+            f"bad value {str(run_dir)!r}: exists and is not a directory; allowed: a directory path",
+            key="--out",
+        )
     resolved = run.resolved_spec()
     check_resumable(run, run_dir, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +87,11 @@ def search(
         if time.monotonic() - last_refresh[0] < 3.0:
             return
         last_refresh[0] = time.monotonic()
-        write_tables(run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives)
+        write_tables(
+            run_dir,
+            entries(open_study(storage, [o.direction for o in objectives], None)),
+            objectives,
+        )
 
     console.print(
         f"[bold]{run.spec.name}[/]: task {run.task.name}, {len(run.space.layers)} layers, "
@@ -87,12 +100,17 @@ def search(
         + (f" / {run.spec.search.timeout_s:g} s" if run.spec.search.timeout_s else "")
     )
     with Progress(
-        TextColumn("measuring configs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=quiet,
+        TextColumn("measuring configs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
     ) as progress:
         bar = progress.add_task("search", total=run.spec.search.trials)
         outcome = run_search(
-            run, run_dir,
+            run,
+            run_dir,
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             after_trial=refresh,
         )
@@ -100,14 +118,18 @@ def search(
         run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives
     )
     if outcome.interrupted_before:
-        console.print(f"resumed: {outcome.interrupted_before} interrupted trial(s) marked failed, none lost")
+        console.print(
+            f"resumed: {outcome.interrupted_before} interrupted trial(s) marked failed, none lost"
+        )
     console.print(
         f"{outcome.measured} configs measured ({outcome.new_measurements} new this time), "
         f"{outcome.failed} failed, {outcome.reused} repeat proposals answered from the ledger; "
         f"stopped: {outcome.stopped_because}; {outcome.elapsed_s:.1f} s"
     )
     if not front.empty:
-        console.print(front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)"))
+        console.print(
+            front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)")
+        )
         refs = frame[frame["reference"].notna() & ~frame["on_front"]]
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
@@ -133,7 +155,9 @@ def tasks() -> None:
 @app.command()
 def space(
     spec: Annotated[Path, typer.Argument(help="run spec YAML")],
-    exclusions: Annotated[bool, typer.Option(help="list every excluded choice with its reason")] = False,
+    exclusions: Annotated[
+        bool, typer.Option(help="list every excluded choice with its reason")
+    ] = False,
 ) -> None:
     """Show the layers a spec's task has, the choices its search space gives each, and the size."""
     from rich.table import Table
@@ -148,8 +172,12 @@ def space(
     for ls in run.space.layers:
         layer = ls.layer
         table.add_row(
-            layer.name, layer.kind, "x".join(map(str, layer.weight_shape)), f"{layer.macs:,}",
-            f"{layer.params:,}", str(len(ls.choices)) + (" (pinned)" if ls.pinned else ""),
+            layer.name,
+            layer.kind,
+            "x".join(map(str, layer.weight_shape)),
+            f"{layer.macs:,}",
+            f"{layer.params:,}",
+            str(len(ls.choices)) + (" (pinned)" if ls.pinned else ""),
             ", ".join(f"rules[{i}]" for i in ls.matched_rules) or "none (fp32)",
         )
     console.print(table)
@@ -158,14 +186,18 @@ def space(
     reasons: dict[str, int] = {}
     for e in run.space.exclusions:
         reasons[e.reason] = reasons.get(e.reason, 0) + 1
-    console.print(f"space size: {run.space.size:,} configs; {len(run.space.exclusions)} choices excluded")
+    console.print(
+        f"space size: {run.space.size:,} configs; {len(run.space.exclusions)} choices excluded"
+    )
     for reason, count in sorted(reasons.items()):
         console.print(f"  excluded x{count}: {reason}")
     if exclusions:
         for e in run.space.exclusions:
             console.print(f"  {e.layer} {e.choice}: {e.reason}")
-    console.print("labels: w<bits><c|t|g<size>><s|a> = integer weights per-channel/tensor/group, "
-                  "symmetric/asymmetric; f16/f32 = float weights; -a<bits> = activations")
+    console.print(
+        "labels: w<bits><c|t|g<size>><s|a> = integer weights per-channel/tensor/group, "
+        "symmetric/asymmetric; f16/f32 = float weights; -a<bits> = activations"
+    )
 
 
 def main() -> None:
@@ -176,5 +208,5 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m autoquant.cli
     main()

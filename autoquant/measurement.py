@@ -23,7 +23,10 @@ class Figure:
         return cls(math.nan, "failed", reason)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"value": None if math.isnan(self.value) else self.value, "source": self.source}
+        out: dict[str, Any] = {
+            "value": None if math.isnan(self.value) else self.value,
+            "source": self.source,
+        }
         if self.reason:
             out["reason"] = self.reason
         return out

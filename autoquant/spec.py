@@ -25,7 +25,9 @@ ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
 SamplerName = Literal["nsga2", "tpe", "random"]
 ObjectiveName = Literal["accuracy", "size"]
-TARGET_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+TARGET_PATTERN = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+)
 
 
 class _Strict(BaseModel):
@@ -39,7 +41,9 @@ class LayerMatch(_Strict):
     """Which layers a rule applies to; every given field must match (an empty match matches all)."""
 
     kind: list[Literal["linear", "conv"]] | None = None
-    name: str | None = Field(default=None, description="regular expression, searched in the layer name")
+    name: str | None = Field(
+        default=None, description="regular expression, searched in the layer name"
+    )
     position: list[Literal["first", "last"]] | None = None
 
     @field_validator("name")
@@ -131,7 +135,9 @@ class RunSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("must not repeat an objective")
         if len(value) < 2:
-            raise ValueError("needs accuracy and at least one cost objective, e.g. [accuracy, size]")
+            raise ValueError(
+                "needs accuracy and at least one cost objective, e.g. [accuracy, size]"
+            )
         return value
 
 

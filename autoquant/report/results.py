@@ -28,10 +28,12 @@ def _fp32_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def trial_rows(ledger: list[LedgerEntry], objectives: tuple[Objective, ...]) -> list[dict[str, Any]]:
+def trial_rows(
+    ledger: list[LedgerEntry], objectives: tuple[Objective, ...]
+) -> list[dict[str, Any]]:
     rows = []
     for entry in ledger:
-        if entry.reused_from is not None or entry.config is None:
+        if entry.reused_from is not None:
             continue
         if entry.state not in ("COMPLETE", "FAIL"):
             continue
@@ -50,9 +52,12 @@ def trial_rows(ledger: list[LedgerEntry], objectives: tuple[Objective, ...]) -> 
             row["feasible"] = all(c <= 0 for c in entry.constraints)
         else:
             row["feasible"] = entry.state == "COMPLETE"
-        for layer, choice in entry.config.choices:
-            row[f"{LAYER_PREFIX}{layer}"] = choice.label
-        row["config"] = entry.config.to_json()
+        # A trial interrupted before the sampler chose its config has no config: still a row,
+        # so the interruption is on record.
+        if entry.config is not None:
+            for layer, choice in entry.config.choices:
+                row[f"{LAYER_PREFIX}{layer}"] = choice.label
+        row["config"] = entry.config.to_json() if entry.config is not None else None
         rows.append(row)
     fp32 = _fp32_reference(rows)
     for row in rows:
@@ -82,9 +87,22 @@ def trials_frame(rows: list[dict[str, Any]]):
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    first = ["trial", "state", "reference", "config_hash", "accuracy", "accuracy_source",
-             "accuracy_drop", "size_bytes", "size_bytes_source", "size_ratio", "mean_weight_bits",
-             "bops", "feasible", "on_front"]
+    first = [
+        "trial",
+        "state",
+        "reference",
+        "config_hash",
+        "accuracy",
+        "accuracy_source",
+        "accuracy_drop",
+        "size_bytes",
+        "size_bytes_source",
+        "size_ratio",
+        "mean_weight_bits",
+        "bops",
+        "feasible",
+        "on_front",
+    ]
     ordered = [c for c in first if c in frame.columns]
     return frame[ordered + [c for c in frame.columns if c not in ordered]]
 

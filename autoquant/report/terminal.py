@@ -18,7 +18,8 @@ def front_table(front, *, title: str) -> Table:
     """One row per config; accuracy is measured on the task's held-out data, sizes and bits are
     exact for the config."""
     table = Table(
-        title=title, title_justify="left",
+        title=title,
+        title_justify="left",
         caption="acc: measured; drop: points below fp32; KiB, x (smaller than fp32), bits, MBOPs: exact",
         caption_justify="left",
     )

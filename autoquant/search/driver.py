@@ -40,7 +40,9 @@ class SearchOutcome:
     elapsed_s: float
 
 
-def _constraints(run: PreparedRun, figures: dict[str, float], fp32_accuracy: float | None) -> list[float]:
+def _constraints(
+    run: PreparedRun, figures: dict[str, float], fp32_accuracy: float | None
+) -> list[float]:
     """Optuna's convention: a value <= 0 is satisfied."""
     out = []
     limits = run.spec.constraints
@@ -105,12 +107,16 @@ def run_search(
         settings.sampler,
         seed=settings.seed + len(done),
         population_size=settings.population_size,
-        constraints_func=_constraints_func if run.spec.constraints.model_dump(exclude_none=True) else None,
+        constraints_func=_constraints_func
+        if run.spec.constraints.model_dump(exclude_none=True)
+        else None,
     )
     study = open_study(storage, [o.direction for o in objectives], sampler)
 
     measured: dict[str, LedgerEntry] = {
-        e.config_hash: e for e in done if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
+        e.config_hash: e
+        for e in done
+        if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
     }
     n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
     waiting = {
@@ -139,15 +145,19 @@ def run_search(
             stopped = f"the sampler proposed only measured configs {repeats} times in a row"
             break
         trial = study.ask()
-        params = {ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
-                  for ls in run.space.layers}
+        params = {
+            ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
+            for ls in run.space.layers
+        }
         config = _config_from_params(run, params)
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("config_hash", config.hash)
         previous = measured.get(config.hash)
         if previous is not None:
             trial.set_user_attr("reused_from", previous.number)
-            trial.set_user_attr("figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()}))
+            trial.set_user_attr(
+                "figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()})
+            )
             if previous.constraints is not None:
                 trial.set_user_attr("constraints", list(previous.constraints))
             study.tell(trial, [previous.figures[o.figure].value for o in objectives])
@@ -201,5 +211,6 @@ def check_resumable(run: PreparedRun, run_dir: Path, resolved: dict) -> None:
             raise UserError(
                 f"bad value: the run directory holds a search with a different {key!r} "
                 f"(stored {json.dumps(stored.get(key))[:80]}); allowed: the same spec, or another --out",
-                file=str(run.spec_path), key=key,
+                file=str(run.spec_path),
+                key=key,
             )

@@ -64,8 +64,11 @@ def open_study(storage: str, directions: list[str], sampler: Any, *, create: boo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if create:
         return optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, directions=directions,
-            sampler=sampler, load_if_exists=True,
+            study_name=STUDY_NAME,
+            storage=storage,
+            directions=directions,
+            sampler=sampler,
+            load_if_exists=True,
         )
     return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
 

@@ -33,10 +33,16 @@ class PreparedRun:
 
 
 def space_file(spec: RunSpec, spec_path: Path) -> str:
-    return str(spec_path) if isinstance(spec.space, SearchSpaceSpec) else str(spec_path.parent / spec.space)
+    return (
+        str(spec_path)
+        if isinstance(spec.space, SearchSpaceSpec)
+        else str(spec_path.parent / spec.space)
+    )
 
 
-def prepare(spec_path: str | Path, *, overrides: dict | None = None, with_evaluator: bool = True) -> PreparedRun:
+def prepare(
+    spec_path: str | Path, *, overrides: dict | None = None, with_evaluator: bool = True
+) -> PreparedRun:
     """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input."""
     from autoquant.space.discovery import discover_layers, other_param_bytes
     from autoquant.tasks import load_task
@@ -44,14 +50,17 @@ def prepare(spec_path: str | Path, *, overrides: dict | None = None, with_evalua
     spec_path = Path(spec_path)
     spec, space_spec = load_spec(spec_path)
     if overrides:
-        search = spec.search.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        search = spec.search.model_copy(
+            update={k: v for k, v in overrides.items() if v is not None}
+        )
         spec = spec.model_copy(update={"search": search})
     task = load_task(spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve())
     layers = discover_layers(task.model, task.input_shape)
     if not layers:
         raise UserError(
             f"task {task.name!r}: the model has no Linear or Conv2d layer to quantize",
-            file=str(spec_path), key="task",
+            file=str(spec_path),
+            key="task",
         )
     space = build_space(layers, space_spec, file=space_file(spec, spec_path))
     evaluator = None

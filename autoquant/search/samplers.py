@@ -18,7 +18,9 @@ def _tpe(*, seed: int, population_size: int, constraints_func: Callable | None) 
     import optuna
 
     return optuna.samplers.TPESampler(
-        seed=seed, constraints_func=constraints_func, multivariate=True,
+        seed=seed,
+        constraints_func=constraints_func,
+        multivariate=True,
         n_startup_trials=min(population_size, 20),
     )
 
@@ -33,6 +35,12 @@ SAMPLERS: dict[str, Callable[..., Any]] = {"nsga2": _nsga2, "tpe": _tpe, "random
 
 
 def make_sampler(name: str, *, seed: int, population_size: int, constraints_func: Callable | None):
+    import warnings
+
+    import optuna
+
+    # constraints_func is "experimental" in Optuna but is the documented way to pass constraints.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         factory = SAMPLERS[name]
     except KeyError:

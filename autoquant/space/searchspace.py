@@ -168,7 +168,9 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
                     pin = None if field in ("weight_bits", "act_bits") else pin
         if pin is not None:
             index, p = pin
-            candidates = [QuantChoice(p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric)]
+            candidates = [
+                QuantChoice(p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric)
+            ]
             if p.weight_bits in (16, 32):
                 candidates = [QuantChoice(weight_bits=p.weight_bits, act_bits=p.act_bits)]
         else:
@@ -192,7 +194,12 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
             )
         valid.sort(key=lambda c: (-c.weight_bits, -c.act_bits, c.label))
         resolved.append(
-            LayerSpace(layer, tuple(valid), pinned=pin is not None or len(valid) == 1, matched_rules=tuple(matched))
+            LayerSpace(
+                layer,
+                tuple(valid),
+                pinned=pin is not None or len(valid) == 1,
+                matched_rules=tuple(matched),
+            )
         )
     return SearchSpace(tuple(resolved), tuple(exclusions))
 

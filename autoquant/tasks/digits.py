@@ -83,7 +83,9 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, s
 
 
 def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
-    key = hashlib.sha256(f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}".encode()).hexdigest()
+    key = hashlib.sha256(
+        f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}".encode()
+    ).hexdigest()
     path = cache_dir() / "tasks" / f"{name}-{key[:12]}.pt"
     model = factory()
     if path.exists():
@@ -102,7 +104,9 @@ def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
     return model
 
 
-def _digits_task(name: str, factory, *, epochs: int, description: str, calibration_samples: int = 256) -> Task:
+def _digits_task(
+    name: str, factory, *, epochs: int, description: str, calibration_samples: int = 256
+) -> Task:
     tx, ty, ex, ey = digits_splits()
     model = _cached_model(name, factory, tx, ty, epochs=epochs)
     task = Task(
@@ -123,13 +127,17 @@ def _digits_task(name: str, factory, *, epochs: int, description: str, calibrati
 
 def digits_cnn() -> Task:
     return _digits_task(
-        "digits-cnn", DigitsCNN, epochs=30,
+        "digits-cnn",
+        DigitsCNN,
+        epochs=30,
         description="2 conv + 2 linear layers on scikit-learn digits (8x8), 72k params",
     )
 
 
 def digits_mlp() -> Task:
     return _digits_task(
-        "digits-mlp", DigitsMLP, epochs=30,
+        "digits-mlp",
+        DigitsMLP,
+        epochs=30,
         description="3-layer MLP 64-256-128-10 on scikit-learn digits, 50k params",
     )

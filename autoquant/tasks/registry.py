@@ -23,10 +23,16 @@ class BuiltinTask:
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     t.name: t
     for t in (
-        BuiltinTask("digits-cnn", "autoquant.tasks.digits:digits_cnn",
-                    "conv net on scikit-learn digits (8x8), 2 conv + 2 linear layers"),
-        BuiltinTask("digits-mlp", "autoquant.tasks.digits:digits_mlp",
-                    "MLP 64-256-128-10 on scikit-learn digits"),
+        BuiltinTask(
+            "digits-cnn",
+            "autoquant.tasks.digits:digits_cnn",
+            "conv net on scikit-learn digits (8x8), 2 conv + 2 linear layers",
+        ),
+        BuiltinTask(
+            "digits-mlp",
+            "autoquant.tasks.digits:digits_mlp",
+            "MLP 64-256-128-10 on scikit-learn digits",
+        ),
     )
 }
 
@@ -45,7 +51,8 @@ def _resolve(target: str, *, file: str, key: str, search_dir: Path | None) -> Ca
             f"bad value {target!r}: module {module_name!r} does not import "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "allowed: an importable package.module:function",
-            file=file, key=key,
+            file=file,
+            key=key,
         ) from None
     finally:
         if added:
@@ -54,7 +61,9 @@ def _resolve(target: str, *, file: str, key: str, search_dir: Path | None) -> Ca
     if not callable(function):
         raise UserError(
             f"bad value {target!r}: module {module_name!r} has no function {attr!r}; "
-            "allowed: an importable package.module:function", file=file, key=key,
+            "allowed: an importable package.module:function",
+            file=file,
+            key=key,
         )
     return function
 
@@ -67,7 +76,8 @@ def load_task(task_spec, *, file: str = "spec", spec_dir: Path | None = None) ->
             raise UserError(
                 f"bad value {task_spec!r}: not a built-in task; allowed: "
                 f"{', '.join(BUILTIN_TASKS)}, or {{function: package.module:function}}",
-                file=file, key="task",
+                file=file,
+                key="task",
             )
         function = _resolve(builtin.target, file=file, key="task", search_dir=None)
         return function()
@@ -77,11 +87,14 @@ def load_task(task_spec, *, file: str = "spec", spec_dir: Path | None = None) ->
     except TypeError as exc:
         raise UserError(
             f"bad value {task_spec.args!r}: {task_spec.function} does not take these arguments ({exc})",
-            file=file, key="task.args",
+            file=file,
+            key="task.args",
         ) from None
     if not isinstance(task, Task):
         raise UserError(
             f"bad value {task_spec.function!r}: returned {type(task).__name__}; "
-            "allowed: a function returning autoquant.tasks.Task", file=file, key="task.function",
+            "allowed: a function returning autoquant.tasks.Task",
+            file=file,
+            key="task.function",
         )
     return task

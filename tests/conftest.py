@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``autoquant`` in-process the way the console script does; return (code, out, err)."""
+    from autoquant.cli import main
+
+    old = sys.argv
+    sys.argv = ["autoquant", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def cnn_task():
+    from autoquant.tasks import load_task
+
+    return load_task("digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def cnn_layers(cnn_task):
+    from autoquant.space.discovery import discover_layers
+
+    return discover_layers(cnn_task.model, cnn_task.input_shape)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+SMALL_SPACE = """\
+version: 1
+rules:
+  - match: {}
+    weight_bits: [4, 8, 32]
+    act_bits: [8, 32]
+    granularity: [per_channel]
+"""
+
+
+def small_spec(tmp: Path, *, name: str = "small", trials: int = 12, extra: str = "") -> Path:
+    write(tmp / "space.yaml", SMALL_SPACE)
+    return write(
+        tmp / "spec.yaml",
+        f"version: 1\nname: {name}\ntask: digits-mlp\nspace: space.yaml\n"
+        f"search: {{sampler: nsga2, trials: {trials}, population_size: 6, seed: 0}}\n{extra}",
+    )

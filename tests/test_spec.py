@@ -1,0 +1,127 @@
+"""Bad input: one line naming file, key, value and what is allowed; exit code 2; no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT, SMALL_SPACE, run_cli, write
+
+GOOD = "version: 1\nname: t\ntask: digits-mlp\nspace: space.yaml\n"
+
+
+def _error_line(
+    tmp_path, capsys, spec_text: str, space_text: str = SMALL_SPACE, cmd: str = "space"
+):
+    write(tmp_path / "space.yaml", space_text)
+    spec = write(tmp_path / "spec.yaml", spec_text)
+    code, out, err = run_cli([cmd, spec], capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, GOOD + "search: {sampler: nsga2, trails: 5}\n")
+    assert "spec.yaml" in line and "search.trails" in line
+    assert "unknown key 'trails'" in line and "trials" in line and "sampler" in line
+
+
+def test_wrong_type(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, GOOD + "search: {trials: many}\n")
+    assert "search.trials" in line and "'many'" in line and "integer" in line
+
+
+def test_bad_sampler_lists_allowed(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, GOOD + "search: {sampler: genetic}\n")
+    assert "search.sampler" in line and "'genetic'" in line
+    assert "nsga2" in line and "tpe" in line and "random" in line
+
+
+def test_bits_outside_allowed_set(tmp_path, capsys):
+    space = SMALL_SPACE.replace("[4, 8, 32]", "[4, 5, 32]")
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "space.yaml" in line and "rules[0].weight_bits[1]" in line and "5" in line
+    assert "2, 3, 4, 8, 16 or 32" in line
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    code, _, err = run_cli(["search", tmp_path / "nope.yaml"], capsys)
+    assert code == 2 and "nope.yaml" in err and "file not found" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_space_file(tmp_path, capsys):
+    spec = write(tmp_path / "spec.yaml", GOOD.replace("space.yaml", "other.yaml"))
+    code, _, err = run_cli(["space", spec], capsys)
+    assert code == 2 and "key: space" not in err
+    assert "spec.yaml: space:" in err and "'other.yaml'" in err and "allowed" in err
+
+
+def test_task_function_that_does_not_import(tmp_path, capsys):
+    line = _error_line(
+        tmp_path, capsys, GOOD.replace("task: digits-mlp", "task: {function: 'no_such_mod:make'}")
+    )
+    assert "task.function" in line and "'no_such_mod:make'" in line and "does not import" in line
+    assert "allowed" in line
+
+
+def test_task_function_malformed(tmp_path, capsys):
+    line = _error_line(
+        tmp_path, capsys, GOOD.replace("task: digits-mlp", "task: {function: 'os.system'}")
+    )
+    assert "task.function" in line and "package.module:function" in line
+
+
+def test_unknown_builtin_task(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, GOOD.replace("digits-mlp", "imagenet"))
+    assert "key: task" not in line and ": task: " in line and "'imagenet'" in line
+    assert "digits-cnn" in line
+
+
+def test_space_with_no_valid_choice_for_a_layer(tmp_path, capsys):
+    # Group size 7 divides none of the MLP's input dimensions (64, 256, 128).
+    space = (
+        "version: 1\nrules:\n  - match: {}\n    weight_bits: [4]\n"
+        "    granularity: [per_group]\n    group_sizes: [7]\n"
+    )
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "space.yaml" in line and "rules[0]" in line and "'hidden.0'" in line
+    assert "group size 7 does not divide the input dimension 64" in line
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, "version: 1\nname: [unclosed\n")
+    assert "spec.yaml" in line and "not valid YAML" in line
+
+
+def test_yaml_is_safe_loaded(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, "!!python/object/apply:os.system ['echo pwned']\n")
+    assert "not valid YAML" in line
+
+
+def test_oversized_yaml_refused(tmp_path, capsys):
+    line = _error_line(tmp_path, capsys, GOOD + "# " + "x" * (1 << 20) + "\n")
+    assert "at most" in line
+
+
+def test_bad_regex_in_match(tmp_path, capsys):
+    space = "version: 1\nrules:\n  - match: {name: '(['}\n    weight_bits: [8]\n"
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "rules[0].match.name" in line and "regular expression" in line
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_parse(path):
+    from autoquant.spec import load_spec
+
+    load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_spaces_parse(path):
+    from autoquant.spec import load_space
+
+    load_space(path)
