@@ -28,6 +28,7 @@ class SamplerName(str, enum.Enum):
     nsga2 = "nsga2"
     tpe = "tpe"
     random = "random"
+    guided = "guided"
 
 
 @app.command()
@@ -43,13 +44,15 @@ def search(
         float | None, typer.Option(min=0.001, help="seconds for this invocation")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
-    sampler: Annotated[SamplerName | None, typer.Option(help="search strategy")] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help="search strategy (guided: XGBoost-predictor-guided)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Run (or resume) a search; write the run directory; print the Pareto front."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autoquant.report.results import write_tables
+    from autoquant.report.html import write_report
+    from autoquant.report.results import write_run_info, write_tables
+    from autoquant.report.rundata import load_run
     from autoquant.report.terminal import front_table
     from autoquant.search.driver import check_resumable, run_search
     from autoquant.search.ledger import entries, open_study, sqlite_url
@@ -84,7 +87,7 @@ def search(
     def refresh() -> None:
         # The ledger is the source of truth; the tables are rewritten every few seconds so a
         # long run can be inspected while it goes, and once more at the end.
-        if time.monotonic() - last_refresh[0] < 3.0:
+        if time.monotonic() - last_refresh[0] < 5.0:
             return
         last_refresh[0] = time.monotonic()
         write_tables(
@@ -92,6 +95,7 @@ def search(
             entries(open_study(storage, [o.direction for o in objectives], None)),
             objectives,
         )
+        write_report(load_run(run_dir))
 
     console.print(
         f"[bold]{run.spec.name}[/]: task {run.task.name}, {len(run.space.layers)} layers, "
@@ -117,6 +121,8 @@ def search(
     frame, front = write_tables(
         run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives
     )
+    write_run_info(run_dir, outcome)
+    report_path = write_report(load_run(run_dir))
     if outcome.interrupted_before:
         console.print(
             f"resumed: {outcome.interrupted_before} interrupted trial(s) marked failed, none lost"
@@ -134,6 +140,7 @@ def search(
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
     console.print(f"run directory: {run_dir}  (spec.yaml, study.db, trials.parquet, pareto.csv)")
+    console.print(f"report: {report_path}")
 
 
 @app.command()
@@ -198,6 +205,58 @@ def space(
         "labels: w<bits><c|t|g<size>><s|a> = integer weights per-channel/tensor/group, "
         "symmetric/asymmetric; f16/f32 = float weights; -a<bits> = activations"
     )
+
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="a run directory, e.g. results/digits-cnn")],
+    open_: Annotated[bool, typer.Option("--open", help="open the page in a browser")] = False,
+) -> None:
+    """Write RUN/report.html (one self-contained page) and print the front."""
+    from autoquant.report.html import report_data, write_report
+    from autoquant.report.rundata import load_run
+    from autoquant.report.terminal import front_table
+
+    data = load_run(run)
+    path = write_report(data)
+    info = report_data(data)
+    if not data.front.empty:
+        console.print(front_table(data.front, title=f"{data.name}: Pareto front ({len(data.front)} points"
+                                  + (f", knee = trial {info.knee_trial})" if info.knee_trial is not None else ")")))
+    console.print(f"report: {path}")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more run directories")],
+    out: Annotated[Path | None, typer.Option(help="output directory [default: results/compare]")] = None,
+) -> None:
+    """Overlay the fronts of several runs; hypervolume, dominance and budgets per run."""
+    from autoquant.report.compare import compare_runs, write_compare
+    from autoquant.report.rundata import load_run
+    from autoquant.report.terminal import compare_tables
+
+    if len(runs) < 2:
+        raise UserError(f"bad value {[str(r) for r in runs]}: got {len(runs)} run; allowed: two or more run directories", key="RUNS")
+    out_dir = out if out is not None else Path("results") / "compare"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"bad value {str(out_dir)!r}: exists and is not a directory; allowed: a directory path", key="--out")
+    comparison = compare_runs([load_run(r) for r in runs])
+    for note in comparison.notes:
+        console.print(f"note: {note}")
+    for t in compare_tables(comparison):
+        console.print(t)
+    for p in comparison.pairs:
+        for b in p.budgets:
+            lim = b["budget"][p.cost.figure]
+            console.print(f"{p.cost.figure} <= {lim:.4g}: best front " + (", ".join(b["winners"]) or "none fits"))
+    html_path, json_path = write_compare(comparison, out_dir)
+    console.print(f"comparison: {html_path}  {json_path}")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ SPEC_VERSION = 1
 WeightBits = Literal[2, 3, 4, 8, 16, 32]
 ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
-SamplerName = Literal["nsga2", "tpe", "random"]
+SamplerName = Literal["nsga2", "tpe", "random", "guided"]
 ObjectiveName = Literal["accuracy", "size"]
 TARGET_PATTERN = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"

@@ -128,3 +128,22 @@ def write_tables(run_dir: Path, ledger: list[LedgerEntry], objectives: tuple[Obj
     _atomic_write(run_dir / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
     _atomic_write(run_dir / "pareto.csv", lambda p: front.to_csv(p, index=False))
     return frame, front
+
+
+def write_run_info(run_dir: Path, outcome: Any) -> None:
+    """``run.json``: the budget the last invocation used and the versions it ran with."""
+    import json
+
+    from autoquant.versions import package_versions
+
+    info = {
+        "measured": outcome.measured,
+        "failed": outcome.failed,
+        "new_measurements": outcome.new_measurements,
+        "repeat_proposals": outcome.reused,
+        "interrupted_before": outcome.interrupted_before,
+        "stopped_because": outcome.stopped_because,
+        "elapsed_s": outcome.elapsed_s,
+        "versions": package_versions(),
+    }
+    _atomic_write(run_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2)))

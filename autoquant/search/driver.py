@@ -95,6 +95,10 @@ def run_search(
     import optuna
 
     settings = run.spec.search
+    if settings.sampler == "guided":
+        from autoquant.search.guided import run_guided
+
+        return run_guided(run, run_dir, on_progress=on_progress, after_trial=after_trial)
     objectives = objectives_for(run.spec.objectives)
     start = time.monotonic()
     storage = sqlite_url(run_dir)

@@ -1,0 +1,259 @@
+"""``report.html``: one self-contained page about one run. Compute first (``report_data``), render
+second (``render_report``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from autoquant.pareto import knee_index
+from autoquant.report.page import page, table
+from autoquant.report.rundata import RunData
+from autoquant.report.svg import Axis, Point, Series, heatmap, scatter
+from autoquant.search.objectives import Objective
+
+UNITS = {"size_bytes": ("weight size, KiB (exact)", 1 / 1024)}
+
+
+@dataclass(frozen=True)
+class ReportData:
+    run: RunData
+    knee_trial: int | None
+    fp32: Any
+    int8: Any
+    predictor: dict[str, float] | None
+
+
+def _bits_of(label: str) -> int:
+    if label.startswith("f"):
+        return int(label[1:].split("-")[0])
+    digits = ""
+    for ch in label[1:]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits or 32)
+
+
+def knee_trial(run: RunData) -> int | None:
+    if run.front.empty:
+        return None
+    values = run.front[[o.figure for o in run.objectives]].to_numpy(dtype=float)
+    return int(run.front.iloc[knee_index(values, [o.direction for o in run.objectives])]["trial"])
+
+
+def predictor_quality(run: RunData) -> dict[str, float] | None:
+    col = "accuracy_predicted"
+    if col not in run.trials.columns:
+        return None
+    rows = run.complete[np.isfinite(run.complete[col].astype(float))]
+    if len(rows) < 3:
+        return None
+    from scipy.stats import kendalltau, spearmanr
+
+    pred, meas = rows[col].astype(float), rows["accuracy"].astype(float)
+    return {
+        "n": float(len(rows)),
+        "mae": float(np.mean(np.abs(pred - meas))),
+        "kendall_tau": float(kendalltau(pred, meas).statistic),
+        "spearman": float(spearmanr(pred, meas).statistic),
+    }
+
+
+def report_data(run: RunData) -> ReportData:
+    return ReportData(run, knee_trial(run), run.reference("fp32"), run.reference("int8"), predictor_quality(run))
+
+
+def _key(run: RunData, trial: int) -> str:
+    return f"{run.name}#{int(trial)}"
+
+
+def _tooltip(run: RunData, row) -> str:
+    parts = [f"trial {int(row['trial'])}" + (f" ({row['reference']})" if isinstance(row.get("reference"), str) else "")]
+    parts.append(f"accuracy {row['accuracy']:.4f} (measured)")
+    for o in run.cost_objectives:
+        label, scale = UNITS.get(o.figure, (o.figure, 1.0))
+        parts.append(f"{o.figure} {row[o.figure] * scale:.4g} ({row.get(o.figure + '_source', 'measured')})")
+    parts.append(" ".join(f"{c.removeprefix('layer:')}={row[c]}" for c in run.layer_columns if isinstance(row.get(c), str)))
+    return "; ".join(parts)
+
+
+def _points(run: RunData, frame, cost: Objective) -> tuple[Point, ...]:
+    return tuple(
+        Point(float(r[cost.figure]), float(r["accuracy"]), _tooltip(run, r), _key(run, r["trial"]))
+        for _, r in frame.iterrows()
+    )
+
+
+def axis_for(objective: Objective, values) -> Axis:
+    label, scale = UNITS.get(objective.figure, (f"{objective.figure} ({objective.unit})", 1.0))
+    finite = [v for v in values if v and math.isfinite(v) and v > 0]
+    log = bool(finite) and max(finite) / min(finite) > 8
+    return Axis(label, log=log, scale=scale)
+
+
+def front_plots(data: ReportData) -> list[str]:
+    run = data.run
+    plots = []
+    for i, cost in enumerate(run.cost_objectives):
+        complete = run.complete
+        series = [
+            Series("all measured configs", _points(run, complete, cost), "#9e9e9e", size=2.5),
+            Series("Pareto front", _points(run, run.front, cost), "#1f77b4", kind="front", size=4.5),
+        ]
+        if data.fp32 is not None:
+            series.append(Series("fp32 reference", _points(run, complete[complete["reference"] == "fp32"], cost), "#000", marker="square"))
+        if data.int8 is not None:
+            series.append(Series("uniform int8 reference", _points(run, complete[complete["reference"] == "int8"], cost), "#444", marker="triangle"))
+        if data.knee_trial is not None:
+            series.append(Series("knee", _points(run, run.front[run.front["trial"] == data.knee_trial], cost), "#d62728", marker="ring"))
+        plots.append(scatter(series, axis_for(cost, complete[cost.figure]), Axis("accuracy (measured)"),
+                             title=f"accuracy against {cost.name}", plot_id=f"front-{i}"))
+    return plots
+
+
+def precision_map(run: RunData) -> str:
+    if run.front.empty or not run.layer_columns:
+        return "<p class='note'>No front yet.</p>"
+    layers = [c.removeprefix("layer:") for c in run.layer_columns]
+    cols, cells = [], {}
+    for _, row in run.front.iterrows():
+        col = f"#{int(row['trial'])}"
+        cols.append(col)
+        for layer in layers:
+            label = row.get(f"layer:{layer}")
+            if isinstance(label, str):
+                cells[(layer, col)] = (_bits_of(label), label.split("-")[0].lstrip("w"))
+    return heatmap(layers, cols, cells, title="per-layer precision of the front", plot_id="precision-map")
+
+
+def _front_table(data: ReportData) -> str:
+    run = data.run
+    headers = ["trial", "ref", "accuracy (measured)", "drop, points", *[
+        UNITS.get(o.figure, (o.figure,))[0] for o in run.cost_objectives], "x smaller", "mean bits", *[
+        c.removeprefix("layer:") for c in run.layer_columns]]
+    rows, keys = [], []
+    frame = run.front
+    for _, r in frame.iterrows():
+        ref = r["reference"] if isinstance(r.get("reference"), str) else ""
+        if data.knee_trial is not None and int(r["trial"]) == data.knee_trial:
+            ref = (ref + " knee").strip()
+        costs = [f"{r[o.figure] * UNITS.get(o.figure, ('', 1.0))[1]:.4g}" for o in run.cost_objectives]
+        rows.append([int(r["trial"]), ref, f"{r['accuracy']:.4f}", f"{r['accuracy_drop'] * 100:+.2f}", *costs,
+                     f"{r['size_ratio']:.2f}", f"{r['mean_weight_bits']:.2f}", *[r[c] for c in run.layer_columns]])
+        keys.append(_key(run, r["trial"]))
+    return table(headers, rows, left=2, keys=keys)
+
+
+def _predictor_section(data: ReportData) -> str:
+    q = data.predictor
+    if q is None:
+        return ("<p class='note'>This run used no accuracy predictor: every accuracy shown was measured "
+                "(sampler {}).</p>".format(escape(str(data.run.spec.get("search", {}).get("sampler")))))
+    run = data.run
+    rows = run.complete[np.isfinite(run.complete["accuracy_predicted"].astype(float))]
+    pts = tuple(Point(float(r["accuracy_predicted"]), float(r["accuracy"]), _tooltip(run, r), _key(run, r["trial"]))
+                for _, r in rows.iterrows())
+    plot = scatter([Series("measured configs", pts, "#9467bd")], Axis("predicted accuracy (before measuring)"),
+                   Axis("measured accuracy"), title="predicted against measured", plot_id="predictor")
+    return (f"<p>Over {int(q['n'])} measured configs: MAE {q['mae']:.4f}, Kendall tau {q['kendall_tau']:.3f}, "
+            f"Spearman {q['spearman']:.3f} (predictions made before each config was measured).</p>" + plot)
+
+
+def _json_file(run: RunData, name: str) -> Any:
+    path = run.path / name
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _sensitivity_section(run: RunData) -> str:
+    sens = _json_file(run, "sensitivity.json")
+    if not isinstance(sens, dict) or not isinstance(sens.get("layers"), dict):
+        return "<p class='note'>No per-layer sensitivity was computed for this run.</p>"
+    rows = []
+    for layer, entry in sens["layers"].items():
+        if isinstance(entry, dict):
+            rows.append([layer, *[f"{v:.4g}" if isinstance(v, (int, float)) else str(v) for v in entry.values()]])
+    first = next((e for e in sens["layers"].values() if isinstance(e, dict)), {})
+    return table(["layer", *first.keys()], rows)
+
+
+def _latency_section(run: RunData) -> str:
+    fidelity = _json_file(run, "latency_fidelity.json")
+    if fidelity is None:
+        return "<p class='note'>This run has no latency objective, so no latency model was used.</p>"
+    return "<pre>" + escape(json.dumps(fidelity, indent=2)) + "</pre>"
+
+
+def configs_payload(run: RunData) -> dict[str, Any]:
+    out = {}
+    for _, r in run.complete.iterrows():
+        out[_key(run, r["trial"])] = {
+            "run": run.name,
+            "trial": int(r["trial"]),
+            "accuracy (measured)": float(r["accuracy"]),
+            **{f"{o.figure} ({r.get(o.figure + '_source', '')})": float(r[o.figure]) for o in run.cost_objectives},
+            "layers": {c.removeprefix("layer:"): r[c] for c in run.layer_columns if isinstance(r.get(c), str)},
+        }
+    return out
+
+
+def render_report(data: ReportData) -> str:
+    run = data.run
+    info = run.info
+    trials = run.trials
+    n_done = int((trials["state"] == "COMPLETE").sum())
+    n_fail = int((trials["state"] == "FAIL").sum())
+    search = run.spec.get("search", {})
+    refs = []
+    for name, row in (("fp32", data.fp32), ("uniform int8", data.int8)):
+        if row is not None:
+            refs.append(f"{name}: accuracy {row['accuracy']:.4f} (measured), "
+                        f"{row['size_bytes'] / 1024:.1f} KiB (exact), {'on' if row['on_front'] else 'not on'} the front")
+    body = [
+        f"<h1>autoquant run <code>{escape(run.name)}</code></h1>",
+        f"<p>task <b>{escape(str(run.task))}</b>; objectives {', '.join(o.name + ' (' + o.direction + ')' for o in run.objectives)}; "
+        f"sampler {escape(str(search.get('sampler')))}; budget {search.get('trials')} configs"
+        + (f" / {search.get('timeout_s')} s" if search.get("timeout_s") else "")
+        + f"; used: {n_done} measured, {n_fail} failed"
+        + (f", {info['elapsed_s']:.1f} s in the last invocation" if "elapsed_s" in info else "") + ".</p>",
+        "<p>" + "<br>".join(escape(r) for r in refs) + "</p>",
+        "<h2>Pareto fronts</h2><p class='note'>Grey: every measured config. Blue: the front. Black square: fp32. "
+        "Black triangle: uniform int8. Red ring: the knee. Hover a point for its config, click for details.</p>",
+        "<div class='plots'>" + "".join(front_plots(data)) + "</div>",
+        f"<h2>Front points ({len(run.front)} of {n_done} measured configs)</h2>", _front_table(data),
+        "<h2>Per-layer precision of the front</h2>", precision_map(run),
+        "<h2>Accuracy predictor</h2>", _predictor_section(data),
+        "<h2>Latency model</h2>", _latency_section(run),
+        "<h2>Layer sensitivity</h2>", _sensitivity_section(run),
+        "<h2>Spec as run</h2><pre>" + escape(_yaml(run.spec)) + "</pre>",
+        "<h2>Versions</h2><pre>" + escape(json.dumps(info.get("versions", {}), indent=2)) + "</pre>",
+    ]
+    return page(f"autoquant: {run.name}", "\n".join(body), configs_payload(run))
+
+
+def _yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_report(run: RunData) -> Any:
+    """Write ``report.html`` into the run directory (atomically) and return its path."""
+    import os
+
+    html = render_report(report_data(run))
+    path = run.path / "report.html"
+    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
