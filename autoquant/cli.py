@@ -259,6 +259,16 @@ def compare(
     console.print(f"comparison: {html_path}  {json_path}")
 
 
+def _register_leaf_commands() -> None:
+    # The command functions live beside the code they drive; their heavy imports stay inside.
+    from autoquant.export.command import export
+
+    app.command("export")(export)
+
+
+_register_leaf_commands()
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from autoquant.quant.fake import ActivationParams, fake_quantize_activation, fake_quantize_weight
+from autoquant.quant.fake import (
+    ActivationParams,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_bias,
+    quantize_weight,
+    runs_integer_kernel,
+)
 from autoquant.space.discovery import quantizable_modules
 from autoquant.space.values import QuantConfig
 
@@ -33,7 +40,9 @@ class Calibration:
         }
 
 
-def calibrate(model: torch.nn.Module, inputs: torch.Tensor, *, batch_size: int = 256) -> Calibration:
+def calibrate(
+    model: torch.nn.Module, inputs: torch.Tensor, *, batch_size: int = 256
+) -> Calibration:
     """Min/max observers on each Linear/Conv2d input and output."""
     modules = quantizable_modules(model)
     lo_in: dict[str, float] = {}
@@ -86,7 +95,10 @@ def apply(
     """A deep copy of ``model`` computing as ``config`` says; ``model`` itself is not touched.
 
     Weights are replaced by their fake-quantized values once; activations are fake-quantized by
-    hooks on the layer's input and output. int8 activations need ``calibration``.
+    hooks on the layer's input and output. int8 activations need ``calibration``. A layer that
+    runs as an integer kernel once exported (int8 weights per-tensor/per-channel and int8
+    activations, see ``runs_integer_kernel``) also gets its bias rounded to int32 with scale
+    input scale x weight scale, as the exported graph stores it.
     """
     qmodel = copy.deepcopy(model)
     modules = quantizable_modules(qmodel)
@@ -94,7 +106,15 @@ def apply(
         if name not in modules:
             raise KeyError(f"config names layer {name!r}, which the model does not have")
         module = modules[name]
+        if choice.act_bits == 8 and calibration is None:
+            raise ValueError(f"layer {name!r} has int8 activations but no calibration was given")
         with torch.no_grad():
+            if runs_integer_kernel(choice) and module.bias is not None:
+                params = quantize_weight(module.weight, choice)
+                q, scale = quantize_bias(
+                    module.bias, calibration.input_params(name).scale, params.scale
+                )
+                module.bias.copy_(q * scale)
             module.weight.copy_(fake_quantize_weight(module.weight, choice))
         if choice.act_bits == 32:
             continue

@@ -103,6 +103,32 @@ def fake_quantize_weight(w: torch.Tensor, choice: QuantChoice) -> torch.Tensor:
     return quantize_weight(w, choice).dequantize().to(w.dtype)
 
 
+def runs_integer_kernel(choice: QuantChoice) -> bool:
+    """True when the layer's weight and activations are both int8 with per-tensor or per-channel
+    weight scales: the form ONNX Runtime fuses into integer kernels (QLinearConv, QGemm,
+    QLinearMatMul). Such a layer also has its bias stored as int32 (see ``quantize_bias``)."""
+    return (
+        choice.weight_bits == 8
+        and choice.act_bits == 8
+        and choice.granularity in ("per_tensor", "per_channel")
+    )
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def quantize_bias(
+    bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 bias of an integer-kernel layer: ``(q, scale)`` with ``scale = input_scale *
+    weight_scale`` (float32, one per output channel or one in all) and ``q = round(bias /
+    scale)``, so that ``q * scale`` is the bias the integer kernel adds to its accumulator."""
+    w_scale = weight_scale.detach().float().reshape(-1)
+    scale = torch.tensor(input_scale, dtype=torch.float32) * w_scale
+    q = torch.clamp(torch.round(bias.detach().float() / scale), INT32_MIN, INT32_MAX)
+    return q, scale
+
+
 @dataclass(frozen=True)
 class ActivationParams:
     """uint8 asymmetric per-tensor parameters of one activation tensor."""
