@@ -262,8 +262,11 @@ def compare(
 def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
     from autoquant.export.command import export
+    from autoquant.hw.command import hw, profile
 
     app.command("export")(export)
+    app.command("profile")(profile)
+    app.command("hw")(hw)
 
 
 _register_leaf_commands()

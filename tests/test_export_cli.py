@@ -32,15 +32,9 @@ def cli(*args: str) -> tuple[int, str, str]:
     sys.argv = ["autoquant", *args]
     code = 0
     try:
+        # rich's consoles write to whatever sys.stdout / sys.stderr are at print time.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            import autoquant.cli as cli_module
-
-            saved = cli_module.err_console.file
-            cli_module.err_console.file = err
-            try:
-                main()
-            finally:
-                cli_module.err_console.file = saved
+            main()
     except SystemExit as exc:
         code = int(exc.code or 0)
     finally:

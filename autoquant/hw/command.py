@@ -1,0 +1,272 @@
+"""Typer-compatible commands: ``profile`` (per-layer latency on a device) and ``hw`` (profiles).
+
+Register them with ``app.command()(profile)`` and ``app.command()(hw)``; they raise
+``UserError`` for bad input (the CLI's one-line error and exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from autoquant.errors import UserError
+from autoquant.space.values import QuantChoice
+
+console = Console()
+
+
+def _task_layers(task: str):
+    from autoquant.space.discovery import discover_layers
+    from autoquant.spec import UserTaskSpec
+    from autoquant.tasks import load_task
+
+    task_spec = UserTaskSpec(function=task) if ":" in task else task
+    loaded = load_task(task_spec, file="command line", spec_dir=Path.cwd())
+    layers = discover_layers(loaded.model, loaded.input_shape)
+    if not layers:
+        raise UserError(f"task {task!r}: the model has no Linear or Conv2d layer", key="TASK")
+    return loaded, layers
+
+
+def _work(layers, choices: str | None, space: Path | None):
+    from autoquant.hw.profiling import DEFAULT_CHOICES, parse_label
+
+    if choices and space:
+        raise UserError("give --choices or --space, not both", key="--choices")
+    if space is not None:
+        from autoquant.space import build_space
+        from autoquant.spec import load_space
+
+        resolved = build_space(layers, load_space(space), file=str(space))
+        return [(ls.layer, ls.choices) for ls in resolved.layers]
+    labels = [c for c in (choices.split(",") if choices else DEFAULT_CHOICES) if c.strip()]
+    picked = [parse_label(label) for label in labels]
+    return [(layer, picked) for layer in layers]
+
+
+def profile(
+    hw_profile: Annotated[
+        Path, typer.Argument(help="hardware profile YAML, or a built-in name such as cpu-local")
+    ],
+    task: Annotated[
+        str,
+        typer.Argument(help="built-in task (digits-cnn, digits-mlp) or package.module:function"),
+    ],
+    validate: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="random configs whose measured end-to-end latency is compared with the "
+            "latency model (local TVM profiles)",
+        ),
+    ] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="write every timing as JSON here")
+    ] = None,
+    choices: Annotated[
+        str | None,
+        typer.Option(help="comma-separated choice labels, e.g. f32-a32,w8cs-a8,w4g32s-a32"),
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(help="search space YAML: profile every choice it gives each layer"),
+    ] = None,
+    table: Annotated[
+        Path | None,
+        typer.Option(help="latency table file [default: $AUTOQUANT_CACHE_DIR/latency.sqlite]"),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="override the profile's batch size")
+    ] = None,
+    min_repeat_ms: Annotated[
+        float | None, typer.Option(min=0, help="override measure.min_repeat_ms")
+    ] = None,
+    repeat: Annotated[int | None, typer.Option(min=3, help="override measure.repeat")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="measure again the kernels that failed before")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="print only the summary line")] = False,
+) -> None:
+    """Measure each layer's kernel for each choice on the profile's device; reuse the table."""
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.profile import load_profile
+    from autoquant.hw.profiling import profile_layers
+    from autoquant.hw.table import LatencyTable
+
+    prof = load_profile(hw_profile).with_overrides(
+        batch_size=batch_size, min_repeat_ms=min_repeat_ms, repeat=repeat
+    )
+    if validate and not (prof.is_local and prof.spec.runtime == "tvm"):
+        raise UserError(
+            f"bad value {validate}: end-to-end validation runs on local TVM profiles only so far "
+            f"({prof.name} is {prof.spec.device.where}, {prof.spec.runtime}); allowed: 0",
+            key="--validate",
+        )
+    with console.status("loading the task"):
+        loaded, layers = _task_layers(task)
+    work = _work(layers, choices, space)
+    if validate:  # the residual needs every layer's float32 kernel
+        fp32 = QuantChoice()
+        work = [(layer, [*cs, fp32] if fp32 not in cs else list(cs)) for layer, cs in work]
+    with console.status(f"starting the {prof.spec.runtime} backend for {prof.name}"):
+        backend = backend_for(prof)
+    try:
+        with LatencyTable(table) as tab, console.status("profiling") as status:
+
+            def progress(entry) -> None:
+                status.update(f"profiling {entry.layer.name} {entry.choice.label}")
+
+            result = profile_layers(
+                backend, work, tab, retry_failed=retry_failed, on_result=progress
+            )
+        checked = None
+        if validate:
+            from autoquant.hw.validation import validate_latency_model
+
+            with console.status(f"validating the latency model on {validate} configs"):
+                checked = validate_latency_model(
+                    backend, loaded.model, loaded.input_shape, layers, result, n=validate
+                )
+    finally:
+        backend.close()
+    if not quiet:
+        console.print(timing_table(result))
+    if checked is not None:
+        console.print(validation_table(checked))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        data = result.to_dict()
+        if checked is not None:
+            data["validation"] = checked.to_dict()
+        json_path.write_text(json.dumps(data, indent=1))
+    console.print(
+        f"{prof.name}: {result.measured_now} kernels measured now, "
+        f"{result.count(reused=True)} reused from {result.table_path}, "
+        f"{result.count(status='failed')} failed, {result.count(status='excluded')} excluded; "
+        f"target {prof.target_json()}, {result.fingerprint.get('threads')} threads, batch "
+        f"{prof.spec.batch_size}; {result.elapsed_s:.1f} s"
+    )
+
+
+def timing_table(result):
+    from rich.table import Table
+
+    table = Table(
+        title=f"per-layer kernel latency on {result.profile} (median of repeats; "
+        "spread = interquartile range / median)"
+    )
+    for col in ("layer", "choice", "kernel", "median µs", "spread", "source"):
+        table.add_column(col, justify="right" if col in ("median µs", "spread") else "left")
+    for e in result.entries:
+        t = e.timing
+        if t.ok:
+            source = "table" if e.reused else "measured"
+            table.add_row(
+                e.layer.name,
+                e.choice.label,
+                t.impl,
+                f"{t.median_us:.2f}",
+                f"{t.spread:.0%}" if not math.isnan(t.spread) else "-",
+                source,
+            )
+        else:
+            table.add_row(
+                e.layer.name, e.choice.label, t.impl or "-", "-", "-", f"{t.status}: {t.error}"
+            )
+    return table
+
+
+def validation_table(checked):
+    from rich.table import Table
+
+    summary = checked.summary()
+    table = Table(
+        title=f"latency model vs measured end to end (residual {checked.model.residual_us:.1f} µs "
+        f"from float32 {checked.model.fp32_e2e_us:.1f} µs)"
+    )
+    for col in ("config", "predicted ms", "measured ms", "spread", "error"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for row in checked.rows:
+        labels = " ".join(c.label for _, c in row.config.choices)
+        if row.error:
+            table.add_row(labels, "-", "-", "-", row.error)
+            continue
+        table.add_row(
+            labels,
+            f"{row.predicted_ms:.4f}",
+            f"{row.measured_ms:.4f}",
+            f"{row.measured_spread:.0%}",
+            f"{row.rel_error:+.0%}",
+        )
+    if summary.get("measured"):
+        table.caption = (
+            f"mean |error| {summary['mean_abs_rel_error']:.0%}, max "
+            f"{summary['max_abs_rel_error']:.0%}, Kendall tau {summary['kendall_tau']:.2f} "
+            f"over {summary['measured']} configs"
+        )
+    return table
+
+
+def hw(
+    directory: Annotated[
+        Path | None, typer.Option(help="profiles directory [default: hw_profiles/]")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="seconds to wait for each RPC tracker")
+    ] = 2.0,
+) -> None:
+    """List the hardware profiles and whether each device can be reached now."""
+    from rich.table import Table
+
+    from autoquant.hw.profile import builtin_profiles, load_profile_spec
+
+    if directory is not None and not directory.is_dir():
+        raise UserError("not a directory", file=str(directory))
+    paths = builtin_profiles(directory)
+    table = Table(title="hardware profiles")
+    for col in ("name", "runtime", "target", "device", "reachable now"):
+        table.add_column(col)
+    for path in paths:
+        try:
+            spec = load_profile_spec(path)
+        except UserError as exc:
+            table.add_row(path.stem, "-", "-", "-", f"invalid: {exc}")
+            continue
+        device = (
+            "local"
+            if spec.device.where == "local"
+            else f"rpc {spec.device.tracker} key {spec.device.key}"
+        )
+        table.add_row(
+            spec.name,
+            spec.runtime,
+            json.dumps(spec.target),
+            device,
+            reachability(spec, timeout_s=timeout),
+        )
+    console.print(table)
+
+
+def reachability(spec, *, timeout_s: float = 2.0) -> str:
+    """'yes ...' or 'no: why', without raising."""
+    import importlib.util
+
+    if spec.runtime == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "no: onnxruntime is not installed"
+        return "yes (local onnxruntime; per-layer timing not implemented yet)"
+    if importlib.util.find_spec("tvm") is None:
+        return "no: apache-tvm is not installed (pip install autoquant[tvm])"
+    if spec.device.where == "local":
+        return "yes (local)"
+    from autoquant.hw.rpc import probe_tracker
+
+    host, port = spec.device.host_port
+    status = probe_tracker(host, port, timeout_s=timeout_s)
+    key = str(spec.device.key)
+    return ("yes: " if status.has(key) else "no: ") + status.describe(key)

@@ -1,0 +1,238 @@
+"""Hardware profiles: where and how per-layer latency is measured.
+
+A profile is a YAML file (``hw_profiles/*.yaml``) validated by ``HardwareProfileSpec``; every
+mistake comes out as one ``UserError`` line naming the file, the key, the bad value and what is
+allowed. ``resolve()`` turns a spec into a ``HardwareProfile`` with the ``auto`` values filled in
+for this machine (TVM is imported only for ``mcpu: auto``).
+
+Example::
+
+    version: 1
+    name: cpu-local
+    target: {kind: llvm, mcpu: auto}     # a TVM target as a dict; mcpu auto = this CPU
+    device: {where: local}               # or {where: rpc, tracker: host:port, key: rasp4}
+    runtime: tvm                         # or onnxruntime
+    threads: auto                        # auto = this machine's CPU count (local only)
+    batch_size: 1
+    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60}
+    tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
+    formats: [fp32, fp16, weight_only, w8a8, wNa8]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from autoquant.errors import UserError
+from autoquant.hw.kernels import FORMATS, KernelFormat
+from autoquant.spec import parse_model, read_yaml
+
+PROFILE_VERSION = 1
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "hw_profiles"
+HOSTPORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+TARGET_KINDS = ("llvm", "cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSpec(_Strict):
+    where: Literal["local", "rpc"] = "local"
+    tracker: str | None = Field(default=None, description="host:port of the TVM RPC tracker")
+    key: str | None = Field(default=None, description="device key the RPC server registered")
+    session_timeout_s: float = Field(default=120, gt=0)
+    connect_timeout_s: float = Field(default=5, gt=0)
+    cross_compiler: str | None = Field(
+        default=None,
+        description="C++ compiler that links kernels for the remote, e.g. aarch64-linux-gnu-g++",
+    )
+
+    @field_validator("tracker")
+    @classmethod
+    def _hostport(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not HOSTPORT.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+                raise ValueError("must be host:port with a port in 1-65535")
+        return value
+
+    @model_validator(mode="after")
+    def _rpc_needs_tracker(self) -> DeviceSpec:
+        if self.where == "rpc" and (self.tracker is None or self.key is None):
+            raise ValueError("where: rpc needs tracker (host:port) and key")
+        if self.where == "local" and (self.tracker is not None or self.key is not None):
+            raise ValueError("tracker and key only go with where: rpc")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        assert self.tracker is not None
+        host, port = self.tracker.rsplit(":", 1)
+        return host, int(port)
+
+
+class MeasureSpec(_Strict):
+    warmup: int = Field(default=1, ge=0, le=1000)
+    number: int = Field(default=1, ge=1, le=100_000)
+    repeat: int = Field(default=7, ge=3, le=1000, description="at least 3: median and spread")
+    min_repeat_ms: float = Field(default=200, ge=0, le=60_000)
+    timeout_s: float = Field(default=60, gt=0, description="per kernel: build + run + timing")
+    verify: bool = Field(default=True, description="check each kernel against numpy before timing")
+
+
+class TuningSpec(_Strict):
+    trials_per_kernel: int = Field(default=64, ge=1)
+    budget_s: float = Field(default=600, gt=0)
+
+
+class HardwareProfileSpec(_Strict):
+    version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    description: str = ""
+    target: dict[str, Any]
+    device: DeviceSpec = DeviceSpec()
+    runtime: Literal["tvm", "onnxruntime"] = "tvm"
+    threads: int | Literal["auto"] = "auto"
+    batch_size: int = Field(default=1, ge=1, le=65536)
+    measure: MeasureSpec = MeasureSpec()
+    tuning: TuningSpec | None = None
+    formats: list[KernelFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
+
+    @field_validator("target")
+    @classmethod
+    def _target_ok(cls, value: dict[str, Any]) -> dict[str, Any]:
+        kind = value.get("kind")
+        if kind not in TARGET_KINDS:
+            raise ValueError(f"target.kind must be one of {', '.join(TARGET_KINDS)} (got {kind!r})")
+        if value.get("mcpu") == "native":
+            raise ValueError(
+                "mcpu: native silently means a generic CPU in TVM 0.27; use mcpu: auto"
+            )
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_ok(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError("must be 1-1024 or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_is_local(self) -> HardwareProfileSpec:
+        if self.device.where == "rpc":
+            if self.target.get("mcpu") == "auto":
+                raise ValueError("target.mcpu: auto describes this machine; name the remote CPU")
+            if self.threads == "auto":
+                raise ValueError("threads: auto describes this machine; give the remote's count")
+        return self
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A resolved profile: every ``auto`` filled in. ``target`` is the dict given to TVM."""
+
+    spec: HardwareProfileSpec
+    target: dict[str, Any]
+    threads: int
+    path: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def is_local(self) -> bool:
+        return self.spec.device.where == "local"
+
+    @property
+    def target_kind(self) -> str:
+        return str(self.target["kind"])
+
+    def target_json(self) -> str:
+        return json.dumps(self.target, sort_keys=True, separators=(",", ":"))
+
+    def with_overrides(self, *, batch_size: int | None = None, **measure: Any) -> HardwareProfile:
+        """A copy with the batch size and/or measure settings replaced (validated again).
+
+        Raises ``UserError`` naming the setting when a value is out of range."""
+        data = self.spec.model_dump()
+        if batch_size is not None:
+            data["batch_size"] = batch_size
+        data["measure"].update({k: v for k, v in measure.items() if v is not None})
+        spec = parse_model(HardwareProfileSpec, data, file=self.path or self.name)
+        return HardwareProfile(spec, self.target, self.threads, self.path)
+
+
+def resolve(spec: HardwareProfileSpec, *, path: str | None = None) -> HardwareProfile:
+    threads = spec.threads if isinstance(spec.threads, int) else (os.cpu_count() or 1)
+    target = dict(spec.target)
+    if target.get("mcpu") == "auto":
+        from autoquant.hw._tvm import load_tvm
+
+        load_tvm(threads)
+        import tvm.target.codegen as codegen
+
+        target["mcpu"] = str(codegen.llvm_get_system_cpu())
+    if target.get("num-cores") == "auto" or (
+        target["kind"] == "llvm" and "num-cores" not in target
+    ):
+        target["num-cores"] = threads
+    return HardwareProfile(spec, target, threads, path)
+
+
+def load_profile_spec(path: str | Path) -> HardwareProfileSpec:
+    path = Path(path)
+    return parse_model(HardwareProfileSpec, read_yaml(path), file=str(path))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A profile by file path, or by the name of a file in ``hw_profiles/``."""
+    path = find_profile(name_or_path)
+    return resolve(load_profile_spec(path), path=str(path))
+
+
+def find_profile(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = PROFILES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(p.stem for p in builtin_profiles()) or "none"
+    raise UserError(
+        f"bad value {str(name_or_path)!r}: no such profile file or built-in profile; allowed: a "
+        f"YAML path or one of {known}",
+        key="hw_profile",
+    )
+
+
+def builtin_profiles(directory: Path | None = None) -> list[Path]:
+    directory = directory or PROFILES_DIR
+    return sorted(directory.glob("*.yaml")) if directory.is_dir() else []
+
+
+def target_object(profile: HardwareProfile) -> Any:
+    """The ``tvm.target.Target`` of a profile (imports TVM with the profile's thread count)."""
+    from autoquant.hw._tvm import load_tvm
+
+    tvm = load_tvm(profile.threads)
+    return tvm.target.Target(profile.target)
+
+
+def has_vnni(profile: HardwareProfile) -> bool:
+    """Whether the profile's target CPU has AVX-512 VNNI (from the target, not this host)."""
+    if profile.target_kind != "llvm" or "x86" not in str(profile.target.get("mtriple", "x86_64")):
+        return False
+    from autoquant.hw._tvm import load_tvm
+
+    load_tvm(profile.threads)
+    import tvm.target.codegen as codegen
+
+    return bool(codegen.llvm_cpu_has_features(["avx512vnni"], target_object(profile)))

@@ -1,0 +1,157 @@
+"""Profile a task's layers on a device: measure what the latency table lacks, reuse the rest.
+
+``profile_layers`` is the compute step (it returns a ``ProfileResult``); the command renders it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from autoquant.errors import UserError
+from autoquant.hw.backend import LatencyBackend
+from autoquant.hw.table import LatencyTable
+from autoquant.hw.timing import KernelTiming
+from autoquant.space.searchspace import why_invalid
+from autoquant.space.values import LayerInfo, QuantChoice
+
+DEFAULT_CHOICES = (
+    "f32-a32",
+    "f16-a32",
+    "w8cs-a32",
+    "w8cs-a8",
+    "w4cs-a8",
+    "w4cs-a32",
+    "w4g32s-a32",
+    "w2cs-a32",
+)
+LABEL = re.compile(
+    r"^(?:f(?P<fbits>16|32)|w(?P<wbits>[2348])(?P<gran>t|c|g\d+)(?P<sym>[sa]))"
+    r"-a(?P<abits>8|16|32)$"
+)
+
+
+def parse_label(label: str) -> QuantChoice:
+    """The inverse of ``QuantChoice.label``: ``w4g32s-a32``, ``w8cs-a8``, ``f16-a32``..."""
+    match = LABEL.match(label.strip())
+    if match is None:
+        raise UserError(
+            f"bad value {label!r}: not a choice label; allowed: f32-a32, f16-a16/-a32, or "
+            "w<2|3|4|8><t|c|g<size>><s|a>-a<8|16|32> such as w4g32s-a32",
+            key="--choices",
+        )
+    abits = int(match["abits"])
+    if match["fbits"]:
+        return QuantChoice(int(match["fbits"]), abits)
+    gran = match["gran"]
+    granularity = {"t": "per_tensor", "c": "per_channel"}.get(gran, "per_group")
+    group = int(gran[1:]) if granularity == "per_group" else None
+    return QuantChoice(int(match["wbits"]), abits, granularity, group, match["sym"] == "s")
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    layer: LayerInfo
+    choice: QuantChoice
+    timing: KernelTiming
+    reused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer.name,
+            "choice": self.choice.label,
+            "reused": self.reused,
+            **self.timing.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    profile: str
+    fingerprint: dict[str, Any]
+    fingerprint_hash: str
+    table_path: str
+    entries: tuple[LayerTiming, ...]
+    elapsed_s: float
+
+    def count(self, *, status: str | None = None, reused: bool | None = None) -> int:
+        return sum(
+            1
+            for e in self.entries
+            if (status is None or e.timing.status == status)
+            and (reused is None or e.reused == reused)
+        )
+
+    @property
+    def measured_now(self) -> int:
+        """Kernels built and run by this call (measured or failed, excluded not counted)."""
+        return sum(1 for e in self.entries if not e.reused and e.timing.status != "excluded")
+
+    def lookup(self) -> dict[tuple[str, str], KernelTiming]:
+        return {(e.layer.name, e.choice.label): e.timing for e in self.entries}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "fingerprint": self.fingerprint,
+            "fingerprint_hash": self.fingerprint_hash,
+            "table": self.table_path,
+            "elapsed_s": self.elapsed_s,
+            "counts": {
+                "measured_now": self.measured_now,
+                "reused": self.count(reused=True),
+                "failed": self.count(status="failed"),
+                "excluded": self.count(status="excluded"),
+            },
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+
+def profile_layers(
+    backend: LatencyBackend,
+    work: Iterable[tuple[LayerInfo, Iterable[QuantChoice]]],
+    table: LatencyTable,
+    *,
+    retry_failed: bool = False,
+    on_result: Callable[[LayerTiming], None] | None = None,
+) -> ProfileResult:
+    """Measure every (layer, choice) the table does not have for this backend's fingerprint.
+
+    Choices invalid for a layer (``why_invalid``) or without a kernel on the device are
+    ``excluded`` with the reason (never stored, never timed). Failed timings are stored and
+    reused unless ``retry_failed``.
+    """
+    start = time.monotonic()
+    fingerprint = backend.fingerprint()
+    fp_hash = backend.fingerprint_hash()
+    table.remember_fingerprint(fp_hash, fingerprint)
+    measure_settings = backend.profile.spec.measure.model_dump()
+    entries: list[LayerTiming] = []
+    for layer, choices in work:
+        for choice in choices:
+            reason = why_invalid(layer, choice) or backend.exclusion(layer, choice)
+            if reason is not None:
+                entry = LayerTiming(layer, choice, KernelTiming.excluded(reason), reused=False)
+            else:
+                found = table.get(fp_hash, layer, choice)
+                if found.hit and (found.timing.ok or not retry_failed):  # type: ignore[union-attr]
+                    entry = LayerTiming(layer, choice, found.timing, reused=True)  # type: ignore[arg-type]
+                else:
+                    timing = backend.measure(layer, choice)
+                    if timing.status != "excluded":
+                        table.put(fp_hash, layer, choice, timing, measure=measure_settings)
+                    entry = LayerTiming(layer, choice, timing, reused=False)
+            entries.append(entry)
+            if on_result is not None:
+                on_result(entry)
+    return ProfileResult(
+        backend.profile.name,
+        fingerprint,
+        fp_hash,
+        str(table.path),
+        tuple(entries),
+        time.monotonic() - start,
+    )

@@ -1,0 +1,196 @@
+"""The latency table: every per-layer timing ever measured, in one SQLite file.
+
+Key: (target fingerprint, layer signature, choice label). The fingerprint is a hash of the
+backend's ``fingerprint()`` (target dict, host CPU or RPC key, runtime and version, threads,
+batch, kernel template version), so a timing is reused only where it was measured. The layer
+signature is the layer's kind and shapes (not its name): equal layers share timings.
+
+Every record is ``{"_type": "KernelTiming", "_version": N, ...}`` JSON with a SHA-256 checksum
+beside it. A record whose checksum does not match, whose version or type is unknown, or whose
+body names another key is *corrupt or stale*: it is deleted and reported as a miss, never used.
+
+Default location: ``$AUTOQUANT_CACHE_DIR/latency.sqlite`` (else ``~/.cache/autoquant``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoquant.hw.timing import KernelTiming
+from autoquant.space.values import LayerInfo, QuantChoice
+
+RECORD_TYPE = "KernelTiming"
+RECORD_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS timings (
+    fingerprint TEXT NOT NULL,
+    layer TEXT NOT NULL,
+    choice TEXT NOT NULL,
+    record TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (fingerprint, layer, choice)
+);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    hash TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+"""
+
+
+def default_table_path() -> Path:
+    root = os.environ.get("AUTOQUANT_CACHE_DIR") or Path.home() / ".cache" / "autoquant"
+    return Path(root) / "latency.sqlite"
+
+
+def layer_signature(layer: LayerInfo) -> str:
+    def dims(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape))
+
+    return (
+        f"{layer.kind}|w{dims(layer.weight_shape)}|in{dims(layer.input_shape)}"
+        f"|out{dims(layer.output_shape)}|{'bias' if layer.has_bias else 'nobias'}"
+    )
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What ``get`` found: a timing, or a miss and why (``missing``, ``corrupt: ...``, ``stale``)."""
+
+    timing: KernelTiming | None
+    reason: str = "missing"
+
+    @property
+    def hit(self) -> bool:
+        return self.timing is not None
+
+
+class LatencyTable:
+    """Open (creating) the table at ``path``; use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_table_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            from autoquant.errors import UserError
+
+            raise UserError(
+                f"not a latency table ({exc}); allowed: an autoquant latency.sqlite "
+                "file or a new path",
+                file=str(self.path),
+            ) from None
+        self.invalidated = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> LatencyTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def remember_fingerprint(self, fingerprint_hash: str, body: dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?)",
+                (fingerprint_hash, json.dumps(body, sort_keys=True)),
+            )
+
+    def get(self, fingerprint_hash: str, layer: LayerInfo, choice: QuantChoice) -> Lookup:
+        key = (fingerprint_hash, layer_signature(layer), choice.label)
+        row = self._db.execute(
+            "SELECT record, checksum FROM timings WHERE fingerprint=? AND layer=? AND choice=?", key
+        ).fetchone()
+        if row is None:
+            return Lookup(None, "missing")
+        record, checksum = row
+        problem = self._check(record, checksum, key)
+        if problem is not None:
+            with self._db:
+                self._db.execute(
+                    "DELETE FROM timings WHERE fingerprint=? AND layer=? AND choice=?", key
+                )
+            self.invalidated += 1
+            return Lookup(None, problem)
+        return Lookup(KernelTiming.from_dict(json.loads(record)["_data"]), "hit")
+
+    @staticmethod
+    def _check(record: str, checksum: str, key: tuple[str, str, str]) -> str | None:
+        if _checksum(record) != checksum:
+            return "corrupt: checksum mismatch"
+        try:
+            data = json.loads(record)
+        except ValueError:
+            return "corrupt: not JSON"
+        if not isinstance(data, dict) or data.get("_type") != RECORD_TYPE:
+            return f"corrupt: unknown record type {data.get('_type') if isinstance(data, dict) else None!r}"
+        if data.get("_version") != RECORD_VERSION:
+            return f"stale: record version {data.get('_version')!r}, this autoquant writes {RECORD_VERSION}"
+        if (data.get("fingerprint"), data.get("layer"), data.get("choice")) != key:
+            return "corrupt: record body names another key"
+        try:
+            KernelTiming.from_dict(data["_data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"corrupt: {type(exc).__name__}: {exc}"
+        return None
+
+    def put(
+        self,
+        fingerprint_hash: str,
+        layer: LayerInfo,
+        choice: QuantChoice,
+        timing: KernelTiming,
+        *,
+        measure: dict[str, Any] | None = None,
+    ) -> None:
+        key = (fingerprint_hash, layer_signature(layer), choice.label)
+        record = json.dumps(
+            {
+                "_type": RECORD_TYPE,
+                "_version": RECORD_VERSION,
+                "fingerprint": key[0],
+                "layer": key[1],
+                "choice": key[2],
+                "measure": measure or {},
+                "_data": timing.to_dict(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO timings VALUES (?, ?, ?, ?, ?, ?)",
+                (*key, record, _checksum(record), time.time()),
+            )
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM timings").fetchone()[0])
+
+    def rows(self, fingerprint_hash: str | None = None) -> list[dict[str, Any]]:
+        """Every valid record (for a fingerprint), as dicts: for run directories and reports."""
+        query = "SELECT fingerprint, layer, choice, record, checksum FROM timings"
+        params: tuple[str, ...] = ()
+        if fingerprint_hash is not None:
+            query += " WHERE fingerprint=?"
+            params = (fingerprint_hash,)
+        out = []
+        for fp, layer, choice, record, checksum in self._db.execute(query, params).fetchall():
+            if self._check(record, checksum, (fp, layer, choice)) is None:
+                data = json.loads(record)
+                out.append({"fingerprint": fp, "layer": layer, "choice": choice, **data["_data"]})
+        return out

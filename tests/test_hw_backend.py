@@ -1,0 +1,213 @@
+"""The TVM backend on this machine: the backend contract, failures as data, and profiling
+digits-mlp twice measuring nothing the second time."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import yaml
+
+from autoquant.hw.profiling import parse_label, profile_layers
+from autoquant.hw.table import LatencyTable
+from autoquant.hw.timing import KernelTiming
+from autoquant.space.discovery import discover_layers
+from autoquant.space.values import QuantChoice
+
+
+def tvm_or_skip():
+    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    return pytest.importorskip("tvm")
+
+
+pytestmark = pytest.mark.requires_tvm
+
+FAST = {
+    "version": 1,
+    "name": "test-cpu",
+    "target": {"kind": "llvm", "mcpu": "auto"},
+    "device": {"where": "local"},
+    "runtime": "tvm",
+    "threads": 2,
+    "batch_size": 1,
+    "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
+}
+
+
+def make_profile(tmp_path, **changes):
+    from autoquant.hw.profile import load_profile
+
+    data = {**FAST, **changes}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_profile(path)
+
+
+@pytest.fixture(scope="module")
+def mlp_layers():
+    from autoquant.tasks.digits import DigitsMLP
+
+    return discover_layers(DigitsMLP(), (1, 1, 8, 8))  # shapes only: no training needed
+
+
+@pytest.fixture
+def backend(tmp_path):
+    tvm_or_skip()
+    from autoquant.hw.backend import backend_for
+
+    with backend_for(make_profile(tmp_path)) as b:
+        yield b
+
+
+# --- the LatencyBackend contract (every implementation must pass these) ----------------------
+
+
+def test_contract_fingerprint(backend):
+    fp = backend.fingerprint()
+    for key in ("target", "runtime", "runtime_version", "threads", "batch", "kernels"):
+        assert key in fp
+    assert fp["threads"] == 2 and fp["batch"] == 1
+    assert backend.fingerprint_hash() == backend.fingerprint_hash()
+
+
+def test_contract_measure_returns_timing(backend, mlp_layers):
+    timing = backend.measure(mlp_layers[0], QuantChoice(8, 8, "per_channel"))
+    assert timing.ok, timing.error
+    assert len(timing.samples_us) == 3 and timing.min_us <= timing.median_us <= timing.max_us
+    assert timing.median_us > 0 and not math.isnan(timing.spread)
+    assert timing.impl.startswith("dense-w8a8-w8-c-sym-a8")
+
+
+def test_contract_exclusion_is_reported_not_timed(tmp_path, mlp_layers):
+    from autoquant.hw.backend import backend_for
+
+    tvm_or_skip()
+    with backend_for(make_profile(tmp_path, formats=["fp32"])) as b:
+        reason = b.exclusion(mlp_layers[0], QuantChoice(4, 32, "per_channel"))
+        assert reason and "weight_only" in reason
+        timing = b.measure(mlp_layers[0], QuantChoice(4, 32, "per_channel"))
+        assert timing.status == "excluded" and timing.error == reason
+        assert b.exclusion(mlp_layers[0], QuantChoice()) is None
+
+
+def test_non_cpu_target_is_excluded(tmp_path, mlp_layers):
+    from autoquant.hw.backend import backend_for
+
+    tvm_or_skip()
+    prof = make_profile(tmp_path, name="gpu", target={"kind": "cuda", "arch": "sm_90"})
+    with backend_for(prof) as b:
+        timing = b.measure(mlp_layers[0], QuantChoice())
+    assert timing.status == "excluded" and "cuda" in timing.error
+
+
+# --- failures are results, never exceptions --------------------------------------------------
+
+
+def test_build_error_is_data(backend, mlp_layers, monkeypatch):
+    from autoquant.hw import tvm_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("LLVM module verification failed")
+
+    monkeypatch.setattr(tvm_kernels, "build", broken)
+    timing = backend.measure(mlp_layers[1], QuantChoice())
+    assert timing.status == "failed" and timing.error.startswith("build error")
+    assert "verification failed" in timing.error
+
+
+def test_wrong_result_is_data(backend, mlp_layers, monkeypatch):
+    import autoquant.hw.tvm_backend as tb
+
+    monkeypatch.setattr(tb, "check_output", lambda *a: "3 of 256 outputs differ")
+    timing = backend.measure(mlp_layers[1], QuantChoice())
+    assert timing.status == "failed" and timing.error == "wrong result: 3 of 256 outputs differ"
+
+
+def test_timeouts_are_data(tmp_path, mlp_layers):
+    from autoquant.hw.backend import backend_for
+
+    tvm_or_skip()
+    slow = make_profile(
+        tmp_path, measure={**FAST["measure"], "min_repeat_ms": 50_000, "timeout_s": 30}
+    )
+    with backend_for(slow) as b:
+        timing = b.measure(mlp_layers[2], QuantChoice())
+    assert timing.status == "failed" and timing.error.startswith("timeout: one call takes")
+    tiny = make_profile(tmp_path, measure={**FAST["measure"], "timeout_s": 1e-4})
+    with backend_for(tiny) as b:
+        timing = b.measure(mlp_layers[2], QuantChoice())
+    assert timing.status == "failed" and timing.error.startswith("timeout: the build took")
+
+
+# --- profiling through the table ---------------------------------------------------------------
+
+
+def test_profile_digits_mlp_twice_measures_nothing_the_second_time(
+    backend, mlp_layers, tmp_path, monkeypatch
+):
+    from autoquant.hw import tvm_kernels
+
+    choices = [parse_label(x) for x in ("f32-a32", "w8cs-a8", "w4g32s-a32", "w4g64s-a32")]
+    work = [(layer, choices) for layer in mlp_layers]
+    with LatencyTable(tmp_path / "lat.sqlite") as table:
+        first = profile_layers(backend, work, table)
+    # 3 layers x 4 choices; hidden.0 has K=64, where groups of 64 are per-channel: excluded
+    excluded = [
+        (e.layer.name, e.choice.label) for e in first.entries if e.timing.status == "excluded"
+    ]
+    assert excluded == [("hidden.0", "w4g64s-a32")]
+    assert first.measured_now == 11 and first.count(reused=True) == 0
+    assert first.count(status="measured") == 11, [e.timing.error for e in first.entries]
+
+    builds = []
+    real_build = tvm_kernels.build
+    monkeypatch.setattr(
+        tvm_kernels, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k)
+    )
+    with LatencyTable(tmp_path / "lat.sqlite") as table:
+        second = profile_layers(backend, work, table)
+    assert second.measured_now == 0 and second.count(reused=True) == 11 and builds == []
+    assert second.lookup() == first.lookup()
+
+
+def test_failed_kernels_reused_unless_retry(backend, mlp_layers, tmp_path, monkeypatch):
+    import autoquant.hw.tvm_backend as tb
+
+    work = [(mlp_layers[2], [QuantChoice()])]
+    with LatencyTable(tmp_path / "lat.sqlite") as table:
+        monkeypatch.setattr(tb, "check_output", lambda *a: "bad")
+        first = profile_layers(backend, work, table)
+        assert first.count(status="failed") == 1
+        monkeypatch.undo()
+        again = profile_layers(backend, work, table)
+        assert again.count(status="failed") == 1 and again.measured_now == 0
+        retried = profile_layers(backend, work, table, retry_failed=True)
+        assert retried.measured_now == 1 and retried.count(status="measured") == 1
+
+
+def test_corrupt_entry_is_measured_again(backend, mlp_layers, tmp_path):
+    import sqlite3
+
+    work = [(mlp_layers[2], [QuantChoice()])]
+    path = tmp_path / "lat.sqlite"
+    with LatencyTable(path) as table:
+        profile_layers(backend, work, table)
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE timings SET checksum = 'x'")
+    db.close()
+    with LatencyTable(path) as table:
+        result = profile_layers(backend, work, table)
+        assert result.measured_now == 1 and table.invalidated == 1
+        assert profile_layers(backend, work, table).measured_now == 0
+
+
+def test_kernel_timing_is_never_raised_for_excluded_invalid_choice(backend, mlp_layers, tmp_path):
+    work = [(mlp_layers[0], [QuantChoice(32, 8)])]  # int8 activations need integer weights
+    with LatencyTable(tmp_path / "lat.sqlite") as table:
+        result = profile_layers(backend, work, table)
+    (entry,) = result.entries
+    assert entry.timing.status == "excluded" and "integer weights" in entry.timing.error
+    assert isinstance(entry.timing, KernelTiming)

@@ -1,0 +1,135 @@
+"""Remote devices: a real TVM RPC tracker and server on 127.0.0.1, no mocks.
+
+The server runs whatever it is sent, so it binds to loopback only. The loopback test takes
+~15 s (the server's worker imports TVM), inside the default budget.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import yaml
+
+from autoquant.hw.table import LatencyTable
+from autoquant.space.values import LayerInfo, QuantChoice
+
+pytestmark = pytest.mark.requires_tvm
+
+LAYER = LayerInfo("fc", "linear", (48, 64), (1, 64), (1, 48), 48 * 64, 48 * 64 + 48, True)
+
+
+def tvm_or_skip():
+    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    return pytest.importorskip("tvm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracker_answers_fast():
+    tvm_or_skip()
+    from autoquant.hw.rpc import probe_tracker
+
+    start = time.monotonic()
+    status = probe_tracker("127.0.0.1", free_port(), timeout_s=1.0)
+    assert not status.reachable and "refused" in status.error.lower()
+    assert time.monotonic() - start < 3
+    assert "unreachable" in status.describe("k")
+
+
+def test_unreachable_device_is_a_failed_timing(tmp_path):
+    tvm_or_skip()
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.profile import load_profile
+
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(remote_profile(free_port(), "nobody")))
+    with backend_for(load_profile(path)) as backend:
+        timing = backend.measure(LAYER, QuantChoice())
+    assert timing.status == "failed" and "tracker unreachable" in timing.error
+
+
+def remote_profile(port: int, key: str) -> dict:
+    import tvm.target.codegen as codegen
+
+    return {
+        "version": 1,
+        "name": "loopback",
+        "runtime": "tvm",
+        "threads": 2,
+        "batch_size": 2,
+        "target": {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": 2},
+        "device": {
+            "where": "rpc",
+            "tracker": f"127.0.0.1:{port}",
+            "key": key,
+            "session_timeout_s": 60,
+            "connect_timeout_s": 2,
+        },
+        "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 5, "timeout_s": 60},
+    }
+
+
+def test_profile_over_rpc_on_loopback(tmp_path):
+    """Tracker + server in-process on 127.0.0.1: reachability, a remote timing, the table."""
+    tvm_or_skip()
+    for extra in ("tornado", "psutil", "cloudpickle"):  # the tracker's undeclared dependencies
+        pytest.importorskip(extra)
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.command import reachability
+    from autoquant.hw.profile import load_profile, load_profile_spec
+    from autoquant.hw.profiling import profile_layers
+    from autoquant.hw.rpc import probe_tracker
+
+    base = free_port()
+    tracker = Tracker(host="127.0.0.1", port=base, port_end=base + 10, silent=True)
+    server = None
+    try:
+        sport = free_port()
+        server = Server(
+            host="127.0.0.1",
+            port=sport,
+            port_end=sport + 10,
+            tracker_addr=("127.0.0.1", tracker.port),
+            key="loopback-cpu",
+            silent=True,
+        )
+        deadline = time.monotonic() + 30
+        while not probe_tracker("127.0.0.1", tracker.port).has("loopback-cpu"):
+            assert time.monotonic() < deadline, "server never registered with the tracker"
+            time.sleep(0.2)
+        status = probe_tracker("127.0.0.1", tracker.port)
+        assert "1 server(s)" in status.describe("loopback-cpu")
+        assert "no server registered under key 'other'" in status.describe("other")
+
+        path = tmp_path / "loopback.yaml"
+        path.write_text(yaml.safe_dump(remote_profile(tracker.port, "loopback-cpu")))
+        assert reachability(load_profile_spec(path)).startswith("yes: 1 server(s)")
+        prof = load_profile(path)
+        choices = [QuantChoice(), QuantChoice(8, 8, "per_channel")]
+        with backend_for(prof) as backend, LatencyTable(tmp_path / "lat.sqlite") as table:
+            assert backend.fingerprint()["rpc_key"] == "loopback-cpu"
+            first = profile_layers(backend, [(LAYER, choices)], table)
+            assert first.count(status="measured") == 2, [e.timing.error for e in first.entries]
+            assert all(e.timing.median_us > 0 for e in first.entries)
+            again = profile_layers(backend, [(LAYER, choices)], table)
+            assert again.measured_now == 0
+        missing = remote_profile(tracker.port, "no-such-board")
+        path.write_text(yaml.safe_dump(missing))
+        with backend_for(load_profile(path)) as backend:
+            timing = backend.measure(LAYER, QuantChoice())
+        assert timing.status == "failed" and "no server registered" in timing.error
+    finally:
+        if server is not None:
+            server.terminate()
+        tracker.terminate()
