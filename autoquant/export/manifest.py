@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from autoquant.errors import UserError
+from autoquant.versions import package_versions
 
 MANIFEST_TYPE = "ExportManifest"
 MANIFEST_VERSION = 1
@@ -27,34 +26,6 @@ PROMISED_FIGURES = (
     "mean_weight_bits",
     "bops",
 )
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-    }
-    for name in ("autoquant", "torch", "onnx", "onnxruntime", "numpy", "ml_dtypes", "onnxscript"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["cpu"] = _cpu_name()
-    out["cpu_count"] = str(os.cpu_count())
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sha256_file(path: Path) -> str:

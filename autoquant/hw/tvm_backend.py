@@ -17,7 +17,6 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,16 +37,7 @@ from autoquant.hw.profile import HardwareProfile, has_vnni, target_object
 from autoquant.hw.rpc import request_session
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice
-
-
-def host_cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from autoquant.versions import cpu_name
 
 
 def _short(exc: BaseException) -> str:
@@ -76,7 +66,7 @@ class TvmBackend(LatencyBackend):
         if p.is_local:
             from autoquant.hw._tvm import runtime_threads
 
-            where: dict[str, Any] = {"host_cpu": host_cpu_name(), "host_arch": platform.machine()}
+            where: dict[str, Any] = {"host_cpu": cpu_name(), "host_arch": platform.machine()}
             threads = runtime_threads()
         else:
             where = {"rpc_key": p.spec.device.key}
