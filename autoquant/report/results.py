@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from autoquant.pareto import non_dominated_mask
+from autoquant.predict.record import predicted_columns
 from autoquant.search.ledger import LedgerEntry
 from autoquant.search.objectives import Objective
 
@@ -48,6 +49,8 @@ def trial_rows(
         for name, figure in entry.figures.items():
             row[name] = figure.value
             row[f"{name}_source"] = figure.source
+        if entry.predicted is not None:
+            row.update(predicted_columns(entry.predicted))
         if entry.constraints is not None:
             row["feasible"] = all(c <= 0 for c in entry.constraints)
         else:

@@ -34,6 +34,7 @@ class LedgerEntry:
     fail_reason: str | None
     duration_s: float | None
     constraints: tuple[float, ...] | None
+    predicted: str | None = None  # JSON: what the guided sampler's predictor said before measuring
 
 
 def entry_from_trial(trial: Any) -> LedgerEntry:
@@ -55,6 +56,7 @@ def entry_from_trial(trial: Any) -> LedgerEntry:
         fail_reason=attrs.get("fail_reason"),
         duration_s=duration,
         constraints=tuple(constraints) if constraints is not None else None,
+        predicted=attrs.get("predicted"),
     )
 
 

@@ -1,0 +1,676 @@
+"""The predictor-guided search: score a large pool with the accuracy predictor, measure the few
+configs most likely to improve the Pareto front, refit, repeat.
+
+Each round:
+
+1. fit the ``AccuracyPredictor`` (bootstrap XGBoost ensemble) on every config measured so far;
+2. score a candidate pool: every unmeasured config when the space has at most
+   ``GuidedSettings.enumerate_limit`` configs, otherwise ``pool`` random configs plus one- and
+   two-layer mutations of the measured front. Cost objectives (size, mean bits, BOPs) are exact,
+   from the feature encoder's tables; any other objective figure (a latency model's prediction)
+   is asked of ``evaluator.costs`` once per config; accuracy is predicted;
+3. pick ``batch`` configs greedily by the hypervolume improvement of their *optimistic* point
+   (predicted mean + ``kappa`` x ensemble spread) over the measured front; after each pick its
+   predicted-mean point joins the front (a "believer" fantasy) so the batch spreads out. When no
+   candidate's optimistic point improves the front, the candidate closest to doing so (smallest
+   additive-epsilon gap) is taken;
+4. measure them for real, writing each to the Optuna study exactly as ``driver.run_search`` does,
+   plus a ``predicted`` user attribute: what the predictor said before the measurement.
+
+The study stays the ledger: the predictor is refit from it each round, so a resumed run carries on
+from what the study holds. The first ``GuidedSettings.initial`` configs are measured before any
+predictor exists: the fp32 and int8 references (as every sampler), then configs chosen by the
+sensitivity prior alone (greedy hypervolume in summed single-layer KL x exact costs); their
+``predicted`` attribute carries no accuracy.
+
+``run_dir/predictor/`` holds the sensitivity cache (``sensitivity.json``), the latest predictor
+(``model/``), ``quality.json``: Kendall tau, Spearman, MAE and front recall of the predictions
+made before each measurement, i.e. on configs the predictor had not seen, and
+``predictions.csv``: predicted beside measured for every measured config (the prediction made
+before the measurement where there was one, and a 5-fold out-of-fold prediction for all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoquant.errors import UserError
+from autoquant.measurement import Measurement
+from autoquant.predict.record import predicted_columns
+from autoquant.search.driver import (
+    SearchOutcome,
+    _config_from_params,
+    _constraints,
+    _fp32_accuracy,
+    _params_of,
+)
+from autoquant.search.ledger import (
+    INTERRUPTED,
+    LedgerEntry,
+    entries,
+    entry_from_trial,
+    fail_interrupted,
+    open_study,
+    sqlite_url,
+)
+from autoquant.search.objectives import objectives_for
+from autoquant.search.run import PreparedRun
+from autoquant.space import QuantConfig
+
+PREDICTOR_DIR = "predictor"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedSettings:
+    """Knobs of the guided loop (keyword-only, validated). The defaults were chosen on
+    ``benchmarks/search_efficiency.py`` (digits-mlp); ``kappa`` above ~0.25 explored too much there.
+
+    Args:
+        initial: configs measured before the first fit (references included).
+        batch: configs measured per round, between refits.
+        kappa: weight of the ensemble spread in the optimistic accuracy.
+        pool: candidates scored per round when the space is too large to enumerate.
+        enumerate_limit: spaces up to this many configs are scored whole.
+        n_members: ensemble size of the predictor.
+    """
+
+    initial: int = 12
+    batch: int = 4
+    kappa: float = 0.1
+    pool: int = 4096
+    enumerate_limit: int = 200_000
+    n_members: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "batch", "pool", "enumerate_limit", "n_members"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.initial < 3:
+            raise ValueError(f"initial must be at least 3 to fit a predictor, got {self.initial}")
+        if not (math.isfinite(self.kappa) and self.kappa >= 0):
+            raise ValueError(f"kappa must be a finite number >= 0, got {self.kappa!r}")
+
+
+# --- acquisition (pure functions on arrays, in loss space: every column minimized) -------------
+
+
+def hypervolume_improvement(
+    candidates: np.ndarray, front: np.ndarray, reference: np.ndarray
+) -> np.ndarray:
+    """Hypervolume each candidate row would add to ``front`` (both in loss space), bounded by
+    ``reference``. Exact; vectorized for two objectives, one Optuna hypervolume per candidate
+    that is not dominated by the front otherwise."""
+    candidates = np.asarray(candidates, dtype=float)
+    front = np.asarray(front, dtype=float).reshape(-1, candidates.shape[1])
+    reference = np.asarray(reference, dtype=float)
+    box = np.prod(np.clip(reference - candidates, 0.0, None), axis=1)
+    if len(front) == 0:
+        return box
+    if candidates.shape[1] == 2:
+        f = front[np.argsort(front[:, 0], kind="stable")]
+        x = np.minimum(np.maximum(f[None, :, 0], candidates[:, None, 0]), reference[0])
+        y = np.minimum(np.maximum(f[None, :, 1], candidates[:, None, 1]), reference[1])
+        ymin = np.minimum.accumulate(y, axis=1)
+        xnext = np.concatenate([x[:, 1:], np.full((len(x), 1), reference[0])], axis=1)
+        covered = ((xnext - x) * (reference[1] - ymin)).sum(axis=1)
+        return np.clip(box - covered, 0.0, None)
+    from optuna._hypervolume import compute_hypervolume
+
+    inside = front[np.all(front < reference, axis=1)]
+    base = float(compute_hypervolume(inside, reference)) if len(inside) else 0.0
+    out = np.zeros(len(candidates))
+    dominated = np.any(np.all(front[None, :, :] <= candidates[:, None, :], axis=2), axis=1)
+    for i in np.flatnonzero(~dominated & (box > 0)):
+        pts = np.vstack([inside, candidates[i : i + 1]])
+        out[i] = float(compute_hypervolume(pts, reference)) - base
+    return np.clip(out, 0.0, None)
+
+
+def epsilon_gap(candidates: np.ndarray, front: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """How far (in ``scale`` units, along the cheapest objective) each candidate must move to
+    leave every front point's dominated region; 0 for candidates no front point dominates."""
+    if len(front) == 0:
+        return np.zeros(len(candidates))
+    diff = (candidates[:, None, :] - front[None, :, :]) / scale  # [n, f, k]
+    escape = np.clip(diff.min(axis=2), 0.0, None)  # per front point: cheapest coordinate
+    return escape.max(axis=1)
+
+
+def select_batch(
+    mean_loss: np.ndarray,
+    optimistic_loss: np.ndarray,
+    front: np.ndarray,
+    reference: np.ndarray,
+    k: int,
+) -> list[tuple[int, str, float]]:
+    """Greedy batch: up to ``k`` (row, acquisition, score) picks, best first."""
+    front = np.asarray(front, dtype=float).reshape(-1, mean_loss.shape[1])
+    ideal = np.minimum(optimistic_loss.min(axis=0), front.min(axis=0) if len(front) else np.inf)
+    scale = np.where(reference - ideal > 0, reference - ideal, 1.0)
+    taken = np.zeros(len(mean_loss), dtype=bool)
+    picks: list[tuple[int, str, float]] = []
+    for _ in range(min(k, len(mean_loss))):
+        hvi = hypervolume_improvement(optimistic_loss, front, reference)
+        hvi[taken] = -1.0
+        best = int(np.argmax(hvi))
+        if hvi[best] > 0:
+            picks.append((best, "optimistic_hvi", float(hvi[best] / np.prod(scale))))
+        else:
+            gap = epsilon_gap(optimistic_loss, front, scale)
+            gap[taken] = np.inf
+            best = int(np.argmin(gap))
+            picks.append((best, "epsilon_gap", float(-gap[best])))
+        taken[best] = True
+        front = np.vstack([front, mean_loss[best : best + 1]])
+    return picks
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class _Loop:
+    """State of one ``run_guided`` invocation."""
+
+    def __init__(self, run: PreparedRun, run_dir: Path, gs: GuidedSettings) -> None:
+        import optuna
+
+        self.run = run
+        self.gs = gs
+        self.settings = run.spec.search
+        self.objectives = objectives_for(run.spec.objectives)
+        # figures beside accuracy that are not computed from the encoder's tables (predicted
+        # latency): asked of the evaluator's ``costs`` once per config and kept
+        from autoquant.predict.features import EXACT_FIGURES
+
+        self.other = [
+            o.figure
+            for o in self.objectives
+            if o.figure != "accuracy" and o.figure not in EXACT_FIGURES
+        ]
+        self.cost_cache: dict[tuple[int, ...], dict[str, float]] = {}
+        self.directions = [o.direction for o in self.objectives]
+        storage = sqlite_url(run_dir)
+        probe = open_study(storage, self.directions, None)
+        self.interrupted = fail_interrupted(probe)
+        done = entries(probe)
+        self.rng = np.random.default_rng(self.settings.seed + len(done))
+        self.study = open_study(
+            storage, self.directions, optuna.samplers.RandomSampler(seed=self.settings.seed)
+        )
+        self.measured: dict[str, LedgerEntry] = {
+            e.config_hash: e
+            for e in done
+            if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
+        }
+        self.failed: dict[str, QuantConfig] = {
+            e.config_hash: e.config
+            for e in done
+            if e.state == "FAIL" and e.fail_reason != INTERRUPTED and e.config_hash and e.config
+        }
+        self.n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
+        self.fp32_accuracy = _fp32_accuracy(done)
+        self.new = self.reused = 0
+        self.predictor_dir = run_dir / PREDICTOR_DIR
+
+    def costs(self, encoder: Any, pool: np.ndarray) -> dict[str, np.ndarray]:
+        """Every objective figure but accuracy, for each pool row: exact ones from the encoder's
+        tables, others (a latency model's predictions) from the evaluator's ``costs``. A failed
+        figure is NaN."""
+        out = encoder.exact(pool)
+        if not self.other:
+            return out
+        evaluator: Any = self.run.evaluator
+        for row in pool:
+            key = tuple(int(i) for i in row)
+            if key not in self.cost_cache:
+                figures = dict(evaluator.costs(encoder.config(row)))
+                missing = [f for f in self.other if f not in figures]
+                if missing:
+                    raise UserError(
+                        f"bad value {missing[0]!r}: the guided sampler needs every objective "
+                        "but accuracy from the evaluator's costs; allowed: accuracy, "
+                        f"{', '.join(sorted(figures))}",
+                        file=str(self.run.spec_path),
+                        key="objectives",
+                    )
+                self.cost_cache[key] = {f: figures[f].value for f in self.other}
+        for f in self.other:
+            out[f] = np.array([self.cost_cache[tuple(int(i) for i in r)][f] for r in pool])
+        return out
+
+    # one trial, recorded as driver.run_search records it
+    def trial(self, config: QuantConfig | None, attrs: dict[str, Any]) -> None:
+        import optuna
+
+        run, study = self.run, self.study
+        if config is not None:
+            study.enqueue_trial(_params_of(config), user_attrs=attrs or None)
+        trial = study.ask()
+        params = {
+            ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
+            for ls in run.space.layers
+        }
+        config = _config_from_params(run, params)
+        trial.set_user_attr("config", config.to_json())
+        trial.set_user_attr("config_hash", config.hash)
+        previous = self.measured.get(config.hash)
+        values_of = [o.figure for o in self.objectives]
+        if previous is not None:
+            trial.set_user_attr("reused_from", previous.number)
+            trial.set_user_attr(
+                "figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()})
+            )
+            if previous.constraints is not None:
+                trial.set_user_attr("constraints", list(previous.constraints))
+            study.tell(trial, [previous.figures[f].value for f in values_of])
+            self.reused += 1
+            return
+        measurement: Measurement = run.evaluator.measure(config)
+        trial.set_user_attr("figures", json.dumps(measurement.figures_dict()))
+        failure = measurement.failure
+        if failure is not None:
+            trial.set_user_attr("fail_reason", failure)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.n_failed += 1
+            self.failed[config.hash] = config
+        else:
+            values = {name: fig.value for name, fig in measurement.figures}
+            if trial.user_attrs.get("reference") == "fp32":
+                self.fp32_accuracy = values["accuracy"]
+            constraints = _constraints(run, values, self.fp32_accuracy)
+            if constraints:
+                trial.set_user_attr("constraints", constraints)
+            frozen = study.tell(trial, [values[f] for f in values_of])
+            self.measured[config.hash] = entry_from_trial(frozen)
+        self.new += 1
+
+    def waiting(self) -> int:
+        import optuna
+
+        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def _usable(loop: _Loop) -> list[LedgerEntry]:
+    """Measured entries whose config belongs to this space."""
+    return [e for e in loop.measured.values() if e.config and loop.run.space.contains(e.config)]
+
+
+def _predictions_quality(loop: _Loop, encoder: Any) -> dict[str, Any]:
+    """Quality of the predictions recorded before each measurement (held-out by construction)."""
+    from autoquant.predict.quality import quality
+
+    trials = {t.number: t for t in loop.study.get_trials(deepcopy=False)}
+    pred, meas, rows = [], [], []
+    for e in _usable(loop):
+        trial = trials.get(e.number)
+        if trial is None or "predicted" not in trial.user_attrs:
+            continue
+        record = json.loads(trial.user_attrs["predicted"]).get("accuracy")
+        if not record:
+            continue
+        pred.append(record["mean"])
+        meas.append(e.figures["accuracy"].value)
+        rows.append(e)
+    costs = [o for o in loop.objectives if o.figure != "accuracy"]
+    cost_matrix = None
+    if rows and costs:
+        cost_matrix = np.array([[e.figures[o.figure].value for o in costs] for e in rows])
+    q = quality(
+        np.array(pred),
+        np.array(meas),
+        cost_matrix,
+        cost_directions=tuple(o.direction for o in costs),
+    )
+    return {"held_out": "predicted before measured", **q.to_dict()}
+
+
+def run_guided(
+    run: PreparedRun,
+    run_dir: Path,
+    *,
+    on_progress: Any = None,
+    after_trial: Any = None,
+    guided: GuidedSettings | None = None,
+) -> SearchOutcome:
+    """``driver.run_search``'s contract with the predictor-guided loop as the sampler: measure
+    until the spec's trial budget (measured + failed configs in the ledger) or its time budget
+    (this invocation) is spent, or the space is exhausted."""
+    from autoquant.predict.features import FeatureEncoder
+    from autoquant.predict.model import AccuracyPredictor, require_xgboost
+    from autoquant.predict.sensitivity import load_or_compute
+    from autoquant.search.driver import MAX_CONSECUTIVE_REPEATS
+
+    try:
+        require_xgboost()
+    except ImportError as exc:
+        raise UserError(
+            f"bad value 'guided': {exc}; allowed: install it, or another sampler",
+            file=str(run.spec_path),
+            key="search.sampler",
+        ) from None
+    gs = guided or GuidedSettings()
+    start = time.monotonic()
+    loop = _Loop(run, Path(run_dir), gs)
+    settings = loop.settings
+    evaluator: Any = run.evaluator
+    sensitivity = load_or_compute(loop.predictor_dir, run.task, run.space, evaluator.calibration)
+    encoder = FeatureEncoder(
+        run.space, sensitivity, other_param_bytes=getattr(evaluator, "other_param_bytes", 0)
+    )
+    stopped = "trial budget reached"
+
+    def used() -> int:
+        return len(loop.measured) + loop.n_failed
+
+    def progress(*, measured_now: bool) -> None:
+        if measured_now and after_trial:
+            after_trial()
+        if on_progress:
+            on_progress(used(), settings.trials)
+
+    def budget_left() -> str | None:
+        if used() >= settings.trials:
+            return "trial budget reached"
+        if settings.timeout_s is not None and time.monotonic() - start >= settings.timeout_s:
+            return f"time budget of {settings.timeout_s:g} s reached"
+        if len(loop.measured) + len(loop.failed) >= run.space.size:
+            return "every config of the space is measured"
+        return None
+
+    def one(config: QuantConfig | None, attrs: dict[str, Any]) -> None:
+        before = loop.new
+        loop.trial(config, attrs)
+        progress(measured_now=loop.new > before)
+
+    if on_progress:
+        on_progress(used(), settings.trials)
+    # 1. trials an interrupted invocation queued but never ran
+    repeats = 0
+    while loop.waiting() and budget_left() is None and repeats < MAX_CONSECUTIVE_REPEATS:
+        before = loop.new
+        one(None, {})
+        repeats = 0 if loop.new > before else repeats + 1
+    # 2. the references, then configs spread along the sensitivity prior's front
+    for name, config in run.references():
+        if budget_left() is None and config.hash not in loop.measured:
+            if config.hash not in loop.failed:
+                one(config, {"reference": name})
+    # a space is scored whole up to enumerate_limit configs; with a figure that must be asked of
+    # the evaluator config by config (latency), only up to the pool size
+    limit = gs.pool if loop.other else gs.enumerate_limit
+    all_idx = encoder.all_indices() if run.space.size <= limit else None
+    want = gs.initial - len(loop.measured) - len(loop.failed)
+    if want > 0 and budget_left() is None:
+        for row, score in _prior_picks(loop, encoder, _pool(loop, encoder, all_idx, gs), want):
+            if budget_left() is not None:
+                break
+            predicted = {"accuracy": None, "acquisition": "sensitivity_prior", "score": score}
+            one(encoder.config(row), {"predicted": json.dumps(predicted)})
+    # 3. predictor-guided rounds
+    from autoquant.pareto import non_dominated_mask, to_loss
+
+    rounds = 0
+    while True:
+        why = budget_left()
+        if why is not None:
+            stopped = why
+            break
+        train = [e for e in _usable(loop) if math.isfinite(e.figures["accuracy"].value)]
+        if len(train) < 3:
+            stopped = "fewer than 3 successful measurements to fit the predictor"
+            break
+        pool = _pool(loop, encoder, all_idx, gs)
+        if len(pool) == 0:
+            stopped = "no unmeasured config meets the constraints"
+            break
+        predictor = AccuracyPredictor(
+            feature_names=encoder.feature_names, n_members=gs.n_members, seed=settings.seed + rounds
+        ).fit(
+            encoder.encode([e.config for e in train]),
+            np.array([e.figures["accuracy"].value for e in train]),
+            [e.config_hash for e in train],
+        )
+        predictor.save(loop.predictor_dir / "model")
+        rounds += 1
+        pool, exact = _with_costs(loop, encoder, pool)
+        if len(pool) == 0:
+            stopped = "no unmeasured config has every cost figure"
+            break
+        prediction = predictor.predict(encoder.encode_indices(pool))
+        mean_cols, opt_cols = [], []
+        for o in loop.objectives:
+            if o.figure == "accuracy":
+                mean_cols.append(prediction.mean)
+                opt_cols.append(prediction.mean + gs.kappa * prediction.std)
+            else:
+                mean_cols.append(exact[o.figure])
+                opt_cols.append(exact[o.figure])
+        mean_values = np.column_stack(mean_cols)
+        mean_loss = to_loss(mean_values, loop.directions)
+        opt_loss = to_loss(np.column_stack(opt_cols), loop.directions)
+        front_values = _measured_front(loop)
+        ref_loss = to_loss(_reference(loop, front_values, mean_values)[None, :], loop.directions)[0]
+        front_loss = to_loss(front_values, loop.directions)
+        if len(front_loss):
+            front_loss = front_loss[non_dominated_mask(front_values, loop.directions)]
+        k = min(gs.batch, settings.trials - used())
+        for row, acquisition, score in select_batch(mean_loss, opt_loss, front_loss, ref_loss, k):
+            if budget_left() is not None:
+                break
+            predicted = {
+                "accuracy": {**prediction.row(row), "source": "predicted"},
+                "acquisition": acquisition,
+                "score": score,
+                "kappa": gs.kappa,
+                "round": rounds,
+                "n_train": predictor.n_train,
+            }
+            one(encoder.config(pool[row]), {"predicted": json.dumps(predicted)})
+        _write_quality(loop, encoder)
+    if loop.new:
+        _write_quality(loop, encoder)
+        write_predictions(loop, encoder)
+    return SearchOutcome(
+        run_dir=Path(run_dir),
+        measured=len(loop.measured),
+        failed=loop.n_failed,
+        new_measurements=loop.new,
+        reused=loop.reused,
+        interrupted_before=loop.interrupted,
+        stopped_because=budget_left() or stopped,
+        elapsed_s=time.monotonic() - start,
+    )
+
+
+def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | None:
+    """``predictor/predictions.csv``: for every measured config, the measured accuracy, what the
+    predictor said before it was measured (where it did), and an out-of-fold prediction from a
+    ``folds``-fold cross-validation over all measured configs, so that every measured config has
+    a prediction made without it."""
+    import csv
+
+    from autoquant.predict.model import AccuracyPredictor
+
+    trials = {t.number: t for t in loop.study.get_trials(deepcopy=False)}
+    usable = [e for e in _usable(loop) if math.isfinite(e.figures["accuracy"].value)]
+    if len(usable) < max(folds, 4):
+        return None
+    usable.sort(key=lambda e: e.number)
+    X = encoder.encode([e.config for e in usable])
+    y = np.array([e.figures["accuracy"].value for e in usable])
+    oof = np.full(len(y), np.nan)
+    fold_of = np.arange(len(y)) % folds
+    for fold in range(folds):
+        test = fold_of == fold
+        model = AccuracyPredictor(
+            feature_names=encoder.feature_names, n_members=loop.gs.n_members, seed=fold
+        ).fit(X[~test], y[~test])
+        oof[test] = model.predict(X[test]).mean
+    path = loop.predictor_dir / "predictions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "trial",
+                "config_hash",
+                "accuracy_measured",
+                "accuracy_predicted",
+                "accuracy_predicted_std",
+                "acquisition",
+                f"accuracy_predicted_{folds}fold",
+            ]
+        )
+        for e, cv in zip(usable, oof):
+            trial = trials.get(e.number)
+            cols = predicted_columns(trial.user_attrs.get("predicted") if trial else None)
+            writer.writerow(
+                [
+                    e.number,
+                    e.config_hash,
+                    e.figures["accuracy"].value,
+                    cols["accuracy_predicted"],
+                    cols["accuracy_predicted_std"],
+                    cols["acquisition"],
+                    float(cv),
+                ]
+            )
+    return path
+
+
+def _write_quality(loop: _Loop, encoder: Any) -> None:
+    figures = _predictions_quality(loop, encoder)
+    path = loop.predictor_dir / "quality.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1))
+
+
+def _with_costs(
+    loop: _Loop, encoder: Any, pool: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The pool rows whose every cost figure is finite and within the spec's latency limit (for
+    the latency figures that are objectives), and those figures."""
+    figures = loop.costs(encoder, pool)
+    names = [o.figure for o in loop.objectives if o.figure != "accuracy"]
+    if not names or len(pool) == 0:
+        return pool, figures
+    keep = np.all([np.isfinite(figures[f]) for f in names], axis=0)
+    limit = getattr(loop.run.spec.constraints, "max_latency_ms", None)
+    if limit is not None:
+        for f in names:
+            if f.startswith("latency_ms@"):
+                keep &= figures[f] <= limit
+    if keep.all():
+        return pool, figures
+    return pool[keep], {k: v[keep] for k, v in figures.items()}
+
+
+def _measured_front(loop: _Loop) -> np.ndarray:
+    """Objective values of the feasible measured configs."""
+    rows = []
+    for e in loop.measured.values():
+        if e.constraints is not None and any(c > 0 for c in e.constraints):
+            continue
+        values = [e.figures[o.figure].value for o in loop.objectives]
+        if all(math.isfinite(v) for v in values):
+            rows.append(values)
+    return np.array(rows, dtype=float).reshape(-1, len(loop.objectives))
+
+
+def _reference(loop: _Loop, front: np.ndarray, pool_values: np.ndarray) -> np.ndarray:
+    """The worst corner: for accuracy, a tenth of the measured range below the worst measured
+    accuracy (or the constraint's floor); for exact costs, just past the worst in the pool."""
+    ref = []
+    for j, o in enumerate(loop.objectives):
+        seen = np.concatenate([front[:, j], pool_values[:, j]]) if o.figure != "accuracy" else None
+        if o.figure == "accuracy":
+            acc = front[:, j] if len(front) else pool_values[:, j]
+            lo, hi = float(np.min(acc)), float(np.max(acc))
+            value = lo - 0.1 * (hi - lo) - 1e-9
+            drop = loop.run.spec.constraints.max_accuracy_drop
+            if drop is not None and loop.fp32_accuracy is not None:
+                value = max(value, loop.fp32_accuracy - drop - 1e-9)
+        else:
+            worst = float(np.max(seen) if o.direction == "minimize" else np.min(seen))
+            pad = 0.01 * abs(worst) + 1e-9
+            value = worst + pad if o.direction == "minimize" else worst - pad
+        ref.append(value)
+    return np.array(ref)
+
+
+def _pool(loop: _Loop, encoder: Any, all_idx: np.ndarray | None, gs: GuidedSettings) -> np.ndarray:
+    """Unmeasured candidate rows (choice positions) that meet the exact size constraint."""
+    done = [e.config for e in _usable(loop)]
+    done += [c for c in loop.failed.values() if loop.run.space.contains(c)]
+    seen = {tuple(row) for row in encoder.indices(done)}
+    if all_idx is not None:
+        if seen:
+            codes = np.ravel_multi_index(all_idx.T, encoder.n_choices)
+            taken = np.ravel_multi_index(np.array(sorted(seen)).T, encoder.n_choices)
+            pool = all_idx[~np.isin(codes, taken)]
+        else:
+            pool = all_idx
+    else:
+        parts = [encoder.sample_indices(gs.pool, loop.rng)]
+        front = _front_rows(loop, encoder)
+        if len(front):
+            parents = front[loop.rng.integers(0, len(front), size=gs.pool // 2)]
+            mutants = parents.copy()
+            for flips in (1, 2):
+                rows = np.arange(len(mutants)) if flips == 1 else np.arange(0, len(mutants), 2)
+                layers = loop.rng.integers(0, len(encoder.n_choices), size=len(rows))
+                highs = np.array(encoder.n_choices)[layers]
+                mutants[rows, layers] = loop.rng.integers(0, highs)
+            parts.append(mutants)
+        pool = np.unique(np.concatenate(parts), axis=0)
+        pool = pool[[tuple(r) not in seen for r in pool]]
+    limit = loop.run.spec.constraints.max_size_bytes
+    if limit is not None and len(pool):
+        pool = pool[encoder.exact(pool)["size_bytes"] <= limit]
+    return pool
+
+
+def _prior_picks(
+    loop: _Loop, encoder: Any, pool: np.ndarray, k: int
+) -> list[tuple[np.ndarray, float]]:
+    """Before any accuracy is known: up to ``k`` pool rows chosen greedily by the hypervolume they
+    add in (summed single-layer KL, exact costs), i.e. with the sensitivity as the accuracy
+    estimate. The first lands on the knee of that prior front, the next ones fill its gaps."""
+    from autoquant.pareto import non_dominated_mask, to_loss
+
+    pool, exact = _with_costs(loop, encoder, pool)
+    if len(pool) == 0:
+        return []
+    sum_kl = encoder.encode_indices(pool)[:, encoder.feature_names.index("sum_kl")]
+    costs = [o for o in loop.objectives if o.figure != "accuracy"]
+    directions = ["minimize", *(o.direction for o in costs)]
+    values = np.column_stack([sum_kl, *(exact[o.figure] for o in costs)])
+    on_front = np.flatnonzero(non_dominated_mask(values, directions))
+    loss = to_loss(values[on_front], directions)
+    reference = loss.max(axis=0) + 1e-6 * (np.abs(loss.max(axis=0)) + 1.0)
+    empty = np.zeros((0, loss.shape[1]))
+    picks = select_batch(loss, loss, empty, reference, k)
+    return [(pool[on_front[row]], score) for row, _, score in picks]
+
+
+def _front_rows(loop: _Loop, encoder: Any) -> np.ndarray:
+    from autoquant.pareto import non_dominated_mask
+
+    entries_ = [
+        e
+        for e in _usable(loop)
+        if all(math.isfinite(e.figures[o.figure].value) for o in loop.objectives)
+    ]
+    if not entries_:
+        return np.zeros((0, len(encoder.n_choices)), dtype=np.int64)
+    values = np.array([[e.figures[o.figure].value for o in loop.objectives] for e in entries_])
+    mask = non_dominated_mask(values, loop.directions)
+    return encoder.indices([e.config for e, m in zip(entries_, mask) if m])
