@@ -176,15 +176,33 @@ def _json_file(run: RunData, name: str) -> Any:
 
 
 def _sensitivity_section(run: RunData) -> str:
-    sens = _json_file(run, "sensitivity.json")
-    if not isinstance(sens, dict) or not isinstance(sens.get("layers"), dict):
-        return "<p class='note'>No per-layer sensitivity was computed for this run.</p>"
+    """Per-layer sensitivity as the guided sampler measured it (``predictor/sensitivity.json``)."""
+    record = _json_file(run, "predictor/sensitivity.json")
+    data = record.get("_data") if isinstance(record, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), dict):
+        return "<p class='note'>No per-layer sensitivity was computed for this run (the guided sampler computes it).</p>"
+    traces = data.get("trace_per_param") or {}
     rows = []
-    for layer, entry in sens["layers"].items():
-        if isinstance(entry, dict):
-            rows.append([layer, *[f"{v:.4g}" if isinstance(v, (int, float)) else str(v) for v in entry.values()]])
-    first = next((e for e in sens["layers"].values() if isinstance(e, dict)), {})
-    return table(["layer", *first.keys()], rows)
+    for layer, per_choice in data["choices"].items():
+        kls = {label: float(v.get("kl", math.nan)) for label, v in per_choice.items() if isinstance(v, dict)}
+        if not kls:
+            continue
+        worst = max(kls, key=lambda k: kls[k])
+        rows.append([
+            layer,
+            f"{float(traces.get(layer, math.nan)):.4g}",
+            f"{float(np.median(list(kls.values()))):.3g}",
+            f"{kls[worst]:.3g}",
+            worst,
+            f"{float(per_choice[worst].get('disagreement', math.nan)) * 100:.1f}%",
+        ])
+    note = (f"<p class='note'>Measured on the calibration data, one layer quantized at a time "
+            f"({data.get('forward_passes', '?')} forward passes, {float(data.get('seconds', 0)):.1f} s); "
+            "KL divergence of the outputs from the fp32 model; Hessian trace by Hutchinson's estimator.</p>")
+    return note + table(
+        ["layer", "Hessian trace / param", "median KL over choices", "largest KL", "at choice", "top-1 changed"],
+        rows,
+    )
 
 
 def _latency_section(run: RunData) -> str:

@@ -154,7 +154,7 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
 def heatmap(rows: list[str], cols: list[str], cells: dict[tuple[str, str], tuple[int, str]], *, title: str, plot_id: str) -> str:
     """Rows × columns of labelled cells; ``cells[(row, col)] = (bits, label)`` colours by bits."""
     cw, ch, left, top = 64, 22, 110, 40
-    width, height = left + cw * len(cols) + 10, top + ch * len(rows) + 40
+    width, height = max(left + cw * len(cols) + 10, left + 78 * len(BIT_COLOURS)), top + ch * len(rows) + 40
     out = [
         f'<svg class="plot" id="{plot_id}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(title)}">'
