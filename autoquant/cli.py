@@ -66,8 +66,8 @@ def search(
         "seed": seed,
         "sampler": sampler.value if sampler else None,
     }
-    with console.status("loading the task (built-in tasks train once, then load from cache)"):
-        run = prepare(spec, overrides=overrides)
+    with console.status("loading the task (built-in tasks train once, then load from cache)") as st:
+        run = prepare(spec, overrides=overrides, status=st.update)
     run_dir = out if out is not None else Path("results") / run.spec.name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(
@@ -78,6 +78,10 @@ def search(
     check_resumable(run, run_dir, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(dump_yaml(resolved))
+    if run.latency:  # latency objectives: how far the predicted latency can be trusted
+        from autoquant.hw.search_latency import write_fidelity
+
+        write_fidelity(run_dir, run.latency)
 
     objectives = objectives_for(run.spec.objectives)
     storage = sqlite_url(run_dir)
@@ -139,6 +143,11 @@ def search(
         refs = frame[frame["reference"].notna() & ~frame["on_front"]]
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
+    if run.latency:
+        from autoquant.hw.search_latency import summary_line
+
+        for lat in run.latency:
+            console.print(summary_line(lat))
     console.print(f"run directory: {run_dir}  (spec.yaml, study.db, trials.parquet, pareto.csv)")
     console.print(f"report: {report_path}")
 

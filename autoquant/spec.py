@@ -24,7 +24,9 @@ WeightBits = Literal[2, 3, 4, 8, 16, 32]
 ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
 SamplerName = Literal["nsga2", "tpe", "random", "guided"]
-ObjectiveName = Literal["accuracy", "size"]
+ObjectiveName = Literal["accuracy", "size", "latency"]
+# latency@<profile name>: what ``latency`` becomes per profile in a resolved spec (run/spec.yaml)
+ResolvedLatency = Annotated[str, Field(pattern=r"^latency@[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 TARGET_PATTERN = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 )
@@ -102,6 +104,9 @@ class UserTaskSpec(_Strict):
 class ConstraintsSpec(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     max_size_bytes: int | None = Field(default=None, gt=0)
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="predicted latency limit, applied on every profile"
+    )
 
 
 class SearchSettings(_Strict):
@@ -122,10 +127,31 @@ class RunSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     task: Union[str, UserTaskSpec]  # noqa: UP007 - pydantic reports the union members by name
     space: Union[str, SearchSpaceSpec]  # noqa: UP007
-    objectives: list[ObjectiveName] = Field(default_factory=lambda: ["accuracy", "size"])
+    objectives: list[ObjectiveName | ResolvedLatency] = Field(
+        default_factory=lambda: ["accuracy", "size"]
+    )
     constraints: ConstraintsSpec = ConstraintsSpec()
     search: SearchSettings = SearchSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    hardware: list[str] = Field(
+        default_factory=list,
+        description="hardware profiles (built-in names or YAML paths relative to the spec); "
+        "each adds a latency@<profile> objective when objectives lists latency",
+    )
+    hardware_validation: int = Field(
+        default=4,
+        ge=0,
+        le=1000,
+        description="random configs of the space whose end-to-end latency is measured to check "
+        "the latency model (latency_fidelity.json)",
+    )
+
+    @field_validator("hardware")
+    @classmethod
+    def _hardware_ok(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a profile")
+        return value
 
     @field_validator("objectives")
     @classmethod
@@ -206,7 +232,12 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], file: 
     # says the most, so prefer errors that are not about the wrong basic type.
     errors.sort(key=lambda e: e["type"] in {"string_type", "dict_type", "model_type"})
     first = errors[0]
-    loc = tuple(p for p in first["loc"] if p not in {"str", "UserTaskSpec", "SearchSpaceSpec"})
+    loc = tuple(
+        p
+        for p in first["loc"]
+        if p not in {"str", "UserTaskSpec", "SearchSpaceSpec"}
+        and not (isinstance(p, str) and p.startswith(("literal[", "constrained-str")))
+    )
     key = _key_path(loc)
     value = first.get("input")
     if first["type"] == "extra_forbidden":
@@ -240,6 +271,7 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
     """Read a run spec and the search space it names (a path relative to the spec, or inline)."""
     path = Path(path)
     spec: RunSpec = parse_model(RunSpec, read_yaml(path), file=str(path))
+    hardware_paths(spec, path)
     if isinstance(spec.space, SearchSpaceSpec):
         return spec, spec.space
     space_path = Path(spec.space)
@@ -253,6 +285,57 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
             key="space",
         )
     return spec, load_space(space_path)
+
+
+def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
+    """The profile file of each ``hardware`` entry (a built-in name, or a path relative to the
+    spec), checked to exist and to be a valid profile; imports no TVM."""
+    from autoquant.hw.profile import PROFILES_DIR, builtin_profiles, load_profile_spec
+
+    if not spec.hardware:
+        latency = [i for i, o in enumerate(spec.objectives) if o.startswith("latency")]
+        if latency:
+            raise UserError(
+                f"bad value {spec.objectives[latency[0]]!r}: the latency objective needs "
+                "hardware profiles; allowed: add hardware: [cpu-local] (or another profile), or "
+                "drop latency",
+                file=str(spec_path),
+                key=f"objectives[{latency[0]}]",
+            )
+        if spec.constraints.max_latency_ms is not None:
+            raise UserError(
+                f"bad value {spec.constraints.max_latency_ms!r}: a latency limit needs hardware "
+                "profiles; allowed: add hardware: [cpu-local] (or another profile)",
+                file=str(spec_path),
+                key="constraints.max_latency_ms",
+            )
+    out = []
+    for i, entry in enumerate(spec.hardware):
+        candidate = Path(entry)
+        if not candidate.is_absolute():
+            candidate = spec_path.parent / candidate
+        if candidate.suffix in (".yaml", ".yml") or "/" in entry or candidate.is_file():
+            if not candidate.is_file():
+                raise UserError(
+                    f"bad value {entry!r}: profile file not found (looked at {candidate}); allowed: "
+                    "a built-in profile name or a YAML path relative to the spec",
+                    file=str(spec_path),
+                    key=f"hardware[{i}]",
+                )
+            path = candidate
+        else:
+            path = PROFILES_DIR / f"{entry}.yaml"
+            if not path.is_file():
+                known = ", ".join(p.stem for p in builtin_profiles()) or "none"
+                raise UserError(
+                    f"bad value {entry!r}: no such hardware profile; allowed: one of {known}, "
+                    "or a YAML path relative to the spec",
+                    file=str(spec_path),
+                    key=f"hardware[{i}]",
+                )
+        load_profile_spec(path)
+        out.append(path)
+    return out
 
 
 def dump_yaml(data: Any) -> str:

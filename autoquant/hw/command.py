@@ -138,6 +138,8 @@ def profile(
         console.print(timing_table(result))
     if checked is not None:
         console.print(validation_table(checked))
+        if checked.model.note:
+            console.print(f"warning: {checked.model.note}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
@@ -204,10 +206,15 @@ def validation_table(checked):
             f"{row.rel_error:+.0%}",
         )
     if summary.get("measured"):
+        plain = summary.get("plain_sum", {})
         table.caption = (
-            f"mean |error| {summary['mean_abs_rel_error']:.0%}, max "
-            f"{summary['max_abs_rel_error']:.0%}, Kendall tau {summary['kendall_tau']:.2f} "
-            f"over {summary['measured']} configs"
+            f"over {summary['measured']} configs: {summary['within_10pct']:.0%} within ±10%, "
+            f"MAPE {summary['mape']:.1%}, max {summary['max_abs_rel_error']:.0%}, Spearman "
+            f"{summary['spearman']:.2f}, Kendall tau {summary['kendall_tau']:.2f}; plain "
+            f"per-layer sum (no residual): {plain.get('within_10pct', math.nan):.0%} within "
+            f"±10%, MAPE {plain.get('mape', math.nan):.1%}, Spearman "
+            f"{plain.get('spearman', math.nan):.2f}, Kendall tau "
+            f"{plain.get('kendall_tau', math.nan):.2f}"
         )
     return table
 

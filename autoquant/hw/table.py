@@ -60,6 +60,15 @@ def layer_signature(layer: LayerInfo) -> str:
     )
 
 
+def model_signature(model: Any, input_shape: tuple[int, ...], layers: tuple[LayerInfo, ...]) -> str:
+    """A hash of what a whole model's latency depends on besides the config: its module tree
+    (``repr``: every layer's type and shape), the input shape and the quantizable layers."""
+    text = json.dumps(
+        [repr(model), list(input_shape), [layer_signature(la) for la in layers]], sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -112,7 +121,25 @@ class LatencyTable:
             )
 
     def get(self, fingerprint_hash: str, layer: LayerInfo, choice: QuantChoice) -> Lookup:
-        key = (fingerprint_hash, layer_signature(layer), choice.label)
+        return self._get((fingerprint_hash, layer_signature(layer), choice.label))
+
+    def get_model(self, fingerprint_hash: str, model_key: str, config_hash: str) -> Lookup:
+        """A whole model's end-to-end timing (``model_key`` from ``model_signature``) for one
+        config, stored beside the kernels under the layer key ``model|<model_key>``."""
+        return self._get((fingerprint_hash, f"model|{model_key}", config_hash))
+
+    def put_model(
+        self,
+        fingerprint_hash: str,
+        model_key: str,
+        config_hash: str,
+        timing: KernelTiming,
+        *,
+        measure: dict[str, Any] | None = None,
+    ) -> None:
+        self._put((fingerprint_hash, f"model|{model_key}", config_hash), timing, measure)
+
+    def _get(self, key: tuple[str, str, str]) -> Lookup:
         row = self._db.execute(
             "SELECT record, checksum FROM timings WHERE fingerprint=? AND layer=? AND choice=?", key
         ).fetchone()
@@ -158,7 +185,11 @@ class LatencyTable:
         *,
         measure: dict[str, Any] | None = None,
     ) -> None:
-        key = (fingerprint_hash, layer_signature(layer), choice.label)
+        self._put((fingerprint_hash, layer_signature(layer), choice.label), timing, measure)
+
+    def _put(
+        self, key: tuple[str, str, str], timing: KernelTiming, measure: dict[str, Any] | None
+    ) -> None:
         record = json.dumps(
             {
                 "_type": RECORD_TYPE,

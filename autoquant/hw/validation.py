@@ -31,11 +31,12 @@ class ValidationResult:
     elapsed_s: float
 
     def summary(self) -> dict[str, Any]:
-        return summarize(list(self.rows))
+        return summarize(list(self.rows), residual_us=self.model.residual_us)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "residual_us": self.model.residual_us,
+            "residual_note": self.model.note,
             "fp32_e2e_us": self.model.fp32_e2e_us,
             "fp32_e2e_spread": self.fp32_e2e_spread,
             "summary": self.summary(),
@@ -44,14 +45,15 @@ class ValidationResult:
         }
 
 
-def _e2e(
+def e2e_timing(
     backend: Any,
     model: Any,
     input_shape: tuple[int, ...],
     layers: tuple[LayerInfo, ...],
     config: QuantConfig,
-) -> tuple[float, float, str | None]:
-    """(median µs, relative IQR, error) of one config, end to end; never raises."""
+) -> Any:
+    """One config's end-to-end ``KernelTiming`` (impl ``model``), measured on the backend's
+    device; a build or run error is a ``failed`` timing, never raised."""
     from autoquant.hw.timing import KernelTiming
     from autoquant.hw.tvm_model import build_model, time_model
 
@@ -78,12 +80,23 @@ def _e2e(
             min_repeat_ms=m.min_repeat_ms,
         )
     except Exception as exc:
-        return (
-            float("nan"),
-            float("nan"),
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
+        return KernelTiming.failed(
+            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}", "model"
         )
-    timing = KernelTiming.from_samples("model", samples)
+    return KernelTiming.from_samples("model", samples)
+
+
+def _e2e(
+    backend: Any,
+    model: Any,
+    input_shape: tuple[int, ...],
+    layers: tuple[LayerInfo, ...],
+    config: QuantConfig,
+) -> tuple[float, float, str | None]:
+    """(median µs, relative IQR, error) of one config, end to end; never raises."""
+    timing = e2e_timing(backend, model, input_shape, layers, config)
+    if not timing.ok:
+        return float("nan"), float("nan"), timing.error
     return timing.median_us, timing.spread, None
 
 

@@ -57,7 +57,8 @@ class Comparison:
                 "front_points": p.front_points,
                 "dominated_fraction": p.dominated_fraction,
                 "budgets": p.budgets,
-                "sources": {"accuracy": "measured", p.cost.figure: "exact" if p.cost.figure == "size_bytes" else "measured"},
+                "sources": {"accuracy": "measured",
+                            p.cost.figure: {r.name: r.source_of(p.cost.figure) for r in self.runs}},
             } for p in self.pairs],
             "knee_layer_differences": self.layer_differences,
         }

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import UserError
-from autoquant.search.objectives import OBJECTIVES, Objective
+from autoquant.search.objectives import Objective, objective_named
 
 RUN_INFO = "run.json"
 
@@ -36,6 +36,13 @@ class RunData:
     def cost_objectives(self) -> tuple[Objective, ...]:
         return tuple(o for o in self.objectives if o.direction == "minimize")
 
+    def source_of(self, figure: str) -> str:
+        """Where the run's figure came from (measured / predicted / exact), as its rows say."""
+        column = f"{figure}_source"
+        if column not in self.complete.columns:
+            return "measured"
+        return "/".join(sorted(set(self.complete[column].dropna())))
+
     def reference(self, name: str):
         rows = self.complete[self.complete["reference"] == name]
         return None if rows.empty else rows.iloc[0]
@@ -57,7 +64,8 @@ def load_run(path: Path) -> RunData:
             "allowed: a directory made by autoquant search", key="RUN",
         )
     spec = yaml.safe_load((path / "spec.yaml").read_text())
-    objectives = tuple(OBJECTIVES[name] for name in spec.get("objectives", ["accuracy", "size"]) if name in OBJECTIVES)
+    named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
+    objectives = tuple(o for o in named if o is not None)
     trials = pd.read_parquet(path / "trials.parquet")
     try:
         front = pd.read_csv(path / "pareto.csv")

@@ -55,7 +55,7 @@ def compare_tables(comp) -> list[Table]:
         t = Table(title=f"accuracy against {p.cost.name}: fronts compared", title_justify="left",
                   caption=f"hypervolume from the shared reference (accuracy {p.reference[0]:.4f}, "
                           f"{p.cost.figure} {p.reference[1]:.4g}); accuracy measured, {p.cost.figure} "
-                          + ("exact" if p.cost.figure == "size_bytes" else "measured"),
+                          + "/".join(sorted({r.source_of(p.cost.figure) for r in comp.runs})),
                   caption_justify="left")
         t.add_column("run")
         t.add_column("hypervolume", justify="right")

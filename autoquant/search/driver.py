@@ -53,6 +53,8 @@ def _constraints(
             out.append(fp32_accuracy - figures["accuracy"] - limits.max_accuracy_drop)
     if limits.max_size_bytes is not None:
         out.append(figures["size_bytes"] - limits.max_size_bytes)
+    if getattr(limits, "max_latency_ms", None) is not None:  # every profile's predicted latency
+        out.extend(v - limits.max_latency_ms for k, v in figures.items() if k.startswith("latency_ms@"))
     return out
 
 

@@ -18,6 +18,9 @@ class Evaluator:
     calibration: object  # autoquant.quant.Calibration
     other_param_bytes: int
     batch_size: int = 512
+    # One autoquant.hw.search_latency.RunLatency per hardware profile: each adds the figure
+    # latency_ms@<profile>, predicted by its latency model (never measured here).
+    latency: tuple = ()
 
     def costs(self, config: QuantConfig) -> tuple[tuple[str, Figure], ...]:
         cost = config_cost(self.layers, config, other_param_bytes=self.other_param_bytes)
@@ -25,6 +28,7 @@ class Evaluator:
             ("size_bytes", Figure(float(cost.size_bytes), "exact")),
             ("mean_weight_bits", Figure(cost.mean_weight_bits, "exact")),
             ("bops", Figure(float(cost.bops), "exact")),
+            *((lat.figure, lat.predict(config)) for lat in self.latency),
         )
 
     def measure(self, config: QuantConfig) -> Measurement:

@@ -18,6 +18,7 @@ class PreparedRun:
     task: object
     space: SearchSpace
     evaluator: object
+    latency: tuple = ()  # autoquant.hw.search_latency.RunLatency, one per hardware profile
 
     def references(self) -> list[tuple[str, QuantConfig]]:
         """fp32 first, then uniform int8 (weights per-channel symmetric, activations int8) as far
@@ -41,9 +42,19 @@ def space_file(spec: RunSpec, spec_path: Path) -> str:
 
 
 def prepare(
-    spec_path: str | Path, *, overrides: dict | None = None, with_evaluator: bool = True
+    spec_path: str | Path,
+    *,
+    overrides: dict | None = None,
+    with_evaluator: bool = True,
+    status=None,
 ) -> PreparedRun:
-    """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input."""
+    """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input.
+
+    With ``hardware`` profiles in the spec (and ``with_evaluator``), each profile's latency
+    model is prepared (``autoquant.hw.search_latency``): the space loses the choices a profile
+    has no kernel for, and the evaluator predicts ``latency_ms@<profile>`` for every config.
+    The spec's ``latency`` objective becomes one ``latency@<profile>`` objective per profile.
+    ``status(text)`` is told what is going on (profiling can take minutes the first time)."""
     from autoquant.space.discovery import discover_layers, other_param_bytes
     from autoquant.tasks import load_task
 
@@ -63,6 +74,11 @@ def prepare(
             key="task",
         )
     space = build_space(layers, space_spec, file=space_file(spec, spec_path))
+    latency: tuple = ()
+    if spec.hardware:
+        spec, space, latency = _prepare_hardware(
+            spec, spec_path, task, space, profile=with_evaluator, status=status
+        )
     evaluator = None
     if with_evaluator:
         from autoquant.quant import calibrate
@@ -75,5 +91,64 @@ def prepare(
             calibration=calibrate(task.model, calib, batch_size=spec.evaluation.batch_size),
             other_param_bytes=other_param_bytes(task.model, layers),
             batch_size=spec.evaluation.batch_size,
+            latency=latency,
         )
-    return PreparedRun(spec, space_spec, spec_path, task, space, evaluator)
+    return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency)
+
+
+def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status):
+    """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile)."""
+    from autoquant.hw.profile import load_profile_spec
+    from autoquant.search.objectives import expand_objectives
+    from autoquant.spec import hardware_paths
+
+    paths = hardware_paths(spec, spec_path)
+    names: list[str] = []
+    for i, path in enumerate(paths):
+        name = load_profile_spec(path).name
+        if name in names:
+            raise UserError(
+                f"bad value {spec.hardware[i]!r}: profile name {name!r} is already given by "
+                f"hardware[{names.index(name)}]; allowed: profiles with distinct names",
+                file=str(spec_path),
+                key=f"hardware[{i}]",
+            )
+        names.append(name)
+    expanded = expand_objectives(list(spec.objectives), names)
+    for name in expanded:
+        if name.startswith("latency@") and name.removeprefix("latency@") not in names:
+            raise UserError(
+                f"bad value {name!r}: no hardware profile of that name; allowed: latency, or "
+                f"latency@ one of {', '.join(names)}",
+                file=str(spec_path),
+                key="objectives",
+            )
+    if len(set(expanded)) != len(expanded):
+        raise UserError(
+            f"bad value {list(spec.objectives)!r}: a latency objective is given twice; allowed: "
+            "latency once (one objective per profile)",
+            file=str(spec_path),
+            key="objectives",
+        )
+    # Profile files given as paths are stored absolute: the resolved spec (run/spec.yaml) lives
+    # in another directory than the spec they were relative to.
+    hardware = [e if e == p.stem and "/" not in e else str(p.resolve()) for e, p in zip(spec.hardware, paths)]
+    spec = spec.model_copy(update={"objectives": expanded, "hardware": hardware})
+    if not profile:
+        return spec, space, ()
+    from autoquant.hw.search_latency import prepare_run_latency
+
+    latency = []
+    for i, path in enumerate(paths):
+        run_latency, space = prepare_run_latency(
+            path,
+            task,
+            space,
+            n_validate=spec.hardware_validation,
+            seed=spec.search.seed,
+            file=str(spec_path),
+            key=f"hardware[{i}]",
+            status=status,
+        )
+        latency.append(run_latency)
+    return spec, space, tuple(latency)

@@ -33,6 +33,11 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             "autoquant.tasks.digits:digits_mlp",
             "MLP 64-256-128-10 on scikit-learn digits",
         ),
+        BuiltinTask(
+            "digits-wide",
+            "autoquant.tasks.digits:digits_wide",
+            "wide conv net on scikit-learn digits: 4 conv + 2 linear, 8.8M params, >1 ms/image",
+        ),
     )
 }
 
