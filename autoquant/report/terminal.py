@@ -31,6 +31,11 @@ def front_table(front, *, title: str) -> Table:
     table.add_column("x", justify="right")
     table.add_column("bits", justify="right")
     table.add_column("MBOPs", justify="right")
+    latency_cols = [c for c in front.columns if c.startswith("latency_ms@") and not c.endswith("_source")]
+    for col in latency_cols:
+        source = front.get(f"{col}_source")
+        kind = "/".join(sorted(set(source.dropna()))) if source is not None else "measured"
+        table.add_column(f"ms {col.removeprefix('latency_ms@')} ({kind})", justify="right")
     layer_cols = [c for c in front.columns if c.startswith("layer:")]
     table.add_column("layers: " + " ".join(c.removeprefix("layer:") for c in layer_cols))
     for _, row in front.iterrows():
@@ -43,6 +48,7 @@ def front_table(front, *, title: str) -> Table:
             _fmt(row["size_ratio"], ".2f"),
             _fmt(row["mean_weight_bits"], ".2f"),
             _fmt(row["bops"] / 1e6, ".1f"),
+            *[_fmt(row[c], ".4g") for c in latency_cols],
             " ".join(str(row[c]) for c in layer_cols),
         )
     return table
