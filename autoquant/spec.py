@@ -110,7 +110,7 @@ class ConstraintsSpec(_Strict):
 
 
 class SearchSettings(_Strict):
-    sampler: SamplerName = "nsga2"
+    sampler: SamplerName = "guided"
     trials: int = Field(default=100, ge=2, le=100_000)
     timeout_s: float | None = Field(default=None, gt=0)
     seed: int = 0
