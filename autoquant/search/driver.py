@@ -54,7 +54,9 @@ def _constraints(
     if limits.max_size_bytes is not None:
         out.append(figures["size_bytes"] - limits.max_size_bytes)
     if getattr(limits, "max_latency_ms", None) is not None:  # every profile's predicted latency
-        out.extend(v - limits.max_latency_ms for k, v in figures.items() if k.startswith("latency_ms@"))
+        out.extend(
+            v - limits.max_latency_ms for k, v in figures.items() if k.startswith("latency_ms@")
+        )
     return out
 
 
@@ -79,6 +81,77 @@ def _fp32_accuracy(done: list[LedgerEntry]) -> float | None:
         if entry.reference == "fp32" and entry.state == "COMPLETE":
             return entry.figures["accuracy"].value
     return None
+
+
+class TrialRecorder:
+    """The one place a trial becomes a record in the ledger, for every sampler.
+
+    Takes a trial the sampler just created, suggests each layer's label and stores the config; a
+    config measured before is answered from the ledger (``reused_from``), a new one is measured
+    and told with its figures and constraints, a failed measurement is told FAIL with its reason.
+    """
+
+    def __init__(self, run: PreparedRun, study: Any, objectives, done: list[LedgerEntry]) -> None:
+        self.run = run
+        self.study = study
+        self.objectives = objectives
+        self.measured: dict[str, LedgerEntry] = {
+            e.config_hash: e
+            for e in done
+            if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
+        }
+        self.failed: dict[str, QuantConfig] = {
+            e.config_hash: e.config
+            for e in done
+            if e.state == "FAIL" and e.fail_reason != INTERRUPTED and e.config_hash and e.config
+        }
+        self.n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
+        self.fp32_accuracy = _fp32_accuracy(done)
+        self.new = 0
+        self.reused = 0
+
+    def record(self, trial: Any) -> str:
+        """Returns "reused", "failed" or "measured"."""
+        import optuna
+
+        run, study = self.run, self.study
+        params = {
+            ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
+            for ls in run.space.layers
+        }
+        config = _config_from_params(run, params)
+        trial.set_user_attr("config", config.to_json())
+        trial.set_user_attr("config_hash", config.hash)
+        previous = self.measured.get(config.hash)
+        if previous is not None:
+            trial.set_user_attr("reused_from", previous.number)
+            trial.set_user_attr(
+                "figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()})
+            )
+            if previous.constraints is not None:
+                trial.set_user_attr("constraints", list(previous.constraints))
+            study.tell(trial, [previous.figures[o.figure].value for o in self.objectives])
+            self.reused += 1
+            return "reused"
+        measurement: Measurement = run.evaluator.measure(config)
+        trial.set_user_attr("figures", json.dumps(measurement.figures_dict()))
+        self.new += 1
+        failure = measurement.failure
+        if failure is not None:
+            trial.set_user_attr("fail_reason", failure)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.n_failed += 1
+            self.failed[config.hash] = config
+            return "failed"
+        values = {name: fig.value for name, fig in measurement.figures}
+        if trial.user_attrs.get("reference") == "fp32":
+            self.fp32_accuracy = values["accuracy"]
+        constraints = _constraints(run, values, self.fp32_accuracy)
+        if constraints:
+            trial.set_user_attr("constraints", constraints)
+        frozen = study.tell(trial, [values[o.figure] for o in self.objectives])
+        self.measured[config.hash] = entry_from_trial(frozen)
+        return "measured"
 
 
 def run_search(
@@ -119,12 +192,8 @@ def run_search(
     )
     study = open_study(storage, [o.direction for o in objectives], sampler)
 
-    measured: dict[str, LedgerEntry] = {
-        e.config_hash: e
-        for e in done
-        if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
-    }
-    n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
+    recorder = TrialRecorder(run, study, objectives, done)
+    measured = recorder.measured
     waiting = {
         _config_from_params(run, t.params).hash
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
@@ -135,12 +204,11 @@ def run_search(
             study.enqueue_trial(_params_of(config), user_attrs={"reference": name})
             waiting.add(config.hash)
 
-    fp32_accuracy = _fp32_accuracy(done)
-    new = reused = repeats = 0
+    repeats = 0
     stopped = "trial budget reached"
     if on_progress:
-        on_progress(len(measured) + n_failed, settings.trials)
-    while len(measured) + n_failed < settings.trials:
+        on_progress(len(measured) + recorder.n_failed, settings.trials)
+    while len(measured) + recorder.n_failed < settings.trials:
         if settings.timeout_s is not None and time.monotonic() - start >= settings.timeout_s:
             stopped = f"time budget of {settings.timeout_s:g} s reached"
             break
@@ -150,54 +218,20 @@ def run_search(
         if repeats >= MAX_CONSECUTIVE_REPEATS:
             stopped = f"the sampler proposed only measured configs {repeats} times in a row"
             break
-        trial = study.ask()
-        params = {
-            ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
-            for ls in run.space.layers
-        }
-        config = _config_from_params(run, params)
-        trial.set_user_attr("config", config.to_json())
-        trial.set_user_attr("config_hash", config.hash)
-        previous = measured.get(config.hash)
-        if previous is not None:
-            trial.set_user_attr("reused_from", previous.number)
-            trial.set_user_attr(
-                "figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()})
-            )
-            if previous.constraints is not None:
-                trial.set_user_attr("constraints", list(previous.constraints))
-            study.tell(trial, [previous.figures[o.figure].value for o in objectives])
-            reused += 1
+        if recorder.record(study.ask()) == "reused":
             repeats += 1
             continue
         repeats = 0
-        measurement: Measurement = run.evaluator.measure(config)
-        trial.set_user_attr("figures", json.dumps(measurement.figures_dict()))
-        failure = measurement.failure
-        if failure is not None:
-            trial.set_user_attr("fail_reason", failure)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            n_failed += 1
-        else:
-            values = {name: fig.value for name, fig in measurement.figures}
-            if trial.user_attrs.get("reference") == "fp32":
-                fp32_accuracy = values["accuracy"]
-            constraints = _constraints(run, values, fp32_accuracy)
-            if constraints:
-                trial.set_user_attr("constraints", constraints)
-            frozen = study.tell(trial, [values[o.figure] for o in objectives])
-            measured[config.hash] = entry_from_trial(frozen)
-        new += 1
         if after_trial:
             after_trial()
         if on_progress:
-            on_progress(len(measured) + n_failed, settings.trials)
+            on_progress(len(measured) + recorder.n_failed, settings.trials)
     return SearchOutcome(
         run_dir=run_dir,
         measured=len(measured),
-        failed=n_failed,
-        new_measurements=new,
-        reused=reused,
+        failed=recorder.n_failed,
+        new_measurements=recorder.new,
+        reused=recorder.reused,
         interrupted_before=interrupted,
         stopped_because=stopped,
         elapsed_s=time.monotonic() - start,

@@ -42,20 +42,15 @@ from typing import Any
 import numpy as np
 
 from autoquant.errors import UserError
-from autoquant.measurement import Measurement
 from autoquant.predict.record import predicted_columns
 from autoquant.search.driver import (
     SearchOutcome,
-    _config_from_params,
-    _constraints,
-    _fp32_accuracy,
+    TrialRecorder,
     _params_of,
 )
 from autoquant.search.ledger import (
-    INTERRUPTED,
     LedgerEntry,
     entries,
-    entry_from_trial,
     fail_interrupted,
     open_study,
     sqlite_url,
@@ -205,19 +200,7 @@ class _Loop:
         self.study = open_study(
             storage, self.directions, optuna.samplers.RandomSampler(seed=self.settings.seed)
         )
-        self.measured: dict[str, LedgerEntry] = {
-            e.config_hash: e
-            for e in done
-            if e.state == "COMPLETE" and e.reused_from is None and e.config_hash
-        }
-        self.failed: dict[str, QuantConfig] = {
-            e.config_hash: e.config
-            for e in done
-            if e.state == "FAIL" and e.fail_reason != INTERRUPTED and e.config_hash and e.config
-        }
-        self.n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
-        self.fp32_accuracy = _fp32_accuracy(done)
-        self.new = self.reused = 0
+        self.recorder = TrialRecorder(run, self.study, self.objectives, done)
         self.predictor_dir = run_dir / PREDICTOR_DIR
 
     def costs(self, encoder: Any, pool: np.ndarray) -> dict[str, np.ndarray]:
@@ -246,51 +229,35 @@ class _Loop:
             out[f] = np.array([self.cost_cache[tuple(int(i) for i in r)][f] for r in pool])
         return out
 
-    # one trial, recorded as driver.run_search records it
-    def trial(self, config: QuantConfig | None, attrs: dict[str, Any]) -> None:
-        import optuna
+    # The counters live in the recorder, which records trials for every sampler.
+    @property
+    def measured(self) -> dict[str, LedgerEntry]:
+        return self.recorder.measured
 
-        run, study = self.run, self.study
+    @property
+    def failed(self) -> dict[str, QuantConfig]:
+        return self.recorder.failed
+
+    @property
+    def n_failed(self) -> int:
+        return self.recorder.n_failed
+
+    @property
+    def fp32_accuracy(self) -> float | None:
+        return self.recorder.fp32_accuracy
+
+    @property
+    def new(self) -> int:
+        return self.recorder.new
+
+    @property
+    def reused(self) -> int:
+        return self.recorder.reused
+
+    def trial(self, config: QuantConfig | None, attrs: dict[str, Any]) -> None:
         if config is not None:
-            study.enqueue_trial(_params_of(config), user_attrs=attrs or None)
-        trial = study.ask()
-        params = {
-            ls.layer.name: trial.suggest_categorical(ls.layer.name, [c.label for c in ls.choices])
-            for ls in run.space.layers
-        }
-        config = _config_from_params(run, params)
-        trial.set_user_attr("config", config.to_json())
-        trial.set_user_attr("config_hash", config.hash)
-        previous = self.measured.get(config.hash)
-        values_of = [o.figure for o in self.objectives]
-        if previous is not None:
-            trial.set_user_attr("reused_from", previous.number)
-            trial.set_user_attr(
-                "figures", json.dumps({k: f.to_dict() for k, f in previous.figures.items()})
-            )
-            if previous.constraints is not None:
-                trial.set_user_attr("constraints", list(previous.constraints))
-            study.tell(trial, [previous.figures[f].value for f in values_of])
-            self.reused += 1
-            return
-        measurement: Measurement = run.evaluator.measure(config)
-        trial.set_user_attr("figures", json.dumps(measurement.figures_dict()))
-        failure = measurement.failure
-        if failure is not None:
-            trial.set_user_attr("fail_reason", failure)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.n_failed += 1
-            self.failed[config.hash] = config
-        else:
-            values = {name: fig.value for name, fig in measurement.figures}
-            if trial.user_attrs.get("reference") == "fp32":
-                self.fp32_accuracy = values["accuracy"]
-            constraints = _constraints(run, values, self.fp32_accuracy)
-            if constraints:
-                trial.set_user_attr("constraints", constraints)
-            frozen = study.tell(trial, [values[f] for f in values_of])
-            self.measured[config.hash] = entry_from_trial(frozen)
-        self.new += 1
+            self.study.enqueue_trial(_params_of(config), user_attrs=attrs or None)
+        self.recorder.record(self.study.ask())
 
     def waiting(self) -> int:
         import optuna
