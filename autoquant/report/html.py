@@ -104,7 +104,10 @@ def front_plots(data: ReportData) -> list[str]:
         complete = run.complete
         series = [
             Series("all measured configs", _points(run, complete, cost), "#9e9e9e", size=2.5),
-            Series("Pareto front", _points(run, run.front, cost), "#1f77b4", kind="front", size=4.5),
+            # A staircase only where the front is two-dimensional; with more objectives, a 2-D
+            # projection of the front is not monotone and a staircase would mislead.
+            Series("Pareto front", _points(run, run.front, cost), "#1f77b4",
+                   kind="front" if len(run.objectives) == 2 else "dots", size=4.5),
         ]
         if data.fp32 is not None:
             series.append(Series("fp32 reference", _points(run, complete[complete["reference"] == "fp32"], cost), "#000", marker="square"))
@@ -206,10 +209,49 @@ def _sensitivity_section(run: RunData) -> str:
 
 
 def _latency_section(run: RunData) -> str:
+    """Per profile: the latency model, and its predictions against end-to-end measurements."""
     fidelity = _json_file(run, "latency_fidelity.json")
-    if fidelity is None:
+    if not isinstance(fidelity, dict) or not isinstance(fidelity.get("profiles"), dict):
         return "<p class='note'>This run has no latency objective, so no latency model was used.</p>"
-    return "<pre>" + escape(json.dumps(fidelity, indent=2)) + "</pre>"
+    parts = []
+    for i, (name, prof) in enumerate(fidelity["profiles"].items()):
+        validation = prof.get("validation") or {}
+        summary = validation.get("summary") or {}
+        plain = summary.get("plain_sum") or {}
+        parts.append(f"<h3>{escape(name)}</h3><p class='note'>{escape(str(prof.get('model', '')))}; "
+                     f"fp32 end to end {float(prof.get('fp32_e2e_us', math.nan)):.1f} µs "
+                     f"({escape(str(prof.get('fp32_e2e_source', 'measured')))}).</p>")
+
+        def pct(v: object) -> str:
+            return f"{float(v) * 100:.0f}%" if isinstance(v, (int, float)) else "-"
+
+        def num(v: object) -> str:
+            return f"{float(v):.3f}" if isinstance(v, (int, float)) else "-"
+
+        parts.append(table(["predictor", "configs", "within ±10%", "MAPE", "max error", "Spearman", "Kendall tau"], [
+            ["latency model", summary.get("configs", "-"), pct(summary.get("within_10pct")), pct(summary.get("mape")),
+             pct(summary.get("max_abs_rel_error")), num(summary.get("spearman")), num(summary.get("kendall_tau"))],
+            ["plain per-layer sum", summary.get("configs", "-"), pct(plain.get("within_10pct")), pct(plain.get("mape")),
+             pct(plain.get("max_abs_rel_error")), num(plain.get("spearman")), num(plain.get("kendall_tau"))],
+        ]))
+        pts = tuple(
+            Point(float(r["predicted_ms"]), float(r["measured_ms"]),
+                  f"config {r.get('config_hash')}: predicted {float(r['predicted_ms']):.4g} ms, "
+                  f"measured {float(r['measured_ms']):.4g} ms", "")
+            for r in validation.get("rows", [])
+            if isinstance(r.get("predicted_ms"), (int, float)) and isinstance(r.get("measured_ms"), (int, float))
+        )
+        if pts:
+            lo = min(min(p.x, p.y) for p in pts)
+            hi = max(max(p.x, p.y) for p in pts)
+            diagonal = (Point(lo, lo, "predicted = measured"), Point(hi, hi, "predicted = measured"))
+            parts.append(scatter(
+                [Series("configs measured end to end", pts, "#ff7f0e"),
+                 Series("predicted = measured", diagonal, "#999", kind="line")],
+                Axis("predicted latency, ms"), Axis("measured latency, ms (end to end)"),
+                title=f"latency model on {name}", plot_id=f"latency-{i}",
+            ))
+    return "".join(parts)
 
 
 def configs_payload(run: RunData) -> dict[str, Any]:

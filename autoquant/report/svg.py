@@ -27,7 +27,7 @@ class Series:
     name: str
     points: tuple[Point, ...]
     colour: str
-    kind: str = "dots"  # dots | front (dots joined by a staircase) | marker
+    kind: str = "dots"  # dots | front (dots joined by a staircase) | line (straight segments)
     marker: str = "circle"  # circle | square | triangle | ring
     size: float = 4.0
 
@@ -121,6 +121,14 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
     legend_y = f.top + 14
     for s in series:
         good = [p for p in s.points if math.isfinite(p.x) and math.isfinite(p.y) and (not x.log or p.x > 0)]
+        if s.kind == "line" and len(good) > 1:
+            ordered = sorted(good, key=lambda p: p.x)
+            path = " ".join(
+                f"{'M' if i == 0 else 'L'}{sx(p.x * x.scale):.1f} {sy(p.y * y.scale):.1f}"
+                for i, p in enumerate(ordered)
+            )
+            out.append(f'<path d="{path}" fill="none" stroke="{s.colour}" stroke-dasharray="4 3"/>')
+            good = []  # a reference line, not data: no marks
         if s.kind == "front" and len(good) > 1:
             ordered = sorted(good, key=lambda p: p.x)
             first = ordered[0]
