@@ -49,6 +49,7 @@ def test_profile_twice_then_json(app, fast_profile, tmp_path):
     args = [
         "profile",
         str(fast_profile),
+        "--task",
         "digits-mlp",
         "--choices",
         "f32-a32,w4g32s-a32",
@@ -77,7 +78,7 @@ def test_profile_twice_then_json(app, fast_profile, tmp_path):
     ],
 )
 def test_profile_bad_options(app, fast_profile, extra, words):
-    result = CliRunner().invoke(app, ["profile", str(fast_profile), "digits-mlp", *extra])
+    result = CliRunner().invoke(app, ["profile", str(fast_profile), "--task", "digits-mlp", *extra])
     text = str(result.exception) + result.output
     assert result.exit_code != 0
     for word in words:
@@ -85,7 +86,7 @@ def test_profile_bad_options(app, fast_profile, extra, words):
 
 
 def test_profile_runtime_without_backend_is_a_user_error(app):
-    result = CliRunner().invoke(app, ["profile", "cpu-local-ort", "digits-mlp"])
+    result = CliRunner().invoke(app, ["profile", "cpu-local-ort", "--task", "digits-mlp"])
     assert isinstance(result.exception, UserError)
     assert "runtime" in str(result.exception) and "onnxruntime" in str(result.exception)
 
@@ -104,6 +105,6 @@ def test_hw_lists_profiles(app, tmp_path):
 
 
 def test_validate_needs_a_local_tvm_profile(app):
-    result = CliRunner().invoke(app, ["profile", "arm64-rpc", "digits-mlp", "--validate", "2"])
+    result = CliRunner().invoke(app, ["profile", "arm64-rpc", "--task", "digits-mlp", "--validate", "2"])
     assert isinstance(result.exception, UserError)
     assert "--validate" in str(result.exception) and "local" in str(result.exception)

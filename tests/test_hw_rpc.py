@@ -124,6 +124,18 @@ def test_profile_over_rpc_on_loopback(tmp_path):
             assert all(e.timing.median_us > 0 for e in first.entries)
             again = profile_layers(backend, [(LAYER, choices)], table)
             assert again.measured_now == 0
+        # The CLI's --rpc-tracker / --rpc-key turn the local profile into this remote one.
+        from typer.testing import CliRunner
+
+        from autoquant.cli import app
+
+        result = CliRunner().invoke(app, [
+            "profile", "cpu-local", "--task", "digits-mlp", "--choices", "f32-a32",
+            "--rpc-tracker", f"127.0.0.1:{tracker.port}", "--rpc-key", "loopback-cpu",
+            "--table", str(tmp_path / "cli.sqlite"), "--min-repeat-ms", "5", "--quiet",
+        ])
+        assert result.exit_code == 0, result.output
+        assert "3 kernels measured now" in result.output, result.output
         missing = remote_profile(tracker.port, "no-such-board")
         path.write_text(yaml.safe_dump(missing))
         with backend_for(load_profile(path)) as backend:

@@ -55,7 +55,7 @@ def profile(
     ],
     task: Annotated[
         str,
-        typer.Argument(help="built-in task (digits-cnn, digits-mlp) or package.module:function"),
+        typer.Option(help="built-in task (digits-cnn, digits-mlp, digits-wide) or package.module:function"),
     ],
     validate: Annotated[
         int,
@@ -91,6 +91,12 @@ def profile(
         bool, typer.Option(help="measure again the kernels that failed before")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="print only the summary line")] = False,
+    rpc_tracker: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker: overrides the profile's")
+    ] = None,
+    rpc_key: Annotated[
+        str | None, typer.Option(help="device key registered at the tracker: overrides the profile's")
+    ] = None,
 ) -> None:
     """Measure each layer's kernel for each choice on the profile's device; reuse the table."""
     from autoquant.hw.backend import backend_for
@@ -99,7 +105,11 @@ def profile(
     from autoquant.hw.table import LatencyTable
 
     prof = load_profile(hw_profile).with_overrides(
-        batch_size=batch_size, min_repeat_ms=min_repeat_ms, repeat=repeat
+        batch_size=batch_size,
+        min_repeat_ms=min_repeat_ms,
+        repeat=repeat,
+        rpc_tracker=rpc_tracker,
+        rpc_key=rpc_key,
     )
     if validate and not (prof.is_local and prof.spec.runtime == "tvm"):
         raise UserError(

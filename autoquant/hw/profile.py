@@ -158,13 +158,29 @@ class HardwareProfile:
     def target_json(self) -> str:
         return json.dumps(self.target, sort_keys=True, separators=(",", ":"))
 
-    def with_overrides(self, *, batch_size: int | None = None, **measure: Any) -> HardwareProfile:
-        """A copy with the batch size and/or measure settings replaced (validated again).
+    def with_overrides(
+        self,
+        *,
+        batch_size: int | None = None,
+        rpc_tracker: str | None = None,
+        rpc_key: str | None = None,
+        **measure: Any,
+    ) -> HardwareProfile:
+        """A copy with the batch size, the RPC tracker / device key and/or measure settings
+        replaced (validated again). A tracker turns a local profile into an RPC one with the
+        target already resolved for this host.
 
         Raises ``UserError`` naming the setting when a value is out of range."""
         data = self.spec.model_dump()
         if batch_size is not None:
             data["batch_size"] = batch_size
+        if rpc_tracker is not None or rpc_key is not None:
+            device = data["device"]
+            device["where"] = "rpc"
+            device["tracker"] = rpc_tracker or device.get("tracker")
+            device["key"] = rpc_key or device.get("key")
+            data["target"] = dict(self.target)
+            data["threads"] = self.threads
         data["measure"].update({k: v for k, v in measure.items() if v is not None})
         spec = parse_model(HardwareProfileSpec, data, file=self.path or self.name)
         return HardwareProfile(spec, self.target, self.threads, self.path)
