@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from autoquant.records import record_data
+
 PREDICTOR_VERSION = 1
 MANIFEST = "predictor.json"
 Z90 = 1.2815515655446004  # the 0.9 quantile of the standard normal
@@ -42,9 +44,7 @@ def require_xgboost() -> Any:
     try:
         import xgboost
     except ImportError:
-        raise ImportError(
-            "the accuracy predictor needs xgboost: pip install xgboost"
-        ) from None
+        raise ImportError("the accuracy predictor needs xgboost: pip install xgboost") from None
     return xgboost
 
 
@@ -206,14 +206,7 @@ class AccuracyPredictor:
 
         directory = Path(directory)
         data = json.loads((directory / MANIFEST).read_text())
-        if data.get("_type") != "AccuracyPredictor":
-            raise ValueError(f"not an AccuracyPredictor record: _type={data.get('_type')!r}")
-        if data.get("_version") != PREDICTOR_VERSION:
-            raise ValueError(
-                f"AccuracyPredictor version {data.get('_version')!r} is not supported; "
-                f"this autoquant reads version {PREDICTOR_VERSION}"
-            )
-        d = data["_data"]
+        d = record_data(data, "AccuracyPredictor", PREDICTOR_VERSION)
         names = tuple(d["feature_names"])
         training = d["training"]
         X = np.array(training["X"], dtype=float).reshape(-1, len(names))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoquant.records import record_data
 from autoquant.space import QuantConfig, SearchSpace
 
 SENSITIVITY_VERSION = 1
@@ -75,14 +76,7 @@ class LayerSensitivity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSensitivity:
-        if data.get("_type") != "LayerSensitivity":
-            raise ValueError(f"not a LayerSensitivity record: _type={data.get('_type')!r}")
-        if data.get("_version") != SENSITIVITY_VERSION:
-            raise ValueError(
-                f"LayerSensitivity version {data.get('_version')!r} is not supported; "
-                f"this autoquant reads version {SENSITIVITY_VERSION}"
-            )
-        d = data["_data"]
+        d = record_data(data, "LayerSensitivity", SENSITIVITY_VERSION)
         return cls(
             fingerprint=d["fingerprint"],
             choices={

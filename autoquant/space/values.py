@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from autoquant.records import record_data
+
 LayerKind = Literal["linear", "conv"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
@@ -160,14 +162,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        if data.get("_type") != "QuantConfig":
-            raise ValueError(f"not a QuantConfig record: _type={data.get('_type')!r}")
-        if data.get("_version") != CONFIG_FORMAT_VERSION:
-            raise ValueError(
-                f"QuantConfig version {data.get('_version')!r} is not supported; "
-                f"this autoquant reads version {CONFIG_FORMAT_VERSION}"
-            )
-        return cls(tuple((n, QuantChoice.from_dict(c)) for n, c in data["_data"].items()))
+        body = record_data(data, "QuantConfig", CONFIG_FORMAT_VERSION)
+        return cls(tuple((n, QuantChoice.from_dict(c)) for n, c in body.items()))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
