@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,28 +27,16 @@ DEFAULT_CHOICES = (
     "w4g32s-a32",
     "w2cs-a32",
 )
-LABEL = re.compile(
-    r"^(?:f(?P<fbits>16|32)|w(?P<wbits>[2348])(?P<gran>t|c|g\d+)(?P<sym>[sa]))"
-    r"-a(?P<abits>8|16|32)$"
-)
-
-
 def parse_label(label: str) -> QuantChoice:
-    """The inverse of ``QuantChoice.label``: ``w4g32s-a32``, ``w8cs-a8``, ``f16-a32``..."""
-    match = LABEL.match(label.strip())
-    if match is None:
+    """``QuantChoice.from_label`` for the command line: a bad label is a one-line UserError."""
+    try:
+        return QuantChoice.from_label(label)
+    except ValueError:
         raise UserError(
             f"bad value {label!r}: not a choice label; allowed: f32-a32, f16-a16/-a32, or "
             "w<2|3|4|8><t|c|g<size>><s|a>-a<8|16|32> such as w4g32s-a32",
             key="--choices",
-        )
-    abits = int(match["abits"])
-    if match["fbits"]:
-        return QuantChoice(int(match["fbits"]), abits)
-    gran = match["gran"]
-    granularity = {"t": "per_tensor", "c": "per_channel"}.get(gran, "per_group")
-    group = int(gran[1:]) if granularity == "per_group" else None
-    return QuantChoice(int(match["wbits"]), abits, granularity, group, match["sym"] == "s")
+        ) from None
 
 
 @dataclass(frozen=True)

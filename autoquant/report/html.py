@@ -16,6 +16,7 @@ from autoquant.report.page import page, table
 from autoquant.report.rundata import RunData
 from autoquant.report.svg import Axis, Point, Series, heatmap, scatter
 from autoquant.search.objectives import Objective
+from autoquant.space.values import QuantChoice
 
 UNITS = {"size_bytes": ("weight size, KiB (exact)", 1 / 1024)}
 
@@ -27,17 +28,6 @@ class ReportData:
     fp32: Any
     int8: Any
     predictor: dict[str, float] | None
-
-
-def _bits_of(label: str) -> int:
-    if label.startswith("f"):
-        return int(label[1:].split("-")[0])
-    digits = ""
-    for ch in label[1:]:
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits or 32)
 
 
 def knee_trial(run: RunData) -> int | None:
@@ -131,7 +121,7 @@ def precision_map(run: RunData) -> str:
         for layer in layers:
             label = row.get(f"layer:{layer}")
             if isinstance(label, str):
-                cells[(layer, col)] = (_bits_of(label), label.split("-")[0].lstrip("w"))
+                cells[(layer, col)] = (QuantChoice.from_label(label).weight_bits, label.split("-")[0].lstrip("w"))
     return heatmap(layers, cols, cells, title="per-layer precision of the front", plot_id="precision-map")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,10 @@ ACT_BITS = (8, 16, 32)
 GRANULARITIES: tuple[Granularity, ...] = ("per_tensor", "per_channel", "per_group")
 
 CONFIG_FORMAT_VERSION = 1
+LABEL_PATTERN = re.compile(
+    r"^(?:f(?P<fbits>16|32)|w(?P<wbits>[2348])(?P<gran>t|c|g\d+)(?P<sym>[sa]))"
+    r"-a(?P<abits>8|16|32)$"
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,21 @@ class QuantChoice:
                 gran = f"g{self.group_size}"
             w = f"w{self.weight_bits}{gran}{'s' if self.symmetric else 'a'}"
         return f"{w}-a{self.act_bits}"
+
+    @classmethod
+    def from_label(cls, label: str) -> QuantChoice:
+        """The inverse of ``label``: ``w4g32s-a32``, ``w8cs-a8``, ``f16-a32``... ValueError if
+        ``label`` is not one."""
+        match = LABEL_PATTERN.match(label.strip())
+        if match is None:
+            raise ValueError(f"not a choice label: {label!r}")
+        abits = int(match["abits"])
+        if match["fbits"]:
+            return cls(int(match["fbits"]), abits)
+        gran = match["gran"]
+        granularity = {"t": "per_tensor", "c": "per_channel"}.get(gran, "per_group")
+        group = int(gran[1:]) if granularity == "per_group" else None
+        return cls(int(match["wbits"]), abits, granularity, group, match["sym"] == "s")
 
     def to_dict(self) -> dict[str, Any]:
         return {
