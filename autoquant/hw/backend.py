@@ -10,7 +10,7 @@ from typing import Any
 from autoquant.errors import UserError
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
-from autoquant.space.values import LayerInfo, QuantChoice
+from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 
 class LatencyBackend(ABC):
@@ -25,6 +25,10 @@ class LatencyBackend(ABC):
         * ``measure(layer, choice)`` returns a ``KernelTiming`` and never raises for a build
           error, a wrong result, a timeout or a lost device: those are ``failed`` results.
           An excluded choice comes back ``excluded`` with the reason, never timed as another.
+        * ``measure_model(model, input_shape, layers, config)`` times the whole model under
+          ``config`` end to end on the same device, the same way (impl ``model``): the figure
+          the per-layer latency model is checked against. It never raises either; a backend
+          without it returns a ``failed`` result saying so.
         * ``close()`` releases sessions; the backend is a context manager.
     """
 
@@ -38,6 +42,16 @@ class LatencyBackend(ABC):
 
     @abstractmethod
     def measure(self, layer: LayerInfo, choice: QuantChoice) -> KernelTiming: ...
+
+    def measure_model(
+        self,
+        model: Any,
+        input_shape: tuple[int, ...],
+        layers: tuple[LayerInfo, ...] | list[LayerInfo],
+        config: QuantConfig,
+    ) -> KernelTiming:
+        """The whole ``model`` quantized as ``config`` says, timed end to end (impl ``model``)."""
+        return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release any session or device."""
@@ -64,9 +78,20 @@ def backend_for(profile: HardwareProfile) -> LatencyBackend:
         from autoquant.hw.tvm_backend import TvmBackend
 
         return TvmBackend(profile)
+    if profile.spec.runtime == "onnxruntime":
+        try:
+            from autoquant.hw.ort_backend import OrtBackend
+
+            return OrtBackend(profile)
+        except ImportError as exc:
+            raise UserError(
+                f"bad value 'onnxruntime': onnxruntime does not import ({exc})",
+                file=profile.path,
+                key="runtime",
+            ) from None
     raise UserError(
-        f"bad value {profile.spec.runtime!r}: per-layer latency with this runtime is not "
-        "implemented yet; allowed: tvm",
+        f"bad value {profile.spec.runtime!r}: no latency backend for this runtime; "
+        "allowed: tvm, onnxruntime",
         file=profile.path,
         key="runtime",
     )

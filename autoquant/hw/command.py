@@ -276,7 +276,9 @@ def reachability(spec, *, timeout_s: float = 2.0) -> str:
     if spec.runtime == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
             return "no: onnxruntime is not installed"
-        return "yes (local onnxruntime; per-layer timing not implemented yet)"
+        if spec.device.where != "local":
+            return "no: ONNX Runtime profiles run locally only"
+        return "yes (local onnxruntime)"
     if importlib.util.find_spec("tvm") is None:
         return "no: apache-tvm is not installed (pip install autoquant[tvm])"
     if spec.device.where == "local":
