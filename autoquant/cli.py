@@ -126,6 +126,15 @@ def search(
         run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives
     )
     write_run_info(run_dir, outcome)
+    checks = []
+    if run.latency and not front.empty:  # is the fastest point really faster? measure it
+        from autoquant.hw.search_latency import check_front
+
+        with console.status("timing the fastest front point and float32 end to end") as st:
+            checks = check_front(
+                run_dir, run.latency, run.task, run.space.layer_infos, front, frame,
+                status=st.update,
+            )
     report_path = write_report(load_run(run_dir))
     if outcome.interrupted_before:
         console.print(
@@ -144,10 +153,12 @@ def search(
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
     if run.latency:
-        from autoquant.hw.search_latency import summary_line
+        from autoquant.hw.search_latency import front_check_line, summary_line
 
         for lat in run.latency:
             console.print(summary_line(lat))
+        for check in checks:
+            console.print(front_check_line(check))
     console.print(f"run directory: {run_dir}  (spec.yaml, study.db, trials.parquet, pareto.csv)")
     console.print(f"report: {report_path}")
 

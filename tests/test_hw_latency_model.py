@@ -1,5 +1,6 @@
-"""The latency model (per-layer sum + residual) and its check against end-to-end latency of the
-model composed from the same kernels."""
+"""The latency model (intercept + per-layer scales of the kernel sum, calibrated end to end) and
+its check against end-to-end latency of held-out configs of the model composed from the same
+kernels."""
 
 from __future__ import annotations
 
@@ -33,25 +34,57 @@ def tvm_or_skip():
     return pytest.importorskip("tvm")
 
 
-def test_predict_is_sum_plus_residual():
+def test_one_calibration_point_gives_sum_plus_intercept():
+    """With the float32 model alone, the ridge keeps every scale at 1: sum + intercept."""
     per_layer = {("a", "f32-a32"): t(10), ("b", "f32-a32"): t(5), ("a", W8.label): t(4)}
-    model = fit_latency_model((A, B), per_layer, fp32_e2e_us=20)
-    assert model.residual_us == pytest.approx(5)
-    fp32 = model.predict(QuantConfig.uniform((A, B), QuantChoice()))
-    assert fp32.source == "predicted" and fp32.value == pytest.approx(0.020)
-    mixed = model.predict(QuantConfig.from_mapping({"a": W8, "b": QuantChoice()}))
-    assert mixed.value == pytest.approx(0.014)
+    fp32 = QuantConfig.uniform((A, B), QuantChoice())
+    model = fit_latency_model((A, B), per_layer, [(fp32, 20.0)])
+    assert model.intercept_us == pytest.approx(5, abs=0.05)
+    assert all(v == pytest.approx(1, abs=0.01) for v in model.layer_scale.values())
+    assert model.predict(fp32).source == "predicted"
+    assert model.predict(fp32).value == pytest.approx(0.020, rel=1e-3)
+    mixed = QuantConfig.from_mapping({"a": W8, "b": QuantChoice()})
+    assert model.predict(mixed).value == pytest.approx(0.014, rel=5e-3)
+    assert model.plain_sum_ms(mixed) == pytest.approx(0.009)
     missing = model.predict(QuantConfig.from_mapping({"a": QuantChoice(), "b": W8}))
     assert missing.source == "failed" and "b w8cs-a8" in missing.reason
 
 
+def test_calibration_recovers_a_layer_that_runs_slower_in_context():
+    """End-to-end truth: 3 µs overhead, layer a's kernels take 1.5x their solo time in the model.
+    Enough calibration points move a's scale there and b's stays at 1; the fit then predicts a
+    config it never saw, where the plain sum is far off."""
+    choices = [QuantChoice(), W8, QuantChoice(4, 32, "per_channel"), QuantChoice(16, 32)]
+    solo = {"a": [40.0, 10.0, 25.0, 30.0], "b": [8.0, 3.0, 5.0, 6.0]}
+    per_layer = {
+        (name, c.label): t(us) for name, times in solo.items() for c, us in zip(choices, times)
+    }
+
+    def truth(i: int, j: int) -> float:
+        return 3.0 + 1.5 * solo["a"][i] + solo["b"][j]
+
+    measured = [
+        (QuantConfig.from_mapping({"a": choices[i], "b": choices[j]}), truth(i, j))
+        for i, j in [(0, 0), (1, 1), (2, 0), (3, 2), (1, 3), (0, 2)]
+    ]
+    model = fit_latency_model((A, B), per_layer, measured, ridge=1e-4)
+    assert model.layer_scale["a"] == pytest.approx(1.5, rel=0.02)
+    assert model.layer_scale["b"] == pytest.approx(1.0, rel=0.05)
+    unseen = QuantConfig.from_mapping({"a": choices[2], "b": choices[3]})
+    assert model.predict(unseen).value * 1000 == pytest.approx(truth(2, 3), rel=0.01)
+    assert abs(model.plain_sum_ms(unseen) * 1000 - truth(2, 3)) / truth(2, 3) > 0.3
+
+
 def test_failed_timing_fails_prediction_and_fit():
     per_layer = {("a", "f32-a32"): t(10), ("b", "f32-a32"): KernelTiming.failed("timeout: x")}
-    with pytest.raises(ValueError, match="layer b"):
-        fit_latency_model((A, B), per_layer, 20)
+    fp32 = QuantConfig.uniform((A, B), QuantChoice())
+    with pytest.raises(ValueError, match="b f32-a32"):
+        fit_latency_model((A, B), per_layer, [(fp32, 20.0)])
+    with pytest.raises(ValueError, match="no end-to-end"):
+        fit_latency_model((A, B), per_layer, [])
     per_layer[("b", "f32-a32")] = t(1)
     per_layer[("a", W8.label)] = KernelTiming.failed("build error: y")
-    model = fit_latency_model((A, B), per_layer, 20)
+    model = fit_latency_model((A, B), per_layer, [(fp32, 20.0)])
     bad = model.predict(QuantConfig.from_mapping({"a": W8, "b": QuantChoice()}))
     assert bad.source == "failed" and "build error" in bad.reason
 
@@ -67,7 +100,7 @@ def test_summary_statistics():
         ValidationRow(cfg, math.nan, math.nan, math.nan, "build error"),
     ]
     s = summarize(rows)
-    assert s["configs"] == 3 and s["measured"] == 2
+    assert s["configs"] == 3 and s["measured"] == 2 and "plain_sum" not in s
     assert s["mean_abs_rel_error"] == pytest.approx(0.15) and s[
         "max_abs_rel_error"
     ] == pytest.approx(0.2)
@@ -133,14 +166,14 @@ def test_composed_model_matches_torch(cpu, name):
 
 
 @pytest.mark.requires_tvm
-def test_validate_latency_model_on_digits_mlp(cpu, tmp_path):
+def test_check_latency_model_on_digits_mlp(cpu, tmp_path):
     import yaml
 
     from autoquant.hw.backend import backend_for
     from autoquant.hw.profile import load_profile
     from autoquant.hw.profiling import parse_label, profile_layers
     from autoquant.hw.table import LatencyTable
-    from autoquant.hw.validation import validate_latency_model
+    from autoquant.hw.validation import check_latency_model
     from autoquant.space.discovery import discover_layers
     from autoquant.tasks.digits import DigitsMLP
 
@@ -152,17 +185,46 @@ def test_validate_latency_model_on_digits_mlp(cpu, tmp_path):
                 "target": {"kind": "llvm", "mcpu": "auto"},
                 "threads": 2,
                 "measure": {"warmup": 0, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
+                "end_to_end": {"calibration_configs": 3, "rounds": 2},
             }
         )
     )
     model = DigitsMLP().eval()
     layers = discover_layers(model, (1, 1, 8, 8))
     choices = [parse_label(x) for x in ("f32-a32", "w4g32s-a32")]
+    options = {layer.name: choices for layer in layers}
     with backend_for(load_profile(path)) as backend, LatencyTable(tmp_path / "t.sqlite") as table:
         profiled = profile_layers(backend, [(layer, choices) for layer in layers], table)
-        result = validate_latency_model(backend, model, (1, 1, 8, 8), layers, profiled, n=2, seed=1)
-    assert result.model.fp32_e2e_us > 0 and len(result.rows) == 2
+        kwargs = dict(n_validate=2, seed=1, table=table, model_key="mlp")
+        result = check_latency_model(
+            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options, **kwargs
+        )
+        again = check_latency_model(
+            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options, **kwargs
+        )
+    assert result.fp32_e2e_us > 0 and len(result.calibration) == 3 and len(result.rows) == 2
+    assert result.measured_now == 5 and result.reused == 0
+    assert again.measured_now == 0 and again.reused == 5  # the table keeps end-to-end timings
+    held_out = {r.config.hash for r in result.rows}
+    assert not held_out & {r.config.hash for r in result.calibration}
     for row in result.rows:
         assert row.error is None and row.measured_ms > 0 and row.predicted_ms > 0
+        assert row.plain_sum_ms > 0
     data = result.to_dict()
-    assert data["summary"]["measured"] == 2 and "kendall_tau" in data["summary"]
+    summary = data["validation"]["summary"]
+    assert summary["measured"] == 2 and "kendall_tau" in summary and "plain_sum" in summary
+    assert data["model"]["calibration_configs"] == 3
+    # the end-to-end timings in the table went through both interleaved rounds
+    with LatencyTable(tmp_path / "t.sqlite") as table:
+        stored = table.get_model(backend.fingerprint_hash(), "mlp", result.rows[0].config.hash)
+    assert stored.hit and len(stored.timing.details["round_medians_us"]) == 2
+
+
+def test_draw_configs_keeps_validation_out_of_calibration():
+    from autoquant.hw.validation import draw_configs
+
+    options = {"a": [QuantChoice(), W8], "b": [QuantChoice(), W8]}
+    cal, val = draw_configs((A, B), options, n_calibrate=2, n_validate=5, seed=0)
+    assert cal[0] == QuantConfig.uniform((A, B), QuantChoice()) and len(cal) == 2
+    assert len(val) == 2  # only 4 configs exist: 2 for calibration, 2 left to validate
+    assert not {c.hash for c in cal} & {c.hash for c in val}

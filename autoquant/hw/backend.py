@@ -13,6 +13,26 @@ from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 
+def short_error(exc: BaseException) -> str:
+    """``Type: last line of the message`` (TVM errors end with the message)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"
+
+
+class PreparedModel(ABC):
+    """A whole model compiled and loaded on a device. ``time()`` runs one timing round (the
+    profile's warm-up, then ``repeat`` samples of at least ``min_repeat_ms``) and returns the
+    samples in seconds; it may raise when the device is lost (the caller records a failure)."""
+
+    build_s: float = 0.0
+
+    @abstractmethod
+    def time(self) -> list[float]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model on the device."""
+
+
 class LatencyBackend(ABC):
     """Measures one layer's kernel for one choice on one profile's device.
 
@@ -29,6 +49,8 @@ class LatencyBackend(ABC):
           ``config`` end to end on the same device, the same way (impl ``model``): the figure
           the per-layer latency model is checked against. It never raises either; a backend
           without it returns a ``failed`` result saying so.
+        * ``prepare_model(...)`` compiles and loads the whole model once and returns a
+          ``PreparedModel`` to time in rounds (a failed timing when it can't).
         * ``close()`` releases sessions; the backend is a context manager.
     """
 
@@ -50,7 +72,29 @@ class LatencyBackend(ABC):
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
     ) -> KernelTiming:
-        """The whole ``model`` quantized as ``config`` says, timed end to end (impl ``model``)."""
+        """The whole ``model`` quantized as ``config`` says, timed end to end (impl ``model``):
+        ``prepare_model`` then one round of ``PreparedModel.time``."""
+        prepared = self.prepare_model(model, input_shape, layers, config)
+        if isinstance(prepared, KernelTiming):
+            return prepared
+        try:
+            samples = prepared.time()
+        except Exception as exc:  # a device lost mid-run is a failed measurement
+            return KernelTiming.failed(f"run error: {short_error(exc)}", "model")
+        finally:
+            prepared.close()
+        return KernelTiming.from_samples("model", samples, build_s=prepared.build_s)
+
+    def prepare_model(
+        self,
+        model: Any,
+        input_shape: tuple[int, ...],
+        layers: tuple[LayerInfo, ...] | list[LayerInfo],
+        config: QuantConfig,
+    ) -> PreparedModel | KernelTiming:
+        """The whole model compiled and loaded on the device, ready to be timed again and again
+        (so that several configs can be timed in interleaved rounds); a ``failed`` or
+        ``excluded`` timing when it can't be."""
         return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from autoquant.errors import UserError
+from autoquant.hw.validation import strict_json
 from autoquant.space.values import QuantChoice
 
 console = Console()
@@ -111,16 +112,10 @@ def profile(
         rpc_tracker=rpc_tracker,
         rpc_key=rpc_key,
     )
-    if validate and not (prof.is_local and prof.spec.runtime == "tvm"):
-        raise UserError(
-            f"bad value {validate}: end-to-end validation runs on local TVM profiles only so far "
-            f"({prof.name} is {prof.spec.device.where}, {prof.spec.runtime}); allowed: 0",
-            key="--validate",
-        )
     with console.status("loading the task"):
         loaded, layers = _task_layers(task)
     work = _work(layers, choices, space)
-    if validate:  # the residual needs every layer's float32 kernel
+    if validate:  # the float32 config anchors the calibration
         fp32 = QuantChoice()
         work = [(layer, [*cs, fp32] if fp32 not in cs else list(cs)) for layer, cs in work]
     with console.status(f"starting the {prof.spec.runtime} backend for {prof.name}"):
@@ -136,12 +131,43 @@ def profile(
             )
         checked = None
         if validate:
-            from autoquant.hw.validation import validate_latency_model
+            from autoquant.hw.table import model_signature
+            from autoquant.hw.validation import check_latency_model
 
-            with console.status(f"validating the latency model on {validate} configs"):
-                checked = validate_latency_model(
-                    backend, loaded.model, loaded.input_shape, layers, result, n=validate
+            lookup = result.lookup()
+            options = {
+                layer.name: [c for c in cs if lookup[(layer.name, c.label)].ok]
+                for layer, cs in work
+            }
+            broken = [
+                f"{layer.name} ({lookup[(layer.name, 'f32-a32')].error})"
+                for layer, _ in work
+                if not lookup[(layer.name, "f32-a32")].ok
+            ]
+            if broken:
+                raise UserError(
+                    f"bad value {validate}: no float32 kernel timing for {', '.join(broken)}, "
+                    "so there is no model to check; allowed: 0",
+                    key="--validate",
                 )
+            with LatencyTable(table) as tab, console.status("end-to-end timing") as status:
+                try:
+                    checked = check_latency_model(
+                        backend,
+                        loaded.model,
+                        loaded.input_shape,
+                        layers,
+                        lookup,
+                        options,
+                        n_validate=validate,
+                        table=tab,
+                        model_key=model_signature(loaded.model, loaded.input_shape, layers),
+                        status=status.update,
+                    )
+                except RuntimeError as exc:
+                    raise UserError(
+                        f"bad value {validate}: {exc}; allowed: 0", key="--validate"
+                    ) from None
     finally:
         backend.close()
     if not quiet:
@@ -155,7 +181,7 @@ def profile(
         data = result.to_dict()
         if checked is not None:
             data["validation"] = checked.to_dict()
-        json_path.write_text(json.dumps(data, indent=1))
+        json_path.write_text(json.dumps(strict_json(data), indent=1))
     console.print(
         f"{prof.name}: {result.measured_now} kernels measured now, "
         f"{result.count(reused=True)} reused from {result.table_path}, "
@@ -163,6 +189,11 @@ def profile(
         f"target {prof.target_json()}, {result.fingerprint.get('threads')} threads, batch "
         f"{prof.spec.batch_size}; {result.elapsed_s:.1f} s"
     )
+    if checked is not None:
+        console.print(
+            f"end to end: {checked.measured_now} configs measured now, {checked.reused} reused "
+            f"from the table ({checked.rounds} interleaved rounds); {checked.elapsed_s:.1f} s"
+        )
 
 
 def timing_table(result):
@@ -172,8 +203,8 @@ def timing_table(result):
         title=f"per-layer kernel latency on {result.profile} (median of repeats; "
         "spread = interquartile range / median)"
     )
-    for col in ("layer", "choice", "kernel", "median µs", "spread", "source"):
-        table.add_column(col, justify="right" if col in ("median µs", "spread") else "left")
+    for col in ("layer", "choice", "kernel", "min µs", "median µs", "spread", "source"):
+        table.add_column(col, justify="right" if col.endswith(("µs", "spread")) else "left")
     for e in result.entries:
         t = e.timing
         if t.ok:
@@ -182,13 +213,14 @@ def timing_table(result):
                 e.layer.name,
                 e.choice.label,
                 t.impl,
+                f"{t.min_us:.2f}",
                 f"{t.median_us:.2f}",
                 f"{t.spread:.0%}" if not math.isnan(t.spread) else "-",
                 source,
             )
         else:
             table.add_row(
-                e.layer.name, e.choice.label, t.impl or "-", "-", "-", f"{t.status}: {t.error}"
+                e.layer.name, e.choice.label, t.impl or "-", "-", "-", "-", f"{t.status}: {t.error}"
             )
     return table
 
@@ -197,36 +229,43 @@ def validation_table(checked):
     from rich.table import Table
 
     summary = checked.summary()
+    model = checked.model
     table = Table(
-        title=f"latency model vs measured end to end (residual {checked.model.residual_us:.1f} µs "
-        f"from float32 {checked.model.fp32_e2e_us:.1f} µs)"
+        title=f"latency model vs measured end to end on {len(checked.rows)} held-out configs "
+        f"(model fitted on {len(checked.calibration)} others; float32 end to end "
+        f"{checked.fp32_e2e_us:.1f} µs measured; intercept {model.intercept_us:+.1f} µs)"
     )
-    for col in ("config", "predicted ms", "measured ms", "spread", "error"):
+    for col in ("config", "kernel sum ms", "predicted ms", "measured ms", "spread", "error"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for row in checked.rows:
         labels = " ".join(c.label for _, c in row.config.choices)
         if row.error:
-            table.add_row(labels, "-", "-", "-", row.error)
+            table.add_row(labels, "-", "-", "-", "-", row.error)
             continue
         table.add_row(
             labels,
+            f"{row.plain_sum_ms:.4f}",
             f"{row.predicted_ms:.4f}",
             f"{row.measured_ms:.4f}",
             f"{row.measured_spread:.0%}",
             f"{row.rel_error:+.0%}",
         )
-    if summary.get("measured"):
-        plain = summary.get("plain_sum", {})
-        table.caption = (
-            f"over {summary['measured']} configs: {summary['within_10pct']:.0%} within ±10%, "
-            f"MAPE {summary['mape']:.1%}, max {summary['max_abs_rel_error']:.0%}, Spearman "
-            f"{summary['spearman']:.2f}, Kendall tau {summary['kendall_tau']:.2f}; plain "
-            f"per-layer sum (no residual): {plain.get('within_10pct', math.nan):.0%} within "
-            f"±10%, MAPE {plain.get('mape', math.nan):.1%}, Spearman "
-            f"{plain.get('spearman', math.nan):.2f}, Kendall tau "
-            f"{plain.get('kendall_tau', math.nan):.2f}"
-        )
+    table.caption = fidelity_line(summary)
     return table
+
+
+def fidelity_line(summary: dict) -> str:
+    """The model's fidelity figures beside the plain kernel sum's, one line."""
+    if not summary.get("measured"):
+        return "no held-out config was measured end to end"
+    plain = summary.get("plain_sum", {})
+    return (
+        f"over {summary['measured']} held-out configs: model (predicted) "
+        f"{summary['within_10pct']:.0%} within ±10%, MAPE {summary['mape']:.1%}, max "
+        f"{summary['max_abs_rel_error']:.0%}, Spearman {summary['spearman']:.3f}; plain per-layer "
+        f"kernel sum {plain.get('within_10pct', math.nan):.0%} within ±10%, MAPE "
+        f"{plain.get('mape', math.nan):.1%}, Spearman {plain.get('spearman', math.nan):.3f}"
+    )
 
 
 def hw(

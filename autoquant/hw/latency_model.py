@@ -1,38 +1,49 @@
-"""The latency model: a config's latency composed from per-layer table entries.
+"""The latency model: a config's latency from per-layer table entries, calibrated end to end.
 
-    predicted(config) = sum over layers of kernel(layer, choice) + residual
+    predicted(config) = intercept + sum over layers of scale[layer] * kernel(layer, choice)
 
-``residual`` is measured once per (device, batch): the float32 model's end-to-end latency minus
-the sum of its float32 layer kernels. It covers everything that is not a quantizable layer
-(activations, pooling, reshapes, the runtime's per-call overhead). It does *not* cover the
-quantize / dequantize / cast operators a quantized config adds between layers: the validation
-against measured end-to-end latency is there to show how much that misses.
+A kernel timed alone is not the same kernel inside the whole model: the runtime's per-call
+overhead, the operators between layers (activations, pooling, reshapes, the quantize /
+dequantize / cast a config adds), and the cache state a layer finds (its weights evicted by the
+other layers, its input still hot) all differ. ``fit_latency_model`` learns those corrections
+from a few whole-model measurements (the calibration configs, float32 among them): the
+intercept carries what every config pays, and one scale per layer carries how that layer's
+kernels run in context. The fit minimises the *relative* error of the calibration configs plus
+a ridge penalty pulling each scale toward 1, so with few measurements the model stays close to
+the plain per-layer sum + intercept and moves away only where the measurements insist. Scales
+are kept non-negative. Every prediction is labelled ``predicted``; ``plain_sum_ms`` is the
+uncalibrated kernel sum, reported beside the model so the calibration has to earn its place.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from autoquant.hw.timing import KernelTiming
 from autoquant.measurement import Figure
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
+RIDGE = 1.0  # weight of sum((scale - 1)^2) against the sum of squared relative errors
+
 
 @dataclass(frozen=True)
 class LatencyModel:
     layers: tuple[LayerInfo, ...]
     per_layer: dict[tuple[str, str], KernelTiming]  # (layer name, choice label) -> timing
-    residual_us: float
-    fp32_e2e_us: float
-    # Set when the fit had to correct the residual (the reason, one line); None otherwise.
+    intercept_us: float = 0.0
+    layer_scale: dict[str, float] = field(default_factory=dict)  # absent layer: scale 1
+    calibration_configs: int = 0
+    statistic: str = "min"  # which repeat of each timing: "min" or "median"
+    # Set when the fit had something to say about itself (one line); None otherwise.
     note: str | None = None
 
-    def predict(self, config: QuantConfig) -> Figure:
-        """Milliseconds, ``predicted``; ``failed`` with the reason when a layer has no timing."""
-        total = self.residual_us
+    def kernel_times_us(self, config: QuantConfig) -> dict[str, float] | Figure:
+        """Each layer's kernel time (µs, the model's statistic), or a failed ``Figure`` naming the missing one."""
+        out = {}
         mapping = config.as_mapping()
         for layer in self.layers:
             choice = mapping.get(layer.name, QuantChoice())
@@ -43,36 +54,91 @@ class LatencyModel:
                 return Figure.failed(
                     f"{layer.name} {choice.label}: {timing.status}: {timing.error}"
                 )
-            total += timing.median_us
+            out[layer.name] = timing.stat_us(self.statistic)
+        return out
+
+    def predict(self, config: QuantConfig) -> Figure:
+        """Milliseconds, ``predicted``; ``failed`` with the reason when a layer has no timing."""
+        kernels = self.kernel_times_us(config)
+        if isinstance(kernels, Figure):
+            return kernels
+        total = self.intercept_us + sum(
+            self.layer_scale.get(name, 1.0) * us for name, us in kernels.items()
+        )
         return Figure(total / 1000.0, "predicted")
+
+    def plain_sum_ms(self, config: QuantConfig) -> float:
+        """The uncalibrated per-layer kernel sum (NaN when a layer has no timing)."""
+        kernels = self.kernel_times_us(config)
+        return math.nan if isinstance(kernels, Figure) else sum(kernels.values()) / 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "formula": f"intercept_us + sum(layer_scale[layer] * kernel_{self.statistic}_us(layer, "
+            "choice))",
+            "statistic": self.statistic,
+            "intercept_us": self.intercept_us,
+            "layer_scale": dict(self.layer_scale),
+            "calibration_configs": self.calibration_configs,
+            "ridge": RIDGE,
+            "note": self.note,
+        }
 
 
 def fit_latency_model(
     layers: tuple[LayerInfo, ...],
     per_layer: dict[tuple[str, str], KernelTiming],
-    fp32_e2e_us: float,
+    measured: Sequence[tuple[QuantConfig, float]],
+    *,
+    ridge: float = RIDGE,
+    statistic: str = "min",
 ) -> LatencyModel:
-    """The residual from one end-to-end float32 measurement. Raises ValueError when a float32
-    layer timing is missing or failed (the residual would be meaningless)."""
-    kernels = 0.0
+    """Fit intercept and per-layer scales on ``measured`` (config, end-to-end µs) pairs, the
+    kernel times and the measurements taken with the same ``statistic`` (min or median).
+
+    Raises ValueError when there is no measurement or a measured config has a layer without a
+    usable kernel timing (its row would be meaningless)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    if not measured:
+        raise ValueError("no end-to-end measurement to calibrate on")
+    plain = LatencyModel(layers, dict(per_layer), statistic=statistic)
+    rows, targets = [], []
+    for config, us in measured:
+        kernels = plain.kernel_times_us(config)
+        if isinstance(kernels, Figure):
+            raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
+        if not us > 0:
+            raise ValueError(f"calibration config {config.hash}: measured {us} µs")
+        # Unknowns: intercept as (plus - minus) so it may be negative, then the scales.
+        rows.append([1.0 / us, -1.0 / us, *(kernels[la.name] / us for la in layers)])
+        targets.append(1.0)
+    n = len(layers)
+    penalty = np.zeros((n + 2, n + 2))
+    penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
+    penalty[2:, 2:] = np.sqrt(ridge) * np.eye(n)
+    prior = np.concatenate([[0.0, 0.0], np.full(n, np.sqrt(ridge))])
+    a = np.vstack([np.asarray(rows), penalty])
+    b = np.concatenate([np.asarray(targets), prior])
+    solution, _ = nnls(a, b)
+    intercept = float(solution[0] - solution[1])
+    scales = {la.name: float(v) for la, v in zip(layers, solution[2:])}
+    model = LatencyModel(layers, dict(per_layer), intercept, scales, len(measured), statistic)
+    # The fastest config the table allows: its prediction must stay positive.
+    fastest = intercept
     for layer in layers:
-        timing = per_layer.get((layer.name, QuantChoice().label))
-        if timing is None or not timing.ok:
-            raise ValueError(f"no float32 timing for layer {layer.name}")
-        kernels += timing.median_us
-    residual = fp32_e2e_us - kernels
-    if residual < 0:
-        # The kernels alone can't take longer than the whole model: the table's timings and this
-        # end-to-end timing were taken under different conditions (a busy machine, most often).
-        # A negative residual would push predictions of fast configs below zero.
-        note = (
-            f"the float32 kernels sum to {kernels:.1f} µs, more than the float32 model measured "
-            f"end to end ({fp32_e2e_us:.1f} µs): the table's kernel timings and this end-to-end "
-            f"timing disagree (taken under different machine load?); residual set to 0 instead "
-            f"of {residual:.1f} µs, so predictions are the plain per-layer sum"
+        times = [
+            t.stat_us(statistic) for (name, _), t in per_layer.items() if name == layer.name and t.ok
+        ]
+        fastest += scales[layer.name] * min(times, default=0.0)
+    if not fastest > 0:
+        return LatencyModel(
+            layers, dict(per_layer), 0.0, {}, len(measured), statistic,
+            "the calibrated model predicted a non-positive latency; fell back to the plain "
+            "per-layer kernel sum",
         )
-        return LatencyModel(layers, dict(per_layer), 0.0, fp32_e2e_us, note)
-    return LatencyModel(layers, dict(per_layer), residual, fp32_e2e_us)
+    return model
 
 
 @dataclass(frozen=True)
@@ -82,6 +148,7 @@ class ValidationRow:
     measured_ms: float
     measured_spread: float
     error: str | None = None
+    plain_sum_ms: float = math.nan  # the uncalibrated kernel sum, for comparison
 
     @property
     def rel_error(self) -> float:
@@ -97,6 +164,7 @@ class ValidationRow:
             "measured_ms": self.measured_ms,
             "measured_spread": self.measured_spread,
             "rel_error": self.rel_error,
+            "plain_sum_ms": self.plain_sum_ms,
             "error": self.error,
         }
 
@@ -155,9 +223,9 @@ def fidelity(predicted_ms: list[float], measured_ms: list[float]) -> dict[str, f
     }
 
 
-def summarize(rows: list[ValidationRow], *, residual_us: float | None = None) -> dict[str, Any]:
-    """Error figures of the model's predictions; with ``residual_us``, the same figures of the
-    plain per-layer kernel sum (prediction minus residual) under ``plain_sum``."""
+def summarize(rows: Sequence[ValidationRow]) -> dict[str, Any]:
+    """Error figures of the model's predictions, and under ``plain_sum`` the same figures of
+    the uncalibrated per-layer kernel sum on the same rows."""
     good = [r for r in rows if r.error is None and not math.isnan(r.rel_error)]
     if not good:
         return {"configs": len(rows), "measured": 0}
@@ -175,6 +243,7 @@ def summarize(rows: list[ValidationRow], *, residual_us: float | None = None) ->
         "mape": statistics.fmean(rel),
         "spearman": spearman_rho(predicted, measured),
     }
-    if residual_us is not None:
-        out["plain_sum"] = fidelity([p - residual_us / 1000.0 for p in predicted], measured)
+    plain = [r.plain_sum_ms for r in good]
+    if not any(math.isnan(v) for v in plain):
+        out["plain_sum"] = fidelity(plain, measured)
     return out

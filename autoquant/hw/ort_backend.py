@@ -13,7 +13,7 @@ over enough calls (at least ``number``) to last ``min_repeat_ms``.
 The one-layer graph's output is the graph's output, so an int8 output is dequantized the way the
 exporter writes a model's last layer (``Cast``/``Sub``/``Mul``, see ``_protect_float_consumers``),
 and an int8 input is quantized from float: the few elementwise ops this adds, and those a whole
-model fuses away, are left to the latency model's residual.
+model fuses away, are left to the latency model's calibration.
 
 ``measure_model`` times a whole model exported the same way (the end-to-end figure the latency
 model is checked against). ``timeout_s`` bounds each measurement: an export + session start
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from autoquant.hw.backend import LatencyBackend
+from autoquant.hw.backend import LatencyBackend, PreparedModel
 from autoquant.hw.kernels import kernel_format
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
@@ -274,14 +274,14 @@ class OrtBackend(LatencyBackend):
             details=details,
         )
 
-    def measure_model(
+    def prepare_model(
         self,
         model: Any,
         input_shape: tuple[int, ...],
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
-    ) -> KernelTiming:
-        """The whole model as ``config`` exports it, timed end to end in ORT (impl ``model``).
+    ) -> PreparedModel | KernelTiming:
+        """The whole model as ``config`` exports it, in an ORT session, run once and checked.
 
         Calibration runs on fixed-seed random inputs: the values move the scales, not the
         latency. A layer whose choice this profile excludes makes the result ``excluded``."""
@@ -325,39 +325,50 @@ class OrtBackend(LatencyBackend):
         try:
             feed = {session.get_inputs()[0].name: x}
             once, out = self._first_call(session, feed)
-            if out.shape[0] != batch or not np.isfinite(out).all():
-                return KernelTiming.failed(
-                    f"wrong result: output of shape {out.shape} with non-finite values"
-                    if out.shape[0] == batch
-                    else f"wrong result: output batch {out.shape[0]}, expected {batch}",
-                    impl,
-                    build_s=build_s,
-                    details=details,
-                )
-            samples, calls = self._time(session, feed, once, start)
-        except _Timeout as exc:
-            return KernelTiming.failed(
-                str(exc),
-                impl,
-                build_s=build_s,
-                measure_s=time.monotonic() - start - build_s,
-                details=details,
-            )
         except Exception as exc:
             return KernelTiming.failed(
-                f"run error: {_short(exc)}",
+                f"run error: {_short(exc)}", impl, build_s=build_s, details=details
+            )
+        if out.shape[0] != batch or not np.isfinite(out).all():
+            return KernelTiming.failed(
+                f"wrong result: output of shape {out.shape} with non-finite values"
+                if out.shape[0] == batch
+                else f"wrong result: output batch {out.shape[0]}, expected {batch}",
                 impl,
                 build_s=build_s,
-                measure_s=time.monotonic() - start - build_s,
                 details=details,
             )
-        details["calls_per_sample"] = calls
+        return _OrtModel(self, session, feed, once, build_s, details)
+
+    def measure_model(
+        self,
+        model: Any,
+        input_shape: tuple[int, ...],
+        layers: tuple[LayerInfo, ...] | list[LayerInfo],
+        config: QuantConfig,
+    ) -> KernelTiming:
+        """``prepare_model`` and one timing round (impl ``model``); never raises."""
+        prepared = self.prepare_model(model, input_shape, layers, config)
+        if isinstance(prepared, KernelTiming):
+            return prepared
+        start = time.monotonic()
+        try:
+            samples = prepared.time()
+        except Exception as exc:  # _Timeout's message already says timeout
+            text = str(exc) if isinstance(exc, _Timeout) else f"run error: {_short(exc)}"
+            return KernelTiming.failed(
+                text,
+                "model",
+                build_s=prepared.build_s,
+                measure_s=time.monotonic() - start,
+                details=prepared.details,
+            )
         return KernelTiming.from_samples(
-            impl,
+            "model",
             samples,
-            build_s=build_s,
-            measure_s=time.monotonic() - start - build_s,
-            details=details,
+            build_s=prepared.build_s,
+            measure_s=time.monotonic() - start,
+            details={**prepared.details, "calls_per_sample": prepared.calls},
         )
 
     # --- work -------------------------------------------------------------------------------
@@ -459,3 +470,28 @@ def _disagreement(out: np.ndarray, expected: np.ndarray, step: float) -> str | N
             f"(limit {limit:.4g})"
         )
     return None
+
+
+class _OrtModel(PreparedModel):
+    """An ORT session of a whole exported model, with its input feed."""
+
+    def __init__(
+        self,
+        backend: OrtBackend,
+        session: Any,
+        feed: dict[str, np.ndarray],
+        once: float,
+        build_s: float,
+        details: dict[str, Any],
+    ) -> None:
+        self.backend, self.session, self.feed, self.once = backend, session, feed, once
+        self.build_s, self.details, self.calls = build_s, details, 0
+
+    def time(self) -> list[float]:
+        samples, self.calls = self.backend._time(
+            self.session, self.feed, self.once, time.monotonic()
+        )
+        return samples
+
+    def close(self) -> None:
+        self.session = None

@@ -14,7 +14,8 @@ Example::
     runtime: tvm                         # or onnxruntime
     threads: auto                        # auto = this machine's CPU count (local only)
     batch_size: 1
-    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60}
+    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, statistic: min}
+    end_to_end: {calibration_configs: 10, rounds: 3}   # whole-model timing for the model fit
     tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
 """
@@ -85,6 +86,26 @@ class MeasureSpec(_Strict):
     min_repeat_ms: float = Field(default=200, ge=0, le=60_000)
     timeout_s: float = Field(default=60, gt=0, description="per kernel: build + run + timing")
     verify: bool = Field(default=True, description="check each kernel against numpy before timing")
+    statistic: Literal["min", "median"] = Field(
+        default="min",
+        description="which repeat stands for a timing in the latency model: on a shared "
+        "machine interference only adds time, so the fastest repeat (min) is the most "
+        "reproducible; median keeps typical interference in",
+    )
+
+
+class EndToEndSpec(_Strict):
+    """How whole-model latency is measured to calibrate and check the latency model."""
+
+    calibration_configs: int = Field(
+        default=10, ge=1, le=1000, description="configs timed end to end to fit the model"
+    )
+    rounds: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="interleaved timing rounds over all configs (load drifts, rounds average it)",
+    )
 
 
 class TuningSpec(_Strict):
@@ -102,6 +123,7 @@ class HardwareProfileSpec(_Strict):
     threads: int | Literal["auto"] = "auto"
     batch_size: int = Field(default=1, ge=1, le=65536)
     measure: MeasureSpec = MeasureSpec()
+    end_to_end: EndToEndSpec = EndToEndSpec()
     tuning: TuningSpec | None = None
     formats: list[KernelFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
 

@@ -2,14 +2,15 @@
 
 ``prepare_run_latency`` does, for one profile and one run's search space:
 
-1. profile every (layer, choice) of the space, plus every layer's float32 kernel (the residual
-   needs it), reusing the latency table: a second run measures no kernel;
+1. profile every (layer, choice) of the space, plus every layer's float32 kernel (the float32
+   config anchors the calibration), reusing the latency table: a second run measures no kernel;
 2. drop from the space the choices the device has no kernel for (``excluded``) or whose kernel
    failed, each with its reason (the search can't pick them);
-3. fit the latency model: per-layer kernel sum + residual, the residual from one float32
-   end-to-end measurement (cached in the table under the model's signature);
-4. check it on ``n_validate`` random configs of the restricted space, measured end to end
-   (also cached), with the fidelity figures of the model and of the plain per-layer sum.
+3. fit the latency model (intercept + per-layer scales of the kernel sum, ``latency_model``)
+   on calibration configs timed end to end, float32 among them;
+4. check it on ``n_validate`` other random configs of the restricted space, timed end to end
+   in the same interleaved rounds, with the fidelity figures of the model and of the plain
+   per-layer sum (``validation.check_latency_model``; timings cached in the table).
 
 The search then gives every config the figure ``latency_ms@<profile>`` with source
 ``predicted`` (``RunLatency.predict``); only the validation rows are ``measured``.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import UserError
-from autoquant.hw.latency_model import LatencyModel, ValidationRow, fit_latency_model, summarize
+from autoquant.hw.latency_model import LatencyModel
 from autoquant.hw.timing import KernelTiming
+from autoquant.hw.validation import check_latency_model, strict_json
 from autoquant.measurement import Figure
 from autoquant.search.objectives import latency_figure, latency_objective
 from autoquant.space.searchspace import Exclusion, SearchSpace
@@ -56,24 +57,6 @@ class RunLatency:
     def predict(self, config: QuantConfig) -> Figure:
         """Milliseconds, source ``predicted``; a failed figure with the reason otherwise."""
         return self.model.predict(config)
-
-
-def cached_e2e(
-    backend: Any, table: Any, model_key: str, task: Any, layers: tuple, config: QuantConfig
-) -> tuple[KernelTiming, bool]:
-    """(timing, reused): one config's end-to-end latency, from the table when it has it."""
-    from autoquant.hw.validation import e2e_timing
-
-    fp_hash = backend.fingerprint_hash()
-    found = table.get_model(fp_hash, model_key, config.hash)
-    if found.hit and found.timing.ok:
-        return found.timing, True
-    timing = e2e_timing(backend, task.model, task.input_shape, layers, config)
-    if timing.ok:
-        table.put_model(
-            fp_hash, model_key, config.hash, timing, measure=backend.profile.spec.measure.model_dump()
-        )
-    return timing, False
 
 
 def restrict_space(
@@ -113,8 +96,8 @@ def prepare_run_latency(
     """Profile, restrict the space, fit and validate for one profile (see the module text).
 
     Raises ``UserError`` (naming ``file`` and ``key``) when the profile can't give a latency
-    model for this task: not a local TVM profile, no float32 kernel for a layer, a layer left
-    with no choice that has a kernel, or a float32 model that does not run end to end."""
+    model for this task: no float32 kernel for a layer, a layer left with no choice that has a
+    kernel, or a float32 model that does not run end to end on the profile's device."""
     from autoquant.hw.backend import backend_for
     from autoquant.hw.profile import load_profile
     from autoquant.hw.profiling import profile_layers
@@ -126,15 +109,6 @@ def prepare_run_latency(
 
     start = time.monotonic()
     prof = load_profile(profile_path)
-    if not (prof.is_local and prof.spec.runtime == "tvm"):
-        raise UserError(
-            f"bad value {prof.name!r}: latency as an objective needs the float32 model timed end "
-            f"to end, which runs on local TVM profiles only so far ({prof.name} is "
-            f"{prof.spec.device.where}, {prof.spec.runtime}); allowed: a local tvm profile such "
-            "as cpu-local",
-            file=file,
-            key=key,
-        )
     layers = space.layer_infos
     fp32 = QuantChoice()
     work = [(ls.layer, [*ls.choices, *([] if fp32 in ls.choices else [fp32])]) for ls in space.layers]
@@ -151,8 +125,8 @@ def prepare_run_latency(
             if not timing.ok:
                 raise UserError(
                     f"bad value {prof.name!r}: no float32 kernel timing for layer {layer.name} "
-                    f"({timing.status}: {timing.error}), so the latency model has no residual; "
-                    "allowed: a profile with fp32 kernels for every layer",
+                    f"({timing.status}: {timing.error}), so the latency model has no "
+                    "calibration anchor; allowed: a profile with fp32 kernels for every layer",
                     file=file,
                     key=key,
                 )
@@ -166,59 +140,41 @@ def prepare_run_latency(
                 file=file,
                 key=key,
             )
-        model_key = model_signature(task.model, task.input_shape, layers)
-        fp32_config = QuantConfig.uniform(layers, fp32)
-        say(f"{prof.name}: timing the float32 model end to end")
-        fp32_timing, fp32_reused = cached_e2e(backend, table, model_key, task, layers, fp32_config)
-        if not fp32_timing.ok:
+        try:
+            checked = check_latency_model(
+                backend,
+                task.model,
+                task.input_shape,
+                layers,
+                lookup,
+                {ls.layer.name: ls.choices for ls in restricted.layers},
+                n_validate=n_validate,
+                seed=seed,
+                table=table,
+                model_key=model_signature(task.model, task.input_shape, layers),
+                status=lambda text: say(f"{prof.name}: {text}"),
+            )
+        except RuntimeError as exc:
             raise UserError(
-                f"bad value {prof.name!r}: the float32 model did not run end to end "
-                f"({fp32_timing.error}); allowed: a profile whose runtime runs this model",
+                f"bad value {prof.name!r}: {exc}; allowed: a profile whose runtime runs this "
+                "model end to end",
                 file=file,
                 key=key,
-            )
-        model = fit_latency_model(layers, lookup, fp32_timing.median_us)
-        rng = random.Random(seed)
-        rows, reused_rows = [], 0
-        for i in range(n_validate):
-            config = QuantConfig(
-                tuple((ls.layer.name, rng.choice(ls.choices)) for ls in restricted.layers)
-            )
-            say(f"{prof.name}: checking the latency model end to end ({i + 1}/{n_validate})")
-            predicted = model.predict(config)
-            timing, reused = cached_e2e(backend, table, model_key, task, layers, config)
-            reused_rows += reused
-            rows.append(
-                ValidationRow(
-                    config,
-                    predicted.value,
-                    timing.median_us / 1000.0 if timing.ok else math.nan,
-                    timing.spread,
-                    (None if timing.ok else timing.error) or predicted.reason,
-                )
-            )
+            ) from None
         fingerprint = backend.fingerprint()
         fp_hash = backend.fingerprint_hash()
         table_file = str(table.path)
-    summary = summarize(rows, residual_us=model.residual_us)
     fidelity = {
         "profile": prof.name,
         "profile_file": str(profile_path),
         "objective": latency_objective(prof.name).name,
         "figure": latency_figure(prof.name),
         "figure_source": "predicted",
-        "model": "sum of per-layer kernel medians + residual (float32 end to end - float32 "
-        "kernels); quantize/dequantize/cast operators between layers are not modelled",
         "fingerprint_hash": fp_hash,
         "fingerprint": fingerprint,
         "table": table_file,
         "batch_size": prof.spec.batch_size,
         "threads": prof.threads,
-        "residual_us": model.residual_us,
-        "residual_note": model.note,
-        "fp32_e2e_us": model.fp32_e2e_us,
-        "fp32_e2e_spread": fp32_timing.spread,
-        "fp32_e2e_source": "measured (reused from the table)" if fp32_reused else "measured",
         "kernels": {
             "measured_now": result.measured_now,
             "reused": result.count(reused=True),
@@ -228,28 +184,11 @@ def prepare_run_latency(
         "excluded_from_space": [
             {"layer": d.layer, "choice": d.choice, "reason": d.reason} for d in dropped
         ],
-        "validation": {
-            "configs": n_validate,
-            "seed": seed,
-            "measured_source": "measured end to end (median of repeats)",
-            "reused_from_table": reused_rows,
-            "summary": summary,
-            "rows": [r.to_dict() for r in rows],
-        },
+        **checked.to_dict(),
+        "seed": seed,
         "elapsed_s": time.monotonic() - start,
     }
-    return RunLatency(prof.name, model, _jsonable(fidelity)), restricted
-
-
-def _jsonable(data: Any) -> Any:
-    """NaN → None, recursively (strict JSON)."""
-    if isinstance(data, float):
-        return None if math.isnan(data) else data
-    if isinstance(data, dict):
-        return {k: _jsonable(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_jsonable(v) for v in data]
-    return data
+    return RunLatency(prof.name, checked.model, strict_json(fidelity)), restricted
 
 
 def write_fidelity(run_dir: Path, latencies: tuple[RunLatency, ...]) -> Path:
@@ -268,19 +207,102 @@ def write_fidelity(run_dir: Path, latencies: tuple[RunLatency, ...]) -> Path:
 def summary_line(lat: RunLatency) -> str:
     """One line for the terminal: what the latency figure is and how well it was checked."""
     f = lat.fidelity
+    model = f.get("model", {})
     s = f.get("validation", {}).get("summary", {})
     head = (
-        f"{lat.objective_name}: predicted (per-layer kernels + residual, float32 end to end "
-        f"{f.get('fp32_e2e_us', math.nan) / 1000:.4f} ms measured)"
+        f"{lat.objective_name}: predicted (per-layer kernels calibrated on "
+        f"{model.get('calibration_configs', 0)} configs timed end to end; float32 "
+        f"{(f.get('fp32_e2e_us') or math.nan) / 1000:.4f} ms measured)"
     )
-    if f.get("residual_note"):
-        head += f" (WARNING: {f['residual_note']})"
+    if model.get("note"):
+        head += f" (WARNING: {model['note']})"
     if not s.get("measured"):
-        return head + "; not checked end to end (hardware_validation: 0)"
-    plain = s.get("plain_sum", {})
+        return head + "; not checked on held-out configs (hardware_validation: 0)"
+    from autoquant.hw.command import fidelity_line
+
+    return head + "; " + fidelity_line(s)
+
+
+def check_front(
+    run_dir: Path,
+    latencies: tuple[RunLatency, ...],
+    task: Any,
+    layers: tuple,
+    front: Any,
+    frame: Any,
+    *,
+    status: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Per profile: the front's fastest point (by predicted latency) and the float32 config,
+    timed end to end side by side now (fresh, interleaved rounds; the table is not used), so
+    the run states whether its fastest point is really faster. Written into
+    ``latency_fidelity.json`` under ``front_check``; a failure is recorded, never raised."""
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.profile import load_profile
+    from autoquant.hw.validation import measure_configs
+
+    path = run_dir / FIDELITY_FILE
+    data = json.loads(path.read_text()) if path.exists() else {"profiles": {}}
+    checks = []
+    for lat in latencies:
+        col = lat.figure
+        if front.empty or col not in front.columns:
+            continue
+        fastest = front.sort_values(col).iloc[0]
+        config = QuantConfig.from_json(fastest["config"])
+        fp32 = QuantConfig.uniform(layers, QuantChoice())
+        fp32_rows = frame[frame["config_hash"] == fp32.hash]
+        check: dict[str, Any] = {
+            "profile": lat.profile,
+            "fastest_trial": int(fastest["trial"]),
+            "fastest_config_hash": config.hash,
+            "fastest_predicted_ms": float(fastest[col]),
+            "fp32_predicted_ms": float(fp32_rows.iloc[0][col]) if len(fp32_rows) else None,
+            "source": "measured end to end now, the two configs side by side",
+        }
+        try:
+            prof = load_profile(Path(lat.fidelity["profile_file"]))
+            with backend_for(prof) as backend:
+                (fast_t, _), (fp32_t, _) = measure_configs(
+                    backend,
+                    task.model,
+                    task.input_shape,
+                    layers,
+                    [config, fp32],
+                    rounds=max(3, prof.spec.end_to_end.rounds),
+                    status=status,
+                )
+        except Exception as exc:  # a profile that can't be reached now: say so, keep the run
+            fast_t = fp32_t = KernelTiming.failed(f"{type(exc).__name__}: {exc}")
+        if fast_t.ok and fp32_t.ok:
+            check |= {
+                "fastest_measured_ms": fast_t.median_us / 1000.0,
+                "fastest_spread": fast_t.spread,
+                "fp32_measured_ms": fp32_t.median_us / 1000.0,
+                "fp32_spread": fp32_t.spread,
+                "speedup_vs_fp32": fp32_t.median_us / fast_t.median_us,
+                # "measurably": the two interquartile ranges do not overlap
+                "measurably_faster": fast_t.samples_us[3 * len(fast_t.samples_us) // 4]
+                < fp32_t.samples_us[len(fp32_t.samples_us) // 4],
+            }
+        else:
+            check["error"] = fast_t.error if not fast_t.ok else fp32_t.error
+        data["profiles"].setdefault(lat.profile, {})["front_check"] = strict_json(check)
+        checks.append(check)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return checks
+
+
+def front_check_line(check: dict[str, Any]) -> str:
+    """One terminal line for a ``check_front`` result."""
+    head = f"latency@{check['profile']}: fastest front point (trial {check['fastest_trial']})"
+    if "error" in check:
+        return f"{head} could not be timed end to end: {check['error']}"
+    verdict = "measurably faster" if check["measurably_faster"] else "NOT measurably faster"
     return (
-        head + f"; checked on {s['measured']} configs measured end to end: "
-        f"{s['within_10pct']:.0%} within ±10%, MAPE {s['mape']:.1%}, Spearman "
-        f"{s['spearman']:.2f}, Kendall {s['kendall_tau']:.2f} (plain kernel sum: MAPE "
-        f"{plain.get('mape', math.nan):.1%}, Spearman {plain.get('spearman', math.nan):.2f})"
+        f"{head} measured end to end (median) {check['fastest_measured_ms']:.4f} ms vs float32 "
+        f"{check['fp32_measured_ms']:.4f} ms: {check['speedup_vs_fp32']:.2f}x, {verdict} "
+        "(interquartile ranges apart)"
     )

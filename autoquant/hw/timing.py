@@ -52,6 +52,10 @@ class KernelTiming:
     def ok(self) -> bool:
         return self.status == "measured"
 
+    def stat_us(self, statistic: str) -> float:
+        """``min`` (the fastest repeat) or ``median`` of the repeats, in µs."""
+        return self.min_us if statistic == "min" else self.median_us
+
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median."""

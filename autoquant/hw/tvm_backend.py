@@ -23,7 +23,7 @@ import numpy as np
 
 from autoquant.hw import tvm_kernels
 from autoquant.hw._tvm import load_tvm, set_threads
-from autoquant.hw.backend import LatencyBackend
+from autoquant.hw.backend import LatencyBackend, PreparedModel
 from autoquant.hw.kernels import (
     KERNEL_TEMPLATE_VERSION,
     KernelSpec,
@@ -36,7 +36,7 @@ from autoquant.hw.kernels import (
 from autoquant.hw.profile import HardwareProfile, has_vnni, target_object
 from autoquant.hw.rpc import request_session
 from autoquant.hw.timing import KernelTiming
-from autoquant.space.values import LayerInfo, QuantChoice
+from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 from autoquant.versions import cpu_name
 
 
@@ -160,8 +160,11 @@ class TvmBackend(LatencyBackend):
         """(module with ``main`` and ``time_evaluator``, device) for the profile's device."""
         if self.profile.is_local:
             return ex.mod, self.tvm.cpu(0)
-        dev_spec = self.profile.spec.device
+        return self._upload(ex, f"k{abs(hash((spec, os.getpid()))) % 10**12}.so")
+
+    def _remote_session(self) -> Any:
         if self._session is None:
+            dev_spec = self.profile.spec.device
             host, port = dev_spec.host_port
             self._session = request_session(
                 host,
@@ -174,7 +177,12 @@ class TvmBackend(LatencyBackend):
                 self._session.get_function("runtime.config_threadpool")(1, self.profile.threads)
             except Exception:
                 pass
-        name = f"k{abs(hash((spec, os.getpid()))) % 10**12}.so"
+        return self._session
+
+    def _upload(self, ex: Any, name: str) -> tuple[Any, Any]:
+        """(remote module, remote device): ``ex`` exported, uploaded and loaded over RPC."""
+        dev_spec = self.profile.spec.device
+        session = self._remote_session()
         path = os.path.join(self._tmp.name, name)
         fcompile = None
         if dev_spec.cross_compiler:
@@ -182,9 +190,57 @@ class TvmBackend(LatencyBackend):
 
             fcompile = cc.cross_compiler(dev_spec.cross_compiler)
         ex.export_library(path, fcompile=fcompile)
-        self._session.upload(path)
-        rlib = self._session.load_module(name)
-        return rlib, self._session.cpu(0)
+        session.upload(path)
+        return session.load_module(name), session.cpu(0)
+
+    def prepare_model(
+        self,
+        model: Any,
+        input_shape: tuple[int, ...],
+        layers: tuple[LayerInfo, ...] | list[LayerInfo],
+        config: QuantConfig,
+    ) -> PreparedModel | KernelTiming:
+        """The model composed from these kernels (``tvm_model``), compiled, loaded on the
+        device (uploaded over RPC for a remote one) and run once."""
+        from autoquant.hw.tvm_model import build_model
+
+        chosen = config.as_mapping()
+        for layer in layers:
+            choice = chosen.get(layer.name, QuantChoice())
+            reason = self.exclusion(layer, choice)
+            if reason is not None:
+                return KernelTiming.excluded(f"{layer.name} {choice.label}: {reason}", "model")
+        start = time.monotonic()
+        batch = self.profile.spec.batch_size
+        try:
+            ex = build_model(
+                model,
+                input_shape,
+                tuple(layers),
+                config,
+                batch=batch,
+                target=self.target,
+                threads=self.profile.threads,
+                vnni=self.vnni,
+            )
+        except Exception as exc:
+            return KernelTiming.failed(
+                f"build error: {_short(exc)}", "model", build_s=time.monotonic() - start
+            )
+        try:
+            if self.profile.is_local:
+                mod, dev = ex, self.tvm.cpu(0)
+            else:
+                mod, dev = self._upload(ex, f"m{config.hash[:16]}-{os.getpid()}.so")
+            prepared = _TvmModel(self, mod, dev, (batch, *input_shape[1:]))
+        except Exception as exc:
+            if not self.profile.is_local:
+                self._session = None
+            return KernelTiming.failed(
+                f"run error: {_short(exc)}", "model", build_s=time.monotonic() - start
+            )
+        prepared.build_s = time.monotonic() - start
+        return prepared
 
     def _run(
         self,
@@ -233,3 +289,30 @@ class TvmBackend(LatencyBackend):
             measure_s=time.monotonic() - start - build_s,
             details=details,
         )
+
+
+class _TvmModel(PreparedModel):
+    """A relax VM on the device (local, or remote through the backend's RPC session)."""
+
+    def __init__(self, backend: TvmBackend, mod: Any, dev: Any, shape: tuple[int, ...]) -> None:
+        from tvm import relax
+
+        self.backend = backend
+        self.dev = dev
+        self.vm = relax.VirtualMachine(mod, dev)
+        x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+        self.x = backend.tvm.runtime.tensor(x, dev)
+        self.vm["main"](self.x)  # lazy initialisation happens here, not in the first sample
+
+    def time(self) -> list[float]:
+        m = self.backend.profile.spec.measure
+        for _ in range(m.warmup):
+            self.vm["main"](self.x)
+        evaluator = self.vm.time_evaluator(
+            "main", self.dev, number=m.number, repeat=m.repeat, min_repeat_ms=int(m.min_repeat_ms)
+        )
+        return list(evaluator(self.x).results)
+
+    def close(self) -> None:
+        self.vm = None
+        self.x = None

@@ -1,143 +1,270 @@
-"""Check the latency model against measured end-to-end latency on the local device.
+"""Calibrate the latency model on whole-model measurements, then check it on held-out ones.
 
-``validate_latency_model`` measures the float32 model once (the residual), then ``n`` random
-configs drawn from the choices the table has timings for, each compiled whole (``tvm_model``)
-and timed like the kernels; it returns the rows and their summary. Remote devices are not
-supported yet (the whole-model executable would need uploading like the kernels).
+``check_latency_model`` draws the calibration configs (float32 first, then random configs of
+the space) and, from another random stream, ``n_validate`` validation configs that are not
+among them; it times all of them end to end on the profile's device (``measure_configs``),
+fits the model on the calibration configs only, and compares its predictions, and the plain
+per-layer kernel sum's, with the measured latency of the validation configs.
+
+Whole-model timings are taken in interleaved rounds: every config is compiled and loaded
+first, then each round times every config once. Load on a shared machine drifts over seconds;
+interleaving spreads that drift over all configs instead of biasing the ones timed during a
+busy spell, and the median over rounds drops a spell that hit one round. Timings are stored in
+the latency table (under the model's signature and the config's hash) and reused.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autoquant.hw.backend import short_error
 from autoquant.hw.latency_model import (
     LatencyModel,
     ValidationRow,
     fit_latency_model,
     summarize,
 )
-from autoquant.hw.profiling import ProfileResult, parse_label
+from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 
 @dataclass(frozen=True)
-class ValidationResult:
+class ModelCheck:
     model: LatencyModel
-    fp32_e2e_spread: float
-    rows: tuple[ValidationRow, ...]
+    calibration: tuple[ValidationRow, ...]  # in-sample: the configs the model was fitted on
+    rows: tuple[ValidationRow, ...]  # held out
+    measured_now: int  # configs timed end to end by this call
+    reused: int  # configs whose end-to-end timing came from the table
+    rounds: int
     elapsed_s: float
 
+    @property
+    def fp32_e2e_us(self) -> float:
+        """The float32 config's measured latency (the model's statistic), µs."""
+        return self.calibration[0].measured_ms * 1000.0 if self.calibration else float("nan")
+
     def summary(self) -> dict[str, Any]:
-        return summarize(list(self.rows), residual_us=self.model.residual_us)
+        return summarize(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "residual_us": self.model.residual_us,
-            "residual_note": self.model.note,
-            "fp32_e2e_us": self.model.fp32_e2e_us,
-            "fp32_e2e_spread": self.fp32_e2e_spread,
-            "summary": self.summary(),
-            "rows": [r.to_dict() for r in self.rows],
+            "model": self.model.to_dict(),
+            "fp32_e2e_us": self.fp32_e2e_us,
+            "calibration": {
+                "configs": len(self.calibration),
+                "summary": summarize(self.calibration),
+                "rows": [r.to_dict() for r in self.calibration],
+            },
+            "validation": {
+                "configs": len(self.rows),
+                "summary": self.summary(),
+                "rows": [r.to_dict() for r in self.rows],
+            },
+            "measured_source": f"measured end to end: the {self.model.statistic} of the repeats of "
+            f"{self.rounds} interleaved rounds",
+            "end_to_end_measured_now": self.measured_now,
+            "end_to_end_reused": self.reused,
             "elapsed_s": self.elapsed_s,
         }
 
 
-def e2e_timing(
+def measure_configs(
     backend: Any,
     model: Any,
     input_shape: tuple[int, ...],
     layers: tuple[LayerInfo, ...],
-    config: QuantConfig,
-) -> Any:
-    """One config's end-to-end ``KernelTiming`` (impl ``model``), measured on the backend's
-    device; a build or run error is a ``failed`` timing, never raised."""
-    from autoquant.hw.timing import KernelTiming
-    from autoquant.hw.tvm_model import build_model, time_model
-
-    prof = backend.profile
-    m = prof.spec.measure
-    try:
-        ex = build_model(
-            model,
-            input_shape,
-            layers,
-            config,
-            batch=prof.spec.batch_size,
-            target=backend.target,
-            threads=prof.threads,
-            vnni=backend.vnni,
-        )
-        samples, _ = time_model(
-            ex,
-            input_shape,
-            batch=prof.spec.batch_size,
-            warmup=m.warmup,
-            number=m.number,
-            repeat=m.repeat,
-            min_repeat_ms=m.min_repeat_ms,
-        )
-    except Exception as exc:
-        return KernelTiming.failed(
-            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}", "model"
-        )
-    return KernelTiming.from_samples("model", samples)
-
-
-def _e2e(
-    backend: Any,
-    model: Any,
-    input_shape: tuple[int, ...],
-    layers: tuple[LayerInfo, ...],
-    config: QuantConfig,
-) -> tuple[float, float, str | None]:
-    """(median µs, relative IQR, error) of one config, end to end; never raises."""
-    timing = e2e_timing(backend, model, input_shape, layers, config)
-    if not timing.ok:
-        return float("nan"), float("nan"), timing.error
-    return timing.median_us, timing.spread, None
-
-
-def validate_latency_model(
-    backend: Any,
-    model: Any,
-    input_shape: tuple[int, ...],
-    layers: tuple[LayerInfo, ...],
-    profiled: ProfileResult,
+    configs: Sequence[QuantConfig],
     *,
-    n: int,
-    seed: int = 0,
-) -> ValidationResult:
-    """Fit the residual on the float32 model and compare predictions with ``n`` measured
-    configs. ``profiled`` must hold float32 timings for every layer."""
-    start = time.monotonic()
-    per_layer = profiled.lookup()
+    rounds: int,
+    table: Any = None,
+    model_key: str | None = None,
+    status: Callable[[str], None] | None = None,
+) -> list[tuple[KernelTiming, bool]]:
+    """(timing, reused) per config, end to end, in interleaved rounds; never raises for a
+    device fault (a config that fails to build or run is a ``failed`` timing)."""
+
+    def say(text: str) -> None:
+        if status is not None:
+            status(text)
+
+    fp_hash = backend.fingerprint_hash() if table is not None else ""
+    results: dict[int, tuple[KernelTiming, bool]] = {}
+    prepared: dict[int, Any] = {}
+    samples: dict[int, list[list[float]]] = {}
+    build_s: dict[int, float] = {}
+    todo = []
+    for i, config in enumerate(configs):
+        if table is not None and model_key is not None:
+            found = table.get_model(fp_hash, model_key, config.hash)
+            if found.hit and found.timing.ok:
+                results[i] = (found.timing, True)
+                continue
+        if any(config.hash == configs[j].hash for j in todo):
+            continue  # timed once, copied below
+        todo.append(i)
+    try:
+        for n, i in enumerate(todo):
+            say(f"compiling config {n + 1}/{len(todo)} for end-to-end timing")
+            handle = backend.prepare_model(model, input_shape, layers, configs[i])
+            if isinstance(handle, KernelTiming):
+                results[i] = (handle, False)
+            else:
+                prepared[i], samples[i], build_s[i] = handle, [], handle.build_s
+        for r in range(rounds):
+            for n, i in enumerate(list(prepared)):  # a config that fails leaves the rounds
+                say(f"end-to-end timing: round {r + 1}/{rounds}, config {n + 1}/{len(prepared)}")
+                try:
+                    samples[i].append(prepared[i].time())
+                except Exception as exc:  # lost device, timeout: this config failed
+                    failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
+                    results[i] = (failed, False)
+                    prepared.pop(i).close()
+    finally:
+        for handle in prepared.values():
+            handle.close()
+    measure = backend.profile.spec.measure.model_dump()
+    for i in todo:
+        if i in results:
+            continue
+        per_round = samples[i]
+        round_medians = [sorted(s)[len(s) // 2] * 1e6 for s in per_round]
+        timing = KernelTiming.from_samples(
+            "model",
+            [s for rnd in per_round for s in rnd],
+            build_s=build_s[i],
+            details={"rounds": len(per_round), "round_medians_us": round_medians},
+        )
+        results[i] = (timing, False)
+        if table is not None and model_key is not None:
+            table.put_model(fp_hash, model_key, configs[i].hash, timing, measure=measure)
+    by_hash = {configs[i].hash: results[i] for i in results}
+    return [results.get(i, by_hash[c.hash]) for i, c in enumerate(configs)]
+
+
+def draw_configs(
+    layers: tuple[LayerInfo, ...],
+    options: dict[str, Sequence[QuantChoice]],
+    *,
+    n_calibrate: int,
+    n_validate: int,
+    seed: int,
+) -> tuple[list[QuantConfig], list[QuantConfig]]:
+    """(calibration, validation) configs: float32 first among the calibration ones, the rest
+    random from separate streams; no validation config is also a calibration config."""
     fp32 = QuantConfig.uniform(layers, QuantChoice())
-    e2e_us, spread, error = _e2e(backend, model, input_shape, layers, fp32)
-    if error:
-        raise RuntimeError(f"the float32 model did not run end to end: {error}")
-    latency_model = fit_latency_model(layers, per_layer, e2e_us)
-    options = {
-        layer.name: [
-            parse_label(label)
-            for (name, label), t in per_layer.items()
-            if name == layer.name and t.ok
-        ]
-        for layer in layers
-    }
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        config = QuantConfig.from_mapping(
-            {layer.name: rng.choice(options[layer.name]) for layer in layers}
+    cal_rng, val_rng = random.Random(seed + 1_000_003), random.Random(seed)
+
+    def draw(rng: random.Random) -> QuantConfig:
+        return QuantConfig.from_mapping(
+            {layer.name: rng.choice(list(options[layer.name])) for layer in layers}
         )
+
+    total = 1
+    for layer in layers:
+        total *= max(1, len(options[layer.name]))
+    calibration, seen = [fp32], {fp32.hash}
+    for _ in range(50 * n_calibrate):
+        if len(calibration) >= min(n_calibrate, total):
+            break
+        config = draw(cal_rng)
+        if config.hash not in seen:
+            calibration.append(config)
+            seen.add(config.hash)
+    validation: list[QuantConfig] = []
+    for _ in range(50 * max(n_validate, 1)):
+        if len(validation) >= n_validate or len(seen) >= total:
+            break
+        config = draw(val_rng)
+        if config.hash not in seen:
+            validation.append(config)
+            seen.add(config.hash)
+    return calibration, validation
+
+
+def check_latency_model(
+    backend: Any,
+    model: Any,
+    input_shape: tuple[int, ...],
+    layers: tuple[LayerInfo, ...],
+    per_layer: dict[tuple[str, str], KernelTiming],
+    options: dict[str, Sequence[QuantChoice]],
+    *,
+    n_validate: int,
+    n_calibrate: int | None = None,
+    rounds: int | None = None,
+    seed: int = 0,
+    table: Any = None,
+    model_key: str | None = None,
+    status: Callable[[str], None] | None = None,
+) -> ModelCheck:
+    """Fit on the calibration configs, check on ``n_validate`` held-out ones (see the module
+    text). ``options`` gives each layer's choices with a usable kernel timing; ``per_layer``
+    must hold a float32 timing for every layer. Raises RuntimeError when the float32 model
+    does not run end to end (there is nothing to calibrate on)."""
+    start = time.monotonic()
+    e2e = backend.profile.spec.end_to_end
+    n_calibrate = e2e.calibration_configs if n_calibrate is None else n_calibrate
+    rounds = e2e.rounds if rounds is None else rounds
+    calibration, validation = draw_configs(
+        layers, options, n_calibrate=n_calibrate, n_validate=n_validate, seed=seed
+    )
+    timings = measure_configs(
+        backend,
+        model,
+        input_shape,
+        layers,
+        [*calibration, *validation],
+        rounds=rounds,
+        table=table,
+        model_key=model_key,
+        status=status,
+    )
+    fp32_timing = timings[0][0]
+    if not fp32_timing.ok:
+        raise RuntimeError(f"the float32 model did not run end to end: {fp32_timing.error}")
+    statistic = backend.profile.spec.measure.statistic
+    fitted = [
+        (config, timing.stat_us(statistic))
+        for config, (timing, _) in zip(calibration, timings)
+        if timing.ok
+    ]
+    latency_model = fit_latency_model(layers, per_layer, fitted, statistic=statistic)
+
+    def row(config: QuantConfig, timing: KernelTiming) -> ValidationRow:
         predicted = latency_model.predict(config)
-        measured, m_spread, err = _e2e(backend, model, input_shape, layers, config)
-        rows.append(
-            ValidationRow(
-                config, predicted.value, measured / 1000.0, m_spread, err or predicted.reason
-            )
+        return ValidationRow(
+            config,
+            predicted.value,
+            timing.stat_us(statistic) / 1000.0 if timing.ok else float("nan"),
+            timing.spread,
+            (None if timing.ok else f"{timing.status}: {timing.error}") or predicted.reason,
+            latency_model.plain_sum_ms(config),
         )
-    return ValidationResult(latency_model, spread, tuple(rows), time.monotonic() - start)
+
+    cal_rows = tuple(row(c, t) for c, (t, _) in zip(calibration, timings))
+    val_rows = tuple(row(c, t) for c, (t, _) in zip(validation, timings[len(calibration) :]))
+    reused = sum(1 for _, was_reused in timings if was_reused)
+    return ModelCheck(
+        latency_model,
+        cal_rows,
+        val_rows,
+        measured_now=len(timings) - reused,
+        reused=reused,
+        rounds=rounds,
+        elapsed_s=time.monotonic() - start,
+    )
+
+
+def strict_json(data: Any) -> Any:
+    """NaN → None, recursively (``json.dumps`` would write the non-standard ``NaN``)."""
+    if isinstance(data, float):
+        return None if data != data else data
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data

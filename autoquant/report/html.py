@@ -208,9 +208,21 @@ def _latency_section(run: RunData) -> str:
         validation = prof.get("validation") or {}
         summary = validation.get("summary") or {}
         plain = summary.get("plain_sum") or {}
-        parts.append(f"<h3>{escape(name)}</h3><p class='note'>{escape(str(prof.get('model', '')))}; "
-                     f"fp32 end to end {float(prof.get('fp32_e2e_us', math.nan)):.1f} µs "
-                     f"({escape(str(prof.get('fp32_e2e_source', 'measured')))}).</p>")
+        model = prof.get("model") if isinstance(prof.get("model"), dict) else {}
+        fp32_us = prof.get("fp32_e2e_us")
+        parts.append(f"<h3>{escape(name)}</h3><p class='note'>latency (predicted) = "
+                     f"{escape(str(model.get('formula', '')))}, intercept "
+                     f"{float(model.get('intercept_us') or 0):.1f} µs, fitted on "
+                     f"{escape(str(model.get('calibration_configs', '-')))} configs timed end to end; "
+                     f"the figures below are on held-out configs. fp32 end to end "
+                     f"{float(fp32_us if isinstance(fp32_us, (int, float)) else math.nan):.1f} µs "
+                     f"({escape(str(prof.get('measured_source', 'measured')))}).</p>")
+
+        check = prof.get("front_check")
+        if isinstance(check, dict):
+            from autoquant.hw.search_latency import front_check_line
+
+            parts.append(f"<p class='note'>{escape(front_check_line(check))}</p>")
 
         def pct(v: object) -> str:
             return f"{float(v) * 100:.0f}%" if isinstance(v, (int, float)) else "-"
