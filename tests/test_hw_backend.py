@@ -211,3 +211,22 @@ def test_kernel_timing_is_never_raised_for_excluded_invalid_choice(backend, mlp_
     (entry,) = result.entries
     assert entry.timing.status == "excluded" and "integer weights" in entry.timing.error
     assert isinstance(entry.timing, KernelTiming)
+
+
+def test_kernels_measured_now_get_more_interleaved_rounds(tmp_path, mlp_layers):
+    """measure.rounds: 3 — every fresh kernel is timed 3 times (its samples stored together);
+    reused ones are not timed again."""
+    tvm_or_skip()
+    from autoquant.hw.backend import backend_for
+
+    profile = make_profile(tmp_path, measure={**FAST["measure"], "rounds": 3})
+    repeat = profile.spec.measure.repeat
+    work = [(mlp_layers[2], [QuantChoice(), parse_label("w8cs-a8")])]
+    with backend_for(profile) as backend, LatencyTable(tmp_path / "lat.sqlite") as table:
+        first = profile_layers(backend, work, table)
+        for e in first.entries:
+            assert len(e.timing.samples_us) == 3 * repeat and e.timing.details["rounds"] == 3
+        stored = table.get(backend.fingerprint_hash(), mlp_layers[2], QuantChoice())
+        assert len(stored.timing.samples_us) == 3 * repeat
+        again = profile_layers(backend, work, table)
+    assert again.measured_now == 0 and again.lookup() == first.lookup()

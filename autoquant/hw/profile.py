@@ -14,7 +14,7 @@ Example::
     runtime: tvm                         # or onnxruntime
     threads: auto                        # auto = this machine's CPU count (local only)
     batch_size: 1
-    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, statistic: min}
+    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, rounds: 2, statistic: min}
     end_to_end: {calibration_configs: 10, rounds: 3}   # whole-model timing for the model fit
     tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
@@ -86,6 +86,12 @@ class MeasureSpec(_Strict):
     min_repeat_ms: float = Field(default=200, ge=0, le=60_000)
     timeout_s: float = Field(default=60, gt=0, description="per kernel: build + run + timing")
     verify: bool = Field(default=True, description="check each kernel against numpy before timing")
+    rounds: int = Field(
+        default=2,
+        ge=1,
+        le=20,
+        description="timing rounds per kernel, interleaved over all kernels profiled together",
+    )
     statistic: Literal["min", "median"] = Field(
         default="min",
         description="which repeat stands for a timing in the latency model: on a shared "

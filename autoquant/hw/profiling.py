@@ -116,6 +116,7 @@ def profile_layers(
     fp_hash = backend.fingerprint_hash()
     table.remember_fingerprint(fp_hash, fingerprint)
     measure_settings = backend.profile.spec.measure.model_dump()
+    rounds = backend.profile.spec.measure.rounds
     entries: list[LayerTiming] = []
     for layer, choices in work:
         for choice in choices:
@@ -128,12 +129,14 @@ def profile_layers(
                     entry = LayerTiming(layer, choice, found.timing, reused=True)  # type: ignore[arg-type]
                 else:
                     timing = backend.measure(layer, choice)
-                    if timing.status != "excluded":
+                    if timing.status != "excluded":  # kept now; more rounds replace it
                         table.put(fp_hash, layer, choice, timing, measure=measure_settings)
                     entry = LayerTiming(layer, choice, timing, reused=False)
             entries.append(entry)
             if on_result is not None:
                 on_result(entry)
+    if rounds > 1:
+        entries = _more_rounds(backend, entries, rounds, table, fp_hash, measure_settings)
     return ProfileResult(
         backend.profile.name,
         fingerprint,
@@ -142,3 +145,41 @@ def profile_layers(
         tuple(entries),
         time.monotonic() - start,
     )
+
+
+def _more_rounds(
+    backend: LatencyBackend,
+    entries: list[LayerTiming],
+    rounds: int,
+    table: LatencyTable,
+    fp_hash: str,
+    measure_settings: dict[str, Any],
+) -> list[LayerTiming]:
+    """Time the kernels measured now ``rounds - 1`` more times, interleaved (every kernel once
+    per round), and store them with all their samples. A kernel timed during a busy spell gets
+    more chances to show its own speed, and the rounds are spread over the whole profiling time
+    instead of one moment. Backends without ``retime`` keep their single round."""
+    retime = getattr(backend, "retime", None)
+    fresh = [i for i, e in enumerate(entries) if not e.reused and e.timing.ok]
+    extra: dict[int, list[float]] = {i: [] for i in fresh}
+    for _ in range(rounds - 1):
+        for i in fresh:
+            try:
+                samples = retime(entries[i].layer, entries[i].choice) if retime else None
+            except Exception:  # a device lost now keeps the first round's timing
+                samples = None
+            extra[i].extend(samples or [])
+    out = list(entries)
+    for i in fresh:
+        e = entries[i]
+        t = e.timing
+        timing = KernelTiming.from_samples(
+            t.impl,
+            [s / 1e6 for s in t.samples_us] + extra[i],
+            build_s=t.build_s,
+            measure_s=t.measure_s,
+            details={**t.details, "rounds": 1 + len(extra[i]) // max(1, len(t.samples_us))},
+        )
+        table.put(fp_hash, e.layer, e.choice, timing, measure=measure_settings)
+        out[i] = LayerTiming(e.layer, e.choice, timing, reused=False)
+    return out

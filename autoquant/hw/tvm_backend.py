@@ -57,6 +57,8 @@ class TvmBackend(LatencyBackend):
         self.vnni = has_vnni(profile)
         self.tensorize = tensorize
         self._session: Any = None
+        # the kernels measured by this backend, kept loaded so ``retime`` can take more rounds
+        self._timers: dict[KernelSpec, Any] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="autoquant-kernels-")
 
     # --- contract ---------------------------------------------------------------------------
@@ -106,7 +108,15 @@ class TvmBackend(LatencyBackend):
             return KernelTiming.excluded(spec)
         return self.measure_spec(spec)
 
+    def retime(self, layer: LayerInfo, choice: QuantChoice) -> list[float] | None:
+        """Another round of samples (seconds) of a kernel this backend measured, still loaded;
+        None when it has none (not measured here, or failed)."""
+        spec = self.spec_for(layer, choice)
+        timer = None if isinstance(spec, str) else self._timers.get(spec)
+        return None if timer is None else timer()
+
     def close(self) -> None:
+        self._timers.clear()
         self._session = None
         self._tmp.cleanup()
 
@@ -282,6 +292,7 @@ class TvmBackend(LatencyBackend):
             "main", dev, number=m.number, repeat=m.repeat, min_repeat_ms=int(m.min_repeat_ms)
         )
         samples = list(evaluator(*args).results)
+        self._timers[spec] = lambda: list(evaluator(*args).results)
         return KernelTiming.from_samples(
             spec.impl,
             samples,
