@@ -124,6 +124,29 @@ def test_profile_over_rpc_on_loopback(tmp_path):
             assert all(e.timing.median_us > 0 for e in first.entries)
             again = profile_layers(backend, [(LAYER, choices)], table)
             assert again.measured_now == 0
+        # Whole models end to end through the same tracker: the latency model is calibrated
+        # and checked on the remote device. A short session_timeout_s makes the configs go in
+        # batches of one model per session (the server would end a longer session).
+        from autoquant.hw.validation import check_latency_model
+        from autoquant.space.discovery import discover_layers
+        from autoquant.tasks.digits import DigitsMLP
+
+        e2e = remote_profile(tracker.port, "loopback-cpu")
+        e2e["device"]["session_timeout_s"] = 20
+        e2e["end_to_end"] = {"calibration_configs": 2, "rounds": 2}
+        path.write_text(yaml.safe_dump(e2e))
+        mlp = DigitsMLP().eval()
+        layers = discover_layers(mlp, (1, 1, 8, 8))
+        choices = [QuantChoice(), QuantChoice(8, 32, "per_channel")]
+        with backend_for(load_profile(path)) as backend, LatencyTable(tmp_path / "e2e.sqlite") as t:
+            assert backend.models_per_session() == 1
+            profiled = profile_layers(backend, [(layer, choices) for layer in layers], t)
+            checked = check_latency_model(
+                backend, mlp, (1, 1, 8, 8), layers, profiled.lookup(),
+                {layer.name: choices for layer in layers}, n_validate=1,
+            )
+        assert checked.measured_now == 3 and checked.fp32_e2e_us > 0
+        assert all(r.error is None and r.measured_ms > 0 for r in checked.rows), checked.rows
         # The CLI's --rpc-tracker / --rpc-key turn the local profile into this remote one.
         from typer.testing import CliRunner
 

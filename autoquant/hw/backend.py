@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -14,7 +15,8 @@ from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 
 def short_error(exc: BaseException) -> str:
-    """``Type: last line of the message`` (TVM errors end with the message)."""
+    """``Type: last line of the message``: TVM and ONNX Runtime errors end with the message, their
+    first line is often a traceback header."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"
 
@@ -25,6 +27,7 @@ class PreparedModel(ABC):
     samples in seconds; it may raise when the device is lost (the caller records a failure)."""
 
     build_s: float = 0.0
+    details: dict[str, Any] = {}  # noqa: RUF012 - set per instance by implementations
 
     @abstractmethod
     def time(self) -> list[float]: ...
@@ -77,13 +80,26 @@ class LatencyBackend(ABC):
         prepared = self.prepare_model(model, input_shape, layers, config)
         if isinstance(prepared, KernelTiming):
             return prepared
+        start = time.monotonic()
         try:
             samples = prepared.time()
-        except Exception as exc:  # a device lost mid-run is a failed measurement
-            return KernelTiming.failed(f"run error: {short_error(exc)}", "model")
+        except Exception as exc:  # a lost device or a timeout mid-run is a failed measurement
+            return KernelTiming.failed(
+                f"run error: {short_error(exc)}",
+                "model",
+                build_s=prepared.build_s,
+                measure_s=time.monotonic() - start,
+                details=dict(prepared.details),
+            )
         finally:
             prepared.close()
-        return KernelTiming.from_samples("model", samples, build_s=prepared.build_s)
+        return KernelTiming.from_samples(
+            "model",
+            samples,
+            build_s=prepared.build_s,
+            measure_s=time.monotonic() - start,
+            details=dict(prepared.details),
+        )
 
     def prepare_model(
         self,

@@ -27,7 +27,7 @@ from autoquant.hw.timing import KernelTiming
 from autoquant.measurement import Figure
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
-RIDGE = 1.0  # weight of sum((scale - 1)^2) against the sum of squared relative errors
+RIDGE = 0.1  # weight of sum((scale - 1)^2) against the sum of squared relative errors
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from autoquant.hw.backend import LatencyBackend, PreparedModel
+from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
 from autoquant.hw.kernels import kernel_format
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
@@ -53,12 +53,6 @@ CALIBRATION_SAMPLES = 32
 # activation by a step that the next product spreads over a few output steps.
 REL_TOL = 1e-3
 OUTPUT_STEPS = 4.0
-
-
-def _short(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    # ORT puts the message on the last line of a multi-line status
-    return f"{type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"
 
 
 @dataclass(frozen=True)
@@ -225,7 +219,7 @@ class OrtBackend(LatencyBackend):
             session, details["ops"] = self._session(graph.model)
         except Exception as exc:
             return KernelTiming.failed(
-                f"export error: {_short(exc)}",
+                f"export error: {short_error(exc)}",
                 impl,
                 build_s=time.monotonic() - start,
                 details=details,
@@ -259,7 +253,7 @@ class OrtBackend(LatencyBackend):
             )
         except Exception as exc:
             return KernelTiming.failed(
-                f"run error: {_short(exc)}",
+                f"run error: {short_error(exc)}",
                 impl,
                 build_s=build_s,
                 measure_s=time.monotonic() - start - build_s,
@@ -313,7 +307,7 @@ class OrtBackend(LatencyBackend):
             x = random_inputs((batch, *input_shape[1:]), SEED + 1).numpy()
         except Exception as exc:
             return KernelTiming.failed(
-                f"export error: {_short(exc)}",
+                f"export error: {short_error(exc)}",
                 impl,
                 build_s=time.monotonic() - start,
                 details=details,
@@ -327,7 +321,7 @@ class OrtBackend(LatencyBackend):
             once, out = self._first_call(session, feed)
         except Exception as exc:
             return KernelTiming.failed(
-                f"run error: {_short(exc)}", impl, build_s=build_s, details=details
+                f"run error: {short_error(exc)}", impl, build_s=build_s, details=details
             )
         if out.shape[0] != batch or not np.isfinite(out).all():
             return KernelTiming.failed(
@@ -339,37 +333,6 @@ class OrtBackend(LatencyBackend):
                 details=details,
             )
         return _OrtModel(self, session, feed, once, build_s, details)
-
-    def measure_model(
-        self,
-        model: Any,
-        input_shape: tuple[int, ...],
-        layers: tuple[LayerInfo, ...] | list[LayerInfo],
-        config: QuantConfig,
-    ) -> KernelTiming:
-        """``prepare_model`` and one timing round (impl ``model``); never raises."""
-        prepared = self.prepare_model(model, input_shape, layers, config)
-        if isinstance(prepared, KernelTiming):
-            return prepared
-        start = time.monotonic()
-        try:
-            samples = prepared.time()
-        except Exception as exc:  # _Timeout's message already says timeout
-            text = str(exc) if isinstance(exc, _Timeout) else f"run error: {_short(exc)}"
-            return KernelTiming.failed(
-                text,
-                "model",
-                build_s=prepared.build_s,
-                measure_s=time.monotonic() - start,
-                details=prepared.details,
-            )
-        return KernelTiming.from_samples(
-            "model",
-            samples,
-            build_s=prepared.build_s,
-            measure_s=time.monotonic() - start,
-            details={**prepared.details, "calls_per_sample": prepared.calls},
-        )
 
     # --- work -------------------------------------------------------------------------------
 
@@ -485,10 +448,10 @@ class _OrtModel(PreparedModel):
         details: dict[str, Any],
     ) -> None:
         self.backend, self.session, self.feed, self.once = backend, session, feed, once
-        self.build_s, self.details, self.calls = build_s, details, 0
+        self.build_s, self.details = build_s, details
 
     def time(self) -> list[float]:
-        samples, self.calls = self.backend._time(
+        samples, self.details["calls_per_sample"] = self.backend._time(
             self.session, self.feed, self.once, time.monotonic()
         )
         return samples

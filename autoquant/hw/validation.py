@@ -106,26 +106,36 @@ def measure_configs(
         if any(config.hash == configs[j].hash for j in todo):
             continue  # timed once, copied below
         todo.append(i)
-    try:
-        for n, i in enumerate(todo):
-            say(f"compiling config {n + 1}/{len(todo)} for end-to-end timing")
-            handle = backend.prepare_model(model, input_shape, layers, configs[i])
-            if isinstance(handle, KernelTiming):
-                results[i] = (handle, False)
-            else:
-                prepared[i], samples[i], build_s[i] = handle, [], handle.build_s
-        for r in range(rounds):
-            for n, i in enumerate(list(prepared)):  # a config that fails leaves the rounds
-                say(f"end-to-end timing: round {r + 1}/{rounds}, config {n + 1}/{len(prepared)}")
-                try:
-                    samples[i].append(prepared[i].time())
-                except Exception as exc:  # lost device, timeout: this config failed
-                    failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
-                    results[i] = (failed, False)
-                    prepared.pop(i).close()
-    finally:
-        for handle in prepared.values():
-            handle.close()
+    # A remote session ends after session_timeout_s and takes its loaded models with it: time
+    # the configs in batches that fit one session, interleaved within each batch.
+    per_session = getattr(backend, "models_per_session", lambda: None)() or len(todo) or 1
+    for first in range(0, len(todo), per_session):
+        batch = todo[first : first + per_session]
+        getattr(backend, "renew_session", lambda: None)()  # a full session for each batch
+        try:
+            for i in batch:
+                say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
+                handle = backend.prepare_model(model, input_shape, layers, configs[i])
+                if isinstance(handle, KernelTiming):
+                    results[i] = (handle, False)
+                else:
+                    prepared[i], samples[i], build_s[i] = handle, [], handle.build_s
+            for r in range(rounds):
+                for i in list(prepared):  # a config that fails leaves the rounds
+                    say(
+                        f"end-to-end timing: round {r + 1}/{rounds}, config "
+                        f"{todo.index(i) + 1}/{len(todo)}"
+                    )
+                    try:
+                        samples[i].append(prepared[i].time())
+                    except Exception as exc:  # lost device, timeout: this config failed
+                        failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
+                        results[i] = (failed, False)
+                        prepared.pop(i).close()
+        finally:
+            for handle in prepared.values():
+                handle.close()
+            prepared.clear()
     measure = backend.profile.spec.measure.model_dump()
     for i in todo:
         if i in results:
