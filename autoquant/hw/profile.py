@@ -49,7 +49,12 @@ class DeviceSpec(_Strict):
     where: Literal["local", "rpc"] = "local"
     tracker: str | None = Field(default=None, description="host:port of the TVM RPC tracker")
     key: str | None = Field(default=None, description="device key the RPC server registered")
-    session_timeout_s: float = Field(default=120, gt=0)
+    session_timeout_s: float = Field(
+        default=600,
+        gt=0,
+        description="the server ends a session this old; autoquant opens a new one before a "
+        "kernel or a batch of whole models would run past it",
+    )
     connect_timeout_s: float = Field(default=5, gt=0)
     cross_compiler: str | None = Field(
         default=None,
@@ -115,8 +120,27 @@ class EndToEndSpec(_Strict):
 
 
 class TuningSpec(_Strict):
-    trials_per_kernel: int = Field(default=64, ge=1)
-    budget_s: float = Field(default=600, gt=0)
+    """Opt-in meta_schedule tuning of the per-layer kernels (TVM runtime, local llvm profiles).
+
+    Each kernel that measured fine with its hand schedule is tuned, the tuned kernel checked
+    against numpy and timed the same way, and the faster one kept (``impl`` ``tuned:...``, both
+    figures in ``details``). Tuning costs ~1-3 min per kernel on 2 cores, so ``budget_s`` bounds
+    the total; kernels after it is used up keep their hand schedule. RPC profiles are never
+    tuned (each timing's ``details`` says why). The settings are part of the latency table's
+    fingerprint: tuned and untuned timings are never mixed.
+    """
+
+    trials_per_kernel: int = Field(
+        default=64,
+        ge=1,
+        description="candidate schedules meta_schedule builds and times, per kernel",
+    )
+    budget_s: float = Field(
+        default=600,
+        gt=0,
+        description="seconds of tuning over a whole profiling run; the kernel that runs past it "
+        "is stopped and keeps its hand schedule",
+    )
 
 
 class HardwareProfileSpec(_Strict):

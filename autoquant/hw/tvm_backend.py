@@ -9,6 +9,13 @@ compiled library uploaded through an RPC session from the profile's tracker.
 predicted (``repeat x max(min_repeat_ms, number x call)``) and a kernel that would run past the
 deadline is reported ``failed`` with a timeout instead of being run; an RPC session's own
 ``session_timeout_s`` stops a remote that hangs.
+
+With a ``tuning:`` section (local llvm profiles only) each kernel that measured fine is then tuned
+with meta_schedule (``tuning.tune_kernel``), the tuned kernel checked and timed the same way, and
+the faster of the two kept: ``impl`` gets a ``tuned:`` prefix when the tuned one won, and
+``details`` records ``hand_us``, ``tuned_us`` (or ``tuning_error``), ``tuning_s`` and
+``tuning_trials``. ``budget_s`` bounds the tuning time over the backend's lifetime; later kernels
+keep their hand schedule.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from autoquant.hw import tvm_kernels
 from autoquant.hw._tvm import load_tvm, set_threads
-from autoquant.hw.backend import LatencyBackend, PreparedModel
+from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
 from autoquant.hw.kernels import (
     KERNEL_TEMPLATE_VERSION,
     KernelSpec,
@@ -36,15 +44,9 @@ from autoquant.hw.kernels import (
 from autoquant.hw.profile import HardwareProfile, has_vnni, target_object
 from autoquant.hw.rpc import request_session
 from autoquant.hw.timing import KernelTiming
+from autoquant.hw.tuning import TunedKernel, TuningWorker, tune_kernel, tuning_refusal
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 from autoquant.versions import cpu_name
-
-
-def _short(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    # TVM errors end with the message; the first line is often a traceback header.
-    text = lines[-1] if lines else ""
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 class TvmBackend(LatencyBackend):
@@ -57,9 +59,13 @@ class TvmBackend(LatencyBackend):
         self.vnni = has_vnni(profile)
         self.tensorize = tensorize
         self._session: Any = None
+        self._session_start = 0.0
         # the kernels measured by this backend, kept loaded so ``retime`` can take more rounds
         self._timers: dict[KernelSpec, Any] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="autoquant-kernels-")
+        self._tuning_refusal = tuning_refusal(profile) if profile.spec.tuning else None
+        self._tuning_used_s = 0.0  # over the backend's lifetime, against tuning.budget_s
+        self._tuner: TuningWorker | None = None  # started on the first kernel tuned
 
     # --- contract ---------------------------------------------------------------------------
 
@@ -82,6 +88,9 @@ class TvmBackend(LatencyBackend):
             "batch": p.spec.batch_size,
             "kernels": KERNEL_TEMPLATE_VERSION,
             "tensorize": self.tensorize,
+            # only with tuning: untuned fingerprints (and the tables keyed by them) stay as
+            # they were, and tuned timings are never shared with untuned ones
+            **({"tuning": p.spec.tuning.model_dump()} if p.spec.tuning else {}),
         }
 
     def spec_for(self, layer: LayerInfo, choice: QuantChoice) -> KernelSpec | str:
@@ -108,6 +117,25 @@ class TvmBackend(LatencyBackend):
             return KernelTiming.excluded(spec)
         return self.measure_spec(spec)
 
+    def renew_session(self) -> None:
+        """Drop the RPC session (and the modules loaded in it); the next call opens a new one."""
+        if not self.profile.is_local:
+            self._timers.clear()
+            self._session = None
+
+    def models_per_session(self) -> int | None:
+        """How many whole models one RPC session can prepare and time in interleaved rounds
+        before the server would end it (None: no limit, a local device)."""
+        if self.profile.is_local:
+            return None
+        spec = self.profile.spec
+        rounds = spec.end_to_end.rounds
+        per_round = spec.measure.warmup * 0.01 + spec.measure.repeat * max(
+            spec.measure.min_repeat_ms / 1000.0, 0.01
+        )
+        per_model = 10.0 + rounds * per_round * 1.5  # build + upload, then the rounds, padded
+        return max(1, int(0.5 * spec.device.session_timeout_s / per_model))
+
     def retime(self, layer: LayerInfo, choice: QuantChoice) -> list[float] | None:
         """Another round of samples (seconds) of a kernel this backend measured, still loaded;
         None when it has none (not measured here, or failed)."""
@@ -118,12 +146,95 @@ class TvmBackend(LatencyBackend):
     def close(self) -> None:
         self._timers.clear()
         self._session = None
+        if self._tuner is not None:
+            self._tuner.close()
+            self._tuner = None
         self._tmp.cleanup()
 
     # --- work -------------------------------------------------------------------------------
 
     def measure_spec(self, spec: KernelSpec) -> KernelTiming:
-        """Build, check and time one kernel; every failure is a ``failed`` result."""
+        """Build, check and time one kernel; every failure is a ``failed`` result. With
+        ``tuning``, a kernel that measured fine is tuned too and the faster one kept."""
+        timing = self._measure_hand(spec)
+        if self.profile.spec.tuning is None or not timing.ok:
+            return timing
+        return self._tune(spec, timing)
+
+    def tuning_decision(self) -> str | None:
+        """None when the next kernel is tuned, else why not (its ``tuning_error``)."""
+        tuning = self.profile.spec.tuning
+        if tuning is None:
+            return "the profile has no tuning section"
+        if self._tuning_refusal is not None:
+            return self._tuning_refusal
+        if self._tuning_used_s >= tuning.budget_s:
+            return f"tuning budget of {tuning.budget_s:g} s used up"
+        return None
+
+    def _tune(self, spec: KernelSpec, hand: KernelTiming) -> KernelTiming:
+        """Tune ``spec``, check and time the tuned kernel like the hand one, keep the faster;
+        a tuned kernel that is missing, wrong or fails never replaces the hand timing."""
+        tuning = self.profile.spec.tuning
+        assert tuning is not None
+        hand_timer = self._timers.get(spec)
+        info: dict[str, Any] = {"hand_us": hand.median_us}
+        reason = self.tuning_decision()
+        tuned_timing: KernelTiming | None = None
+        if reason is None:
+            start = time.monotonic()
+            if self._tuner is None:
+                self._tuner = TuningWorker(
+                    self.profile.threads, os.path.join(self._tmp.name, "tuning-worker.log")
+                )
+            tuned = tune_kernel(
+                spec,
+                self.profile.target,
+                trials=tuning.trials_per_kernel,
+                work_dir=tempfile.mkdtemp(prefix="tune-", dir=self._tmp.name),
+                deadline_s=tuning.budget_s - self._tuning_used_s,
+                worker=self._tuner,
+            )
+            tuning_s = time.monotonic() - start
+            self._tuning_used_s += tuning_s
+            info["tuning_s"] = round(tuning_s, 3)
+            if isinstance(tuned, str):
+                reason = tuned
+            else:
+                info["tuning_trials"] = tuned.trials
+                tuned_timing = self._time_tuned(spec, tuned, dict(hand.details))
+                if tuned_timing.ok:
+                    info["tuned_us"] = tuned_timing.median_us
+                else:
+                    reason = f"tuned kernel {tuned_timing.error}"
+                    tuned_timing = None
+        if reason is not None:
+            info["tuning_error"] = reason
+        # medians decide: one lucky sample (the min) should not pick the schedule
+        if tuned_timing is not None and tuned_timing.median_us < hand.median_us:
+            return replace(
+                tuned_timing,
+                impl=f"tuned:{spec.impl}",
+                build_s=hand.build_s + info["tuning_s"],
+                details={**hand.details, **info},
+            )  # its timer, set by _run, is the one retime uses
+        if hand_timer is not None:
+            self._timers[spec] = hand_timer
+        return replace(hand, details={**hand.details, **info})
+
+    def _time_tuned(
+        self, spec: KernelSpec, tuned: TunedKernel, details: dict[str, Any]
+    ) -> KernelTiming:
+        """The tuned kernel checked against numpy and timed exactly as the hand one was (the
+        per-kernel timeout counts from here: tuning has its own budget)."""
+        start = time.monotonic()
+        try:
+            return self._run(spec, tuned.executable, list(tuned.names), start, 0.0, details)
+        except Exception as exc:
+            return KernelTiming.failed(f"run error: {short_error(exc)}", spec.impl)
+
+    def _measure_hand(self, spec: KernelSpec) -> KernelTiming:
+        """The hand-scheduled kernel built, checked and timed."""
         m = self.profile.spec.measure
         start = time.monotonic()
         details = {
@@ -140,7 +251,7 @@ class TvmBackend(LatencyBackend):
             )
         except Exception as exc:
             return KernelTiming.failed(
-                f"build error: {_short(exc)}",
+                f"build error: {short_error(exc)}",
                 spec.impl,
                 build_s=time.monotonic() - start,
                 details=details,
@@ -159,7 +270,7 @@ class TvmBackend(LatencyBackend):
             if not self.profile.is_local:
                 self._session = None
             return KernelTiming.failed(
-                f"run error: {_short(exc)}",
+                f"run error: {short_error(exc)}",
                 spec.impl,
                 build_s=build_s,
                 measure_s=time.monotonic() - start - build_s,
@@ -173,7 +284,13 @@ class TvmBackend(LatencyBackend):
         return self._upload(ex, f"k{abs(hash((spec, os.getpid()))) % 10**12}.so")
 
     def _remote_session(self) -> Any:
+        # The server ends a session at session_timeout_s, whatever runs in it: start a new one
+        # between kernels rather than lose a kernel (and its loaded module) mid-measurement.
+        timeout = self.profile.spec.device.session_timeout_s
+        if self._session is not None and time.monotonic() - self._session_start > 0.8 * timeout:
+            self.renew_session()
         if self._session is None:
+            self._session_start = time.monotonic()
             dev_spec = self.profile.spec.device
             host, port = dev_spec.host_port
             self._session = request_session(
@@ -235,7 +352,7 @@ class TvmBackend(LatencyBackend):
             )
         except Exception as exc:
             return KernelTiming.failed(
-                f"build error: {_short(exc)}", "model", build_s=time.monotonic() - start
+                f"build error: {short_error(exc)}", "model", build_s=time.monotonic() - start
             )
         try:
             if self.profile.is_local:
@@ -247,7 +364,7 @@ class TvmBackend(LatencyBackend):
             if not self.profile.is_local:
                 self._session = None
             return KernelTiming.failed(
-                f"run error: {_short(exc)}", "model", build_s=time.monotonic() - start
+                f"run error: {short_error(exc)}", "model", build_s=time.monotonic() - start
             )
         prepared.build_s = time.monotonic() - start
         return prepared
@@ -309,6 +426,7 @@ class _TvmModel(PreparedModel):
         from tvm import relax
 
         self.backend = backend
+        self.details: dict[str, Any] = {"where": "local" if backend.profile.is_local else "rpc"}
         self.dev = dev
         self.vm = relax.VirtualMachine(mod, dev)
         x = np.random.default_rng(0).standard_normal(shape).astype("float32")
