@@ -119,9 +119,15 @@ class TvmBackend(LatencyBackend):
 
     def renew_session(self) -> None:
         """Drop the RPC session (and the modules loaded in it); the next call opens a new one."""
-        if not self.profile.is_local:
+        if not self.profile.is_local and self._session is not None:
+            import gc
+
             self._timers.clear()
             self._session = None
+            # The session closes when its last reference goes; a server under a key serves one
+            # session at a time, so a lingering old one would make the tracker queue the new
+            # request forever. Collect now (loaded modules and VMs form reference cycles).
+            gc.collect()
 
     def models_per_session(self) -> int | None:
         """How many whole models one RPC session can prepare and time in interleaved rounds
@@ -447,3 +453,4 @@ class _TvmModel(PreparedModel):
     def close(self) -> None:
         self.vm = None
         self.x = None
+        self.dev = None
