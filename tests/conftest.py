@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,3 +63,28 @@ def small_spec(tmp: Path, *, name: str = "small", trials: int = 12, extra: str =
         f"version: 1\nname: {name}\ntask: digits-mlp\nspace: space.yaml\n"
         f"search: {{sampler: nsga2, trials: {trials}, population_size: 6, seed: 0}}\n{extra}",
     )
+
+
+def tvm_or_skip():
+    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    return pytest.importorskip("tvm")
+
+
+def write_profile(tmp_path: Path, data: dict):
+    """A hardware profile from ``data``, written as ``<name>.yaml`` under ``tmp_path`` and loaded."""
+    import yaml
+
+    from autoquant.hw.profile import load_profile
+
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_profile(path)
+
+
+@pytest.fixture(scope="module")
+def mlp_layers():
+    from autoquant.space.discovery import discover_layers
+    from autoquant.tasks.digits import DigitsMLP
+
+    return discover_layers(DigitsMLP(), (1, 1, 8, 8))  # shapes only: no training needed

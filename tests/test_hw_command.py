@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import typer
 import yaml
+from conftest import tvm_or_skip
 from typer.testing import CliRunner
 
 from autoquant.errors import UserError
 from autoquant.hw.command import hw, profile
 
 pytestmark = pytest.mark.requires_tvm
-
-
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
 
 
 @pytest.fixture(scope="module")

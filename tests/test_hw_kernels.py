@@ -6,10 +6,9 @@ same packed data (uint8 outputs may differ by one code where float rounding sits
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from conftest import tvm_or_skip
 
 from autoquant.hw.kernels import (
     check_output,
@@ -22,13 +21,6 @@ from autoquant.hw.kernels import (
     pack_bits,
 )
 from autoquant.space.values import LayerInfo, QuantChoice
-
-
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
-
 
 pytestmark = pytest.mark.requires_tvm
 

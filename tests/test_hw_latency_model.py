@@ -5,10 +5,10 @@ kernels."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
+from conftest import tvm_or_skip
 
 from autoquant.hw.latency_model import (
     ValidationRow,
@@ -26,12 +26,6 @@ W8 = QuantChoice(8, 8, "per_channel")
 
 def t(us: float) -> KernelTiming:
     return KernelTiming.from_samples("k", [us * 1e-6] * 3)
-
-
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
 
 
 def test_one_calibration_point_gives_sum_plus_intercept():

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_profile
 
 from autoquant.hw.profiling import parse_label, profile_layers
 from autoquant.hw.table import LatencyTable
@@ -36,19 +36,7 @@ FAST = {
 
 
 def make_profile(tmp_path, **changes):
-    from autoquant.hw.profile import load_profile
-
-    data = {**FAST, **changes}
-    path = tmp_path / f"{data['name']}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_profile(path)
-
-
-@pytest.fixture(scope="module")
-def mlp_layers():
-    from autoquant.tasks.digits import DigitsMLP
-
-    return discover_layers(DigitsMLP(), (1, 1, 8, 8))  # shapes only: no training needed
+    return write_profile(tmp_path, {**FAST, **changes})
 
 
 @pytest.fixture(scope="module")

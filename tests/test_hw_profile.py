@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tvm_or_skip
 
 from autoquant.errors import UserError
 from autoquant.hw.profile import (
@@ -15,13 +15,6 @@ from autoquant.hw.profile import (
     find_profile,
     load_profile_spec,
 )
-
-
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
-
 
 SHIPPED = {"cpu-local", "cpu-local-ort", "cuda-sm90", "arm64-rpc"}
 

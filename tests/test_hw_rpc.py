@@ -6,12 +6,12 @@ The server runs whatever it is sent, so it binds to loopback only. The loopback 
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 
 import pytest
 import yaml
+from conftest import tvm_or_skip
 
 from autoquant.hw.table import LatencyTable
 from autoquant.space.values import LayerInfo, QuantChoice
@@ -19,12 +19,6 @@ from autoquant.space.values import LayerInfo, QuantChoice
 pytestmark = pytest.mark.requires_tvm
 
 LAYER = LayerInfo("fc", "linear", (48, 64), (1, 64), (1, 48), 48 * 64, 48 * 64 + 48, True)
-
-
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
 
 
 def free_port() -> int:

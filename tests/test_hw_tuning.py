@@ -8,14 +8,12 @@ with 8 trials (~1-2 min on 2 cores, most of it meta_schedule's start-up).
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
-import yaml
+from conftest import tvm_or_skip, write_profile
 
 from autoquant.hw.timing import KernelTiming
-from autoquant.space.discovery import discover_layers
 from autoquant.space.values import QuantChoice
 
 pytestmark = pytest.mark.requires_tvm
@@ -32,26 +30,8 @@ FAST = {
 }
 
 
-def tvm_or_skip():
-    """Skip without TVM; size TVM's thread pool first (it can shrink later, never grow)."""
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    return pytest.importorskip("tvm")
-
-
 def make_profile(tmp_path, **changes):
-    from autoquant.hw.profile import load_profile
-
-    data = {**FAST, **changes}
-    path = tmp_path / f"{data['name']}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_profile(path)
-
-
-@pytest.fixture(scope="module")
-def mlp_layers():
-    from autoquant.tasks.digits import DigitsMLP
-
-    return discover_layers(DigitsMLP(), (1, 1, 8, 8))  # shapes only: no training needed
+    return write_profile(tmp_path, {**FAST, **changes})
 
 
 def tvm_backend(profile):

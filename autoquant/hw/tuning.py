@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoquant.hw.backend import short_error
 from autoquant.hw.kernels import KernelSpec
 
 # meta_schedule's default builder timeout (30 s) is shorter than a fresh builder worker's start
@@ -109,7 +110,7 @@ def tune_kernel(
         # pre-rewritten weights); kept here, the kernel takes our packed arguments like the hand one
         ex = tvm.compile(tvm.ir.load_json(mod_json), target=tvm.target.Target(target_dict))
     except Exception as exc:
-        return f"the tuned schedule does not compile: {_short(exc)}"
+        return f"the tuned schedule does not compile: {short_error(exc)}"
     return TunedKernel(
         ex, tuple(names), time.monotonic() - start, int(n_trials), int(n_valid), float(best_us)
     )
@@ -198,7 +199,7 @@ def _serve(fd: int) -> None:
         try:
             reply: tuple[Any, ...] = _tune_here(*request[1:])
         except Exception as exc:
-            reply = ("error", f"tuning raised {_short(exc)}")
+            reply = ("error", f"tuning raised {short_error(exc)}")
         conn.send(reply)
 
 
@@ -293,12 +294,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value"):
         return value.value
     return str(value)
-
-
-def _short(exc: BaseException) -> str:
-    from autoquant.hw.backend import short_error
-
-    return short_error(exc)
 
 
 def _last_line(path: Path) -> str:
