@@ -149,6 +149,77 @@ def test_vnni_runs_where_the_cpu_has_it(host):
         assert check_output(spec, data, out) is None
 
 
+MADD16_CHOICES = [
+    C(8, 8, "per_channel", None, True),
+    C(8, 8, "per_tensor", None, True),
+    C(4, 8, "per_channel", None, True),
+    C(2, 8, "per_tensor", None, True),
+]
+
+
+def has_avx2(host) -> bool:
+    import tvm.target.codegen as codegen
+
+    return bool(codegen.llvm_cpu_has_features(["avx2"], host[1]))
+
+
+@pytest.mark.parametrize("choice", MADD16_CHOICES, ids=lambda c: c.label)
+@pytest.mark.parametrize(
+    ("layer", "batch"),
+    [(DENSE, 1), (DENSE, 6), (CONV, 1), (DENSE_NOBIAS, 2), (CONV_S2, 2)],
+    ids=["dense-b1", "dense-b6", "conv", "dense-k30-nobias", "conv-k27-stride2"],
+)
+def test_madd16_matches_numpy(host, layer, batch, choice):
+    """Float in, float out: quantize, int16 pairs, requantize and dequantize in one kernel;
+    K padded to even (27 -> 28) with zero weights."""
+    spec = kernel_spec(layer, choice, batch, vnni=False, avx2=True)
+    assert spec.madd16 and spec.kp % 2 == 0 and "madd16" in spec.impl
+    assert output_dtype(spec) == "float32"
+    data, out = run_kernel(host, spec, tensorize=False)  # the layout, on any CPU
+    assert check_output(spec, data, out) is None
+    if has_avx2(host):
+        data, out = run_kernel(host, spec)
+        assert check_output(spec, data, out) is None
+
+
+def test_madd16_is_exact_where_vpmaddubsw_saturates(host):
+    """Extreme codes: u8 x s8 pair sums of 248 x -128 x 2 overflow int16 (the saturating
+    ``vpmaddubsw`` path would clip them); ``vpmaddwd`` keeps them exact."""
+    if not has_avx2(host):
+        pytest.skip("no AVX2")
+    spec = kernel_spec(DENSE, C(8, 8, "per_tensor", None, True), 2, vnni=False, avx2=True)
+    data = make_data(spec, seed=0)
+    sa, za = data.act["sa"], data.act["za"]
+    data.x[:] = 255
+    data.inputs["x"][:] = np.float32((255 - za) * sa)
+    data.inputs["w"][:] = -128
+    s = float(data.inputs["scale"][0])
+    data.w[:] = np.float32(-128 * s)
+    data.act["so"] = (255 - za) * sa * 128 * s * spec.k / 100.0  # outputs land inside uint8
+    data.act["zo"] = 200.0
+    data.inputs["aq"] = np.array([sa, za, data.act["so"], data.act["zo"]], dtype=np.float32)
+    from autoquant.hw import tvm_kernels
+
+    tvm, target = host
+    ex, names = tvm_kernels.build(spec, target, threads=2)
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(data.inputs[n], dev) for n in names[:-1]]
+    args.append(tvm.runtime.tensor(np.zeros((spec.m, spec.np_), "float32"), dev))
+    ex(*args)
+    assert check_output(spec, data, args[-1].numpy()) is None
+    assert "vpmaddwd" in ex.mod.inspect_source("asm")
+
+
+def test_kernel_spec_picks_madd16_only_where_it_applies():
+    sym8, sym4 = C(8, 8, "per_channel", None, True), C(4, 8, "per_tensor", None, True)
+    assert kernel_spec(DENSE, sym8, 1, vnni=False, avx2=True).madd16
+    assert kernel_spec(CONV, sym4, 1, vnni=False, avx2=True).madd16
+    assert not kernel_spec(DENSE, sym8, 1, vnni=False).madd16  # no AVX2
+    assert not kernel_spec(DENSE, sym8, 1, vnni=True, avx2=True).madd16  # VNNI wins
+    for other in (C(8, 8, "per_channel", None, False), C(8, 8, "per_group", 8, True), C(8, 32)):
+        assert not kernel_spec(DENSE, other, 1, vnni=False, avx2=True).madd16
+
+
 def test_check_output_catches_wrong_results(host):
     spec = kernel_spec(DENSE, C(4, 32, "per_group", 8, True), 2, vnni=False)
     data, out = run_kernel(host, spec)
@@ -205,3 +276,7 @@ def test_multithreaded_schedules(host, layer, batch, choice, monkeypatch):
         vnni_spec = kernel_spec(layer, choice, batch, vnni=True)
         data, out = run_kernel(host, vnni_spec, tensorize=False)
         assert check_output(vnni_spec, data, out) is None
+    if choice.act_bits == 8 and choice.granularity != "per_group" and choice.symmetric:
+        madd_spec = kernel_spec(layer, choice, batch, vnni=False, avx2=True)
+        data, out = run_kernel(host, madd_spec, tensorize=has_avx2(host))
+        assert check_output(madd_spec, data, out) is None

@@ -145,18 +145,22 @@ def test_composed_model_matches_torch(cpu, name):
     mixed = {layers[0].name: QuantChoice(8, 8, "per_channel"), layers[-1].name: QuantChoice(16, 16)}
     for layer in layers[1:-1]:
         mixed[layer.name] = QuantChoice(4, 32, "per_channel", None, False)
-    ex = build_model(
-        model,
-        (1, 1, 8, 8),
-        layers,
-        QuantConfig.from_mapping(mixed),
-        batch=2,
-        target=cpu,
-        threads=2,
-        vnni=False,
-    )
-    _, out = time_model(ex, (1, 1, 8, 8), batch=2, warmup=0, number=1, repeat=3, min_repeat_ms=1)
-    assert out.shape == (2, 10) and np.isfinite(out).all()
+    for avx2 in (False, True):  # uint8 kernels between quantize/dequantize ops, or madd16
+        ex = build_model(
+            model,
+            (1, 1, 8, 8),
+            layers,
+            QuantConfig.from_mapping(mixed),
+            batch=2,
+            target=cpu,
+            threads=2,
+            vnni=False,
+            avx2=avx2,
+        )
+        _, out = time_model(
+            ex, (1, 1, 8, 8), batch=2, warmup=0, number=1, repeat=3, min_repeat_ms=1
+        )
+        assert out.shape == (2, 10) and np.isfinite(out).all()
 
 
 @pytest.mark.requires_tvm

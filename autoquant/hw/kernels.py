@@ -28,6 +28,17 @@ Formats (``KernelFormat``), from a ``QuantChoice``:
   to 4, padding filled with the activation zero point); otherwise a plain int32 schedule;
 * ``wNa8``: 2/3/4-bit weights with uint8 activations, int32 accumulation (per-tensor/channel).
 
+``madd16`` (AVX2 without VNNI; symmetric per-tensor/channel ``w8a8`` and ``wNa8``): weight codes
+as int8 ``[Np/16, Kp/2, 16, 2]`` (``Kp`` = K padded to 2 with zero weights); float32 input
+quantized to uint8 codes and shifted by the zero point into int16 inside the kernel (fused with
+im2col), the output requantized to uint8 codes and dequantized to float32 in the epilogue, so a
+whole model needs no separate quantize / dequantize operators around the layer (on small models
+those calls cost more than the integer arithmetic saves); pairs along K are multiplied and
+summed into int32 by ``vpmaddwd`` (16 multiply-adds per instruction, twice float32 FMA's 8). Exact: the
+products are at most 255 x 128 and a pair's sum fits int32, unlike ``vpmaddubsw``'s saturating
+int16 sums. Low-bit codes are stored one per byte here: on this path the kernel's speed, not its
+storage, is what the table records (the model's size objective counts the configured bits).
+
 Per-group scales with uint8 activations (``w8a8`` or ``wNa8`` per-group) accumulate in float32
 after dequantizing both operands in the inner loop (``impl`` says so): there is no int32
 per-group template yet.
@@ -43,7 +54,7 @@ import numpy as np
 
 from autoquant.space.values import LayerInfo, QuantChoice
 
-KERNEL_TEMPLATE_VERSION = 2  # bump when a schedule changes: old table entries stop matching
+KERNEL_TEMPLATE_VERSION = 3  # bump when a schedule changes: old table entries stop matching
 LANES = 16
 
 KernelFormat = Literal["fp32", "fp16", "weight_only", "w8a8", "wNa8"]
@@ -109,6 +120,7 @@ class KernelSpec:
     has_bias: bool
     conv: ConvGeometry | None = None
     vnni: bool = False
+    madd16: bool = False
 
     @property
     def np_(self) -> int:
@@ -116,7 +128,9 @@ class KernelSpec:
 
     @property
     def kp(self) -> int:
-        """K as stored: padded to 4 for VNNI (conv pads channels), else K."""
+        """K as stored: padded to 4 for VNNI (conv pads channels), to 2 for ``madd16``, else K."""
+        if self.madd16:
+            return -(-self.k // 2) * 2
         if not self.vnni:
             return self.k
         if self.conv is not None:
@@ -151,7 +165,12 @@ class KernelSpec:
             parts.append("sym" if self.symmetric else "asym")
         parts.append(f"a{self.act_bits}")
         if self.fmt in ("w8a8", "wNa8"):
-            parts.append("vnni" if self.vnni else ("i32" if self.int_accumulate else "f32acc"))
+            if self.vnni:
+                parts.append("vnni")
+            elif self.madd16:
+                parts.append("madd16")
+            else:
+                parts.append("i32" if self.int_accumulate else "f32acc")
         return "-".join(parts)
 
     @property
@@ -161,7 +180,7 @@ class KernelSpec:
             return self.np_ * self.k * 4
         if self.fmt == "fp16":
             return self.np_ * self.k * 2
-        if self.vnni:
+        if self.vnni or self.madd16:
             return self.np_ * self.kp
         return self.np_ * packed_k_bytes(self.k, self.weight_bits)
 
@@ -173,11 +192,13 @@ def packed_k_bytes(k: int, bits: int) -> int:
 
 
 def kernel_spec(
-    layer: LayerInfo, choice: QuantChoice, batch: int, *, vnni: bool
+    layer: LayerInfo, choice: QuantChoice, batch: int, *, vnni: bool, avx2: bool = False
 ) -> KernelSpec | str:
     """The kernel for a layer and choice at a batch size, or the reason there is none.
 
     ``vnni``: whether the target has AVX-512 VNNI (only ``w8a8`` per-tensor/channel uses it).
+    ``avx2``: whether it has AVX2; then symmetric per-tensor/channel ``w8a8`` and ``wNa8``
+    without VNNI use the ``madd16`` template (``vpmaddwd``).
     """
     if batch < 1:
         return f"batch size {batch} must be >= 1"
@@ -196,6 +217,13 @@ def kernel_spec(
         has_bias=layer.has_bias,
     )
     use_vnni = vnni and fmt == "w8a8" and choice.granularity != "per_group"
+    common["madd16"] = (
+        avx2
+        and not use_vnni
+        and fmt in ("w8a8", "wNa8")
+        and choice.granularity != "per_group"
+        and choice.symmetric
+    )
     if layer.kind == "linear":
         n, k = layer.weight_shape
         rows = math.prod(layer.input_shape[1:-1]) if len(layer.input_shape) > 2 else 1
@@ -291,6 +319,10 @@ def make_data(spec: KernelSpec, seed: int = 0) -> KernelData:
     else:
         x = rng.standard_normal(x_shape).astype(np.float32)
     x_arg = x
+    if spec.madd16:  # float input the kernel quantizes back to exactly these codes
+        x_arg = ((x.astype(np.float32) - np.float32(act["za"])) * np.float32(act["sa"])).astype(
+            np.float32
+        )
     if spec.vnni:  # pad K (dense) or C (conv) to a multiple of 4 with the zero point
         if spec.conv is None:
             x_arg = np.full((m, spec.kp), int(act["za"]), dtype=np.uint8)
@@ -342,6 +374,12 @@ def make_data(spec: KernelSpec, seed: int = 0) -> KernelData:
             wsum = np.zeros(np_, dtype=np.int32)
             wsum[:n] = q8[:n].astype(np.int64).sum(axis=1)
             inputs["wsum"] = wsum
+        elif spec.madd16:
+            q8 = np.zeros((np_, spec.kp), dtype=np.int8)
+            q8[:n, :k] = q
+            inputs["w"] = np.ascontiguousarray(
+                q8.reshape(np_ // LANES, LANES, spec.kp // 2, 2).transpose(0, 2, 1, 3)
+            )
         else:
             inputs["w"] = pack_bits((q + half).astype(np.int64), bits, np_)
         if spec.granularity == "per_tensor":
@@ -384,7 +422,15 @@ def im2col(x: np.ndarray, geo: ConvGeometry, pad_value: float) -> np.ndarray:
     return cols.reshape(geo.batch * geo.out_h * geo.out_w, -1)
 
 
+def input_dtype(spec: KernelSpec) -> str:
+    if spec.madd16:  # quantized inside the kernel
+        return "float32"
+    return {8: "uint8", 16: "float16", 32: "float32"}[spec.act_bits]
+
+
 def output_dtype(spec: KernelSpec) -> str:
+    if spec.madd16:  # requantized and dequantized inside the kernel
+        return "float32"
     return {8: "uint8", 16: "float16", 32: "float32"}[spec.act_bits]
 
 
@@ -407,6 +453,8 @@ def check_output(spec: KernelSpec, data: KernelData, out: np.ndarray) -> str | N
     """None when the kernel output matches the reference, else what is wrong."""
     exact = reference(spec, data)
     got = out[:, : spec.n]
+    if spec.madd16:  # dequantized output: back to its codes
+        got = np.round(got.astype(np.float64) / data.act["so"] + data.act["zo"])
     if spec.act_bits == 8:
         want = np.clip(np.round(exact / data.act["so"]) + data.act["zo"], 0, 255)
         diff = np.abs(got.astype(np.int64) - want.astype(np.int64))

@@ -294,8 +294,9 @@ def target_object(profile: HardwareProfile) -> Any:
     return tvm.target.Target(profile.target)
 
 
-def has_vnni(profile: HardwareProfile) -> bool:
-    """Whether the profile's target CPU has AVX-512 VNNI (from the target, not this host)."""
+def has_cpu_feature(profile: HardwareProfile, feature: str) -> bool:
+    """Whether the profile's x86 target CPU has ``feature`` (an LLVM feature name such as
+    ``avx2`` or ``avx512vnni``), from the target, not this host."""
     if profile.target_kind != "llvm" or "x86" not in str(profile.target.get("mtriple", "x86_64")):
         return False
     from autoquant.hw._tvm import load_tvm
@@ -303,4 +304,8 @@ def has_vnni(profile: HardwareProfile) -> bool:
     load_tvm(profile.threads)
     import tvm.target.codegen as codegen
 
-    return bool(codegen.llvm_cpu_has_features(["avx512vnni"], target_object(profile)))
+    return bool(codegen.llvm_cpu_has_features([feature], target_object(profile)))
+
+
+def has_vnni(profile: HardwareProfile) -> bool:
+    return has_cpu_feature(profile, "avx512vnni")

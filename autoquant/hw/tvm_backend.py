@@ -41,7 +41,7 @@ from autoquant.hw.kernels import (
     make_data,
     output_dtype,
 )
-from autoquant.hw.profile import HardwareProfile, has_vnni, target_object
+from autoquant.hw.profile import HardwareProfile, has_cpu_feature, has_vnni, target_object
 from autoquant.hw.rpc import request_session
 from autoquant.hw.timing import KernelTiming
 from autoquant.hw.tuning import TunedKernel, TuningWorker, tune_kernel, tuning_refusal
@@ -57,6 +57,7 @@ class TvmBackend(LatencyBackend):
             set_threads(profile.threads)
         self.target = target_object(profile) if profile.target_kind == "llvm" else None
         self.vnni = has_vnni(profile)
+        self.avx2 = has_cpu_feature(profile, "avx2")
         self.tensorize = tensorize
         self._session: Any = None
         self._session_start = 0.0
@@ -105,7 +106,7 @@ class TvmBackend(LatencyBackend):
             return (
                 f"format {fmt} is not in profile {p.name}'s formats ({', '.join(p.spec.formats)})"
             )
-        return kernel_spec(layer, choice, p.spec.batch_size, vnni=self.vnni)
+        return kernel_spec(layer, choice, p.spec.batch_size, vnni=self.vnni, avx2=self.avx2)
 
     def exclusion(self, layer: LayerInfo, choice: QuantChoice) -> str | None:
         spec = self.spec_for(layer, choice)
@@ -357,6 +358,7 @@ class TvmBackend(LatencyBackend):
                 target=self.target,
                 threads=self.profile.threads,
                 vnni=self.vnni,
+                avx2=self.avx2,
             )
         except Exception as exc:
             return KernelTiming.failed(

@@ -25,9 +25,10 @@ from __future__ import annotations
 from typing import Any
 
 from autoquant.hw._tvm import load_tvm
-from autoquant.hw.kernels import LANES, KernelSpec, output_dtype
+from autoquant.hw.kernels import LANES, KernelSpec, input_dtype, output_dtype
 
 VNNI_INTRIN = "autoquant_dot_16x4_u8i8i32_vnni"
+MADD16_INTRIN = "autoquant_dot_16x2_i16i8i32_avx2"
 # Below this many multiply-accumulates a kernel runs on one thread: on the 2-core development
 # machine the pool's wake-up (5-10 µs) cost more than it saved up to ~0.5 M MACs.
 PARALLEL_MIN_MACS = 1 << 19
@@ -83,6 +84,65 @@ def register_vnni() -> str:
     return VNNI_INTRIN
 
 
+def register_madd16() -> str:
+    """Register the AVX2 ``vpmaddwd`` intrinsic once per process; returns its name.
+
+    16 output lanes x 2 reduction steps: the activation pair (int16) is broadcast to every lane,
+    the int8 weight pairs are widened to int16, and two 256-bit ``vpmaddwd`` give 16 int32 sums.
+    """
+    if MADD16_INTRIN in _REGISTERED:
+        return MADD16_INTRIN
+    load_tvm()
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((16, 2), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((16, 2), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+            a16 = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                a16,
+                T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
+                dtype="int32x8",
+            )
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                a16,
+                T.cast(B.vload([8, 0], dtype="int8x16"), "int16x16"),
+                dtype="int32x8",
+            )
+
+    try:
+        TensorIntrin.register(MADD16_INTRIN, desc, impl)
+    except Exception:  # already registered in this process by an earlier import
+        TensorIntrin.register(MADD16_INTRIN, desc, impl, override=True)
+    _REGISTERED.add(MADD16_INTRIN)
+    return MADD16_INTRIN
+
+
 def _m_factor(m: int) -> int:
     for f in (4, 5, 6, 3, 7, 2):
         if m % f == 0:
@@ -108,7 +168,7 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
         names.append(name)
         return t
 
-    act_dtype = {8: "uint8", 16: "float16", 32: "float32"}[spec.act_bits]
+    act_dtype = input_dtype(spec)
     if spec.conv is None:
         X = arg("x", (m, kp), act_dtype)
         a = X
@@ -117,10 +177,10 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
         cp = spec.cp
         X = arg("x", (g.batch, g.height, g.width, cp), act_dtype)
         pad_value = tirx.const(0, act_dtype)
-        if spec.act_bits == 8:
+        if spec.act_bits == 8 and not spec.madd16:
             pad_value = None  # filled from the zero point below, once aq exists
 
-        def col_fn(mm, kk, _pad=None):
+        def col_fn(mm, kk, _pad=None, src=X):
             b = mm // (g.out_h * g.out_w)
             r = mm % (g.out_h * g.out_w)
             oy, ox = r // g.out_w, r % g.out_w
@@ -128,11 +188,13 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
             iy = oy * g.stride + ky - g.pad
             ix = ox * g.stride + kx - g.pad
             inside = tirx.all(iy >= 0, iy < g.height, ix >= 0, ix < g.width)
-            return te.if_then_else(inside, X[b, iy, ix, c], _pad)
+            return te.if_then_else(inside, src[b, iy, ix, c], _pad)
 
     # weight operand(s)
     if spec.fmt in ("fp32", "fp16"):
         W = arg("w", (nb, k, LANES), "float32" if spec.fmt == "fp32" else "float16")
+    elif spec.madd16:
+        W = arg("w", (nb, kp // 2, LANES, 2), "int8")
     elif spec.vnni:
         W = arg("w", (nb, kp // 4, LANES, 4), "int8")
         WSUM = arg("wsum", (np_,), i32)
@@ -150,7 +212,27 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
     BIAS = arg("bias", (np_,), f32) if spec.has_bias else None
     AQ = arg("aq", (4,), f32) if spec.act_bits == 8 else None
 
-    if spec.conv is not None:
+    if spec.madd16:
+        # (a - za) as int16, K padded to even with zeros: the operand vpmaddwd multiplies
+        def quantize_shift(xv):
+            q = tirx.nearbyint(xv / AQ[0]) + AQ[1]
+            q = te.max(te.min(q, tirx.const(255.0, f32)), tirx.const(0.0, f32))
+            return (q - AQ[1]).astype("int16")
+
+        if spec.conv is not None:  # quantize each input once, before im2col repeats it
+            xq = te.compute(X.shape, lambda *idx: quantize_shift(X[idx]), name="xq")
+
+        def shifted(mm, kk):
+            if spec.conv is None:
+                v = quantize_shift(X[mm, kk])
+            else:
+                v = col_fn(mm, kk, tirx.const(0, "int16"), src=xq)
+            if kp == k:
+                return v
+            return te.if_then_else(kk < k, v, tirx.const(0, "int16"))
+
+        a = te.compute((m, kp), shifted, name="col")
+    elif spec.conv is not None:
         pad = pad_value if pad_value is not None else AQ[1].astype("uint8")
         col = te.compute((m, kp), lambda mm, kk: col_fn(mm, kk, pad), name="col")
         a = col
@@ -191,11 +273,23 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
             return (a[mm, kk].astype(f32) - AQ[1]) * AQ[0]
         return a[mm, kk].astype(f32)
 
-    red = te.reduce_axis((0, kp if spec.vnni else k), name="k")
+    red = te.reduce_axis((0, kp if spec.vnni or spec.madd16 else k), name="k")
     stages: dict[str, Any] = {}
     wdq_cached = spec.fmt in ("weight_only", "wNa8", "w8a8") and not spec.vnni and m >= 4
 
-    if spec.vnni:
+    if spec.madd16:
+        acc = te.compute(
+            (m, np_),
+            lambda i, j: te.sum(
+                a[i, red].astype(i32) * W[j // LANES, red // 2, j % LANES, red % 2].astype(i32),
+                axis=red,
+            ),
+            name="acc",
+        )
+
+        def corrected(i, j):
+            return acc[i, j].astype(f32) * (AQ[0] * scale(j, 0))
+    elif spec.vnni:
         acc = te.compute(
             (m, np_),
             lambda i, j: te.sum(
@@ -274,7 +368,10 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
             y = y + BIAS[j]
         if spec.act_bits == 8:
             q = tirx.nearbyint(y / AQ[2]) + AQ[3]
-            return te.max(te.min(q, tirx.const(255.0, f32)), tirx.const(0.0, f32)).astype("uint8")
+            q = te.max(te.min(q, tirx.const(255.0, f32)), tirx.const(0.0, f32))
+            if spec.madd16:
+                return (q - AQ[3]) * AQ[2]
+            return q.astype("uint8")
         return y.astype(output_dtype(spec))
 
     out = te.compute((m, np_), epilogue, name="out")
@@ -306,7 +403,24 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
         if use_threads:
             sch.parallel(loop)
 
-    if spec.vnni:
+    if spec.madd16:
+        i, j, kk = sch.get_loops(blk)
+        io, ii = sch.split(i, [None, mfac])
+        jo, ji = sch.split(j, [None, LANES])
+        ko, ki = sch.split(kk, [None, 2])
+        sch.reorder(jo, io, ko, ii, ji, ki)
+        if not tensorize:
+            sch.reorder(ki, ji)
+            sch.vectorize(ji)
+        out = sch.get_sblock("out")
+        sch.reverse_compute_at(out, io)
+        parallel(jo if parallel_n else io)
+        init = sch.decompose_reduction(blk, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        if tensorize:
+            sch.tensorize(ji, register_madd16())
+        sch.vectorize(sch.get_loops(out)[-1])
+    elif spec.vnni:
         i, j, kk = sch.get_loops(blk)
         io, ii = sch.split(i, [None, mfac])
         jo, ji = sch.split(j, [None, LANES])
@@ -356,7 +470,13 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
         init = sch.decompose_reduction(blk, kk)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(out)[-1])
-    if spec.conv is not None:
+    if spec.madd16 and spec.conv is not None:
+        xq = sch.get_sblock("xq")
+        flat = sch.fuse(*sch.get_loops(xq))
+        size = spec.conv.batch * spec.conv.height * spec.conv.width * spec.cp
+        if size % 8 == 0:
+            sch.vectorize(sch.split(flat, [None, 8])[1])
+    if spec.conv is not None and spec.kp == spec.conv.kh * spec.conv.kw * spec.cp:
         # Split the im2col loops along (b, oy, ox) x (ky, kx, c) so the index arithmetic is
         # affine (no division per element) and the channel copy vectorizes.
         g = spec.conv
@@ -367,6 +487,11 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
         parallel(sch.fuse(*sch.get_loops(col)[:2]))
         if spec.cp % 4 == 0:
             sch.vectorize(c)
+    elif spec.madd16:  # the int16 activation stage of a dense layer (or an odd-K conv)
+        mm, kk = sch.get_loops(sch.get_sblock("col"))
+        parallel(mm)
+        if spec.conv is None and spec.kp % 8 == 0:
+            sch.vectorize(sch.split(kk, [None, 8])[1])
     return sch.mod
 
 

@@ -74,6 +74,7 @@ def build_model(
     target: Any,
     threads: int,
     vnni: bool,
+    avx2: bool = False,
     model_weights: bool = False,
 ) -> Any:
     """Compile ``model`` under ``config`` at ``batch`` into a relax Executable.
@@ -138,6 +139,8 @@ def build_model(
         return bb.emit(relax.call_tir(gv, args, out))
 
     def prepare_act(spec: KernelSpec, x: Any) -> Any:
+        if spec.madd16:  # the kernel quantizes its float input itself
+            return x
         if spec.act_bits == 8:
             x = quantize(x)
             if spec.vnni:  # K (dense) or C (conv) padded to a multiple of 4 with the zero point
@@ -152,6 +155,8 @@ def build_model(
         return x
 
     def finish_act(spec: KernelSpec, y: Any) -> Any:
+        if spec.madd16:  # and dequantizes its output
+            return y
         if spec.act_bits == 8:
             return dequantize(y)
         if spec.act_bits == 16:
@@ -178,7 +183,7 @@ def build_model(
                 if node.op == "call_module" and node.target in by_name:
                     layer = by_name[node.target]
                     choice = choices.get(layer.name, QuantChoice())
-                    spec = kernel_spec(layer, choice, batch, vnni=vnni)
+                    spec = kernel_spec(layer, choice, batch, vnni=vnni, avx2=avx2)
                     if isinstance(spec, str):
                         raise UnsupportedModel(f"layer {layer.name} {choice.label}: {spec}")
                     x, layout = env[args[0].name]
