@@ -153,6 +153,31 @@ def test_profile_over_rpc_on_loopback(tmp_path):
         ])
         assert result.exit_code == 0, result.output
         assert "3 kernels measured now" in result.output, result.output
+        # Every server busy: the request gives up at its deadline instead of queueing forever,
+        # and the tracker forgets it (the freed server goes to the next request).
+        import gc
+
+        from autoquant.hw.rpc import request_session
+
+        held = request_session(
+            "127.0.0.1", tracker.port, "loopback-cpu", session_timeout_s=60, connect_timeout_s=2
+        )
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="no server under key 'loopback-cpu' became free"):
+            request_session(
+                "127.0.0.1", tracker.port, "loopback-cpu",
+                session_timeout_s=60, connect_timeout_s=2, request_timeout_s=1.0,
+            )
+        assert time.monotonic() - start < 10
+        del held
+        gc.collect()
+        again = request_session(
+            "127.0.0.1", tracker.port, "loopback-cpu",
+            session_timeout_s=60, connect_timeout_s=2, request_timeout_s=30,
+        )
+        assert again.cpu(0) is not None
+        del again
+        gc.collect()
         missing = remote_profile(tracker.port, "no-such-board")
         path.write_text(yaml.safe_dump(missing))
         with backend_for(load_profile(path)) as backend:

@@ -56,6 +56,13 @@ class DeviceSpec(_Strict):
         "kernel or a batch of whole models would run past it",
     )
     connect_timeout_s: float = Field(default=5, gt=0)
+    request_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="how long to wait for the tracker to hand out a free server under the key "
+        "(every server busy, or a stale registration): then the measurement fails with the "
+        "reason instead of waiting forever",
+    )
     cross_compiler: str | None = Field(
         default=None,
         description="C++ compiler that links kernels for the remote, e.g. aarch64-linux-gnu-g++",

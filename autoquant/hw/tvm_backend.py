@@ -308,6 +308,7 @@ class TvmBackend(LatencyBackend):
                 str(dev_spec.key),
                 session_timeout_s=dev_spec.session_timeout_s,
                 connect_timeout_s=dev_spec.connect_timeout_s,
+                request_timeout_s=dev_spec.request_timeout_s,
             )
             try:  # the remote pool can shrink to the profile's threads, not grow past its own
                 self._session.get_function("runtime.config_threadpool")(1, self.profile.threads)

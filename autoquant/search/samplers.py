@@ -39,8 +39,11 @@ def make_sampler(name: str, *, seed: int, population_size: int, constraints_func
 
     import optuna
 
-    # constraints_func is "experimental" in Optuna but is the documented way to pass constraints.
+    # constraints_func is "experimental" in Optuna 4 and deprecated in Optuna 5 (for
+    # trial.set_constraint, which Optuna 4 lacks); it works in both, and users need not see
+    # either warning. Move to set_constraint when Optuna 4 support ends.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
     try:
         factory = SAMPLERS[name]
     except KeyError:
