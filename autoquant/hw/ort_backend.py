@@ -139,6 +139,14 @@ class _Timeout(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Exported:
+    graph: Any  # autoquant.export.graph's ExportedGraph
+    session: Any
+    feed: dict[str, np.ndarray]
+    calibration: Any
+
+
 class OrtBackend(LatencyBackend):
     def __init__(self, profile: HardwareProfile) -> None:
         import onnxruntime as ort
@@ -200,23 +208,14 @@ class OrtBackend(LatencyBackend):
         if reason is not None:
             return KernelTiming.excluded(reason)
         start = time.monotonic()
-        batch = self.profile.spec.batch_size
-        details: dict[str, Any] = {"input_shape": [batch, *layer.input_shape[1:]]}
+        config = QuantConfig(((LAYER_NAME, choice),))
+        details: dict[str, Any] = {}
         impl = "ort"
         try:
-            from autoquant.export.graph import export_graph
-            from autoquant.quant import apply, calibrate
-
             module = layer_module(layer)
-            shape = tuple(layer.input_shape)
-            calibration = calibrate(module, random_inputs((CALIBRATION_SAMPLES, *shape[1:]), SEED))
-            config = QuantConfig(((LAYER_NAME, choice),))
-            graph = export_graph(module, shape, config, calibration)
-            form = graph.layers[0].form
+            exported = self._export(module, layer.input_shape, config, details)
+            form = exported.graph.layers[0].form
             impl = f"ort:{form}" + ("" if choice.act_bits == 32 else f"-a{choice.act_bits}")
-            details["form"] = form
-            x = random_inputs((batch, *shape[1:]), SEED + 1)
-            session, details["ops"] = self._session(graph.model)
         except Exception as exc:
             return KernelTiming.failed(
                 f"export error: {short_error(exc)}",
@@ -228,12 +227,15 @@ class OrtBackend(LatencyBackend):
         timeout = self._build_timeout(build_s)
         if timeout:
             return KernelTiming.failed(timeout, impl, build_s=build_s, details=details)
+        session, feed, calibration = exported.session, exported.feed, exported.calibration
         try:
-            feed = {session.get_inputs()[0].name: x.numpy()}
             once, out = self._first_call(session, feed)
             if self.profile.spec.measure.verify:
                 import torch
 
+                from autoquant.quant import apply
+
+                x = torch.from_numpy(next(iter(feed.values())))
                 with torch.no_grad():
                     expected = apply(module, config, calibration)(x).numpy()
                 step = calibration.output_params(LAYER_NAME).scale if choice.act_bits == 8 else 0
@@ -289,22 +291,9 @@ class OrtBackend(LatencyBackend):
             if reason is not None:
                 return KernelTiming.excluded(f"{layer.name} {chosen[layer.name].label}: {reason}")
         start = time.monotonic()
-        batch = self.profile.spec.batch_size
-        details: dict[str, Any] = {"input_shape": [batch, *input_shape[1:]]}
+        details: dict[str, Any] = {}
         try:
-            from autoquant.export.graph import export_graph
-            from autoquant.quant import calibrate
-
-            calibration = calibrate(
-                model, random_inputs((CALIBRATION_SAMPLES, *input_shape[1:]), SEED)
-            )
-            graph = export_graph(model, tuple(input_shape), config, calibration)
-            forms: dict[str, int] = {}
-            for exported in graph.layers:
-                forms[exported.form] = forms.get(exported.form, 0) + 1
-            details["forms"] = forms
-            session, details["ops"] = self._session(graph.model)
-            x = random_inputs((batch, *input_shape[1:]), SEED + 1).numpy()
+            exported = self._export(model, input_shape, config, details)
         except Exception as exc:
             return KernelTiming.failed(
                 f"export error: {short_error(exc)}",
@@ -316,8 +305,8 @@ class OrtBackend(LatencyBackend):
         timeout = self._build_timeout(build_s)
         if timeout:
             return KernelTiming.failed(timeout, impl, build_s=build_s, details=details)
+        session, feed, batch = exported.session, exported.feed, self.profile.spec.batch_size
         try:
-            feed = {session.get_inputs()[0].name: x}
             once, out = self._first_call(session, feed)
         except Exception as exc:
             return KernelTiming.failed(
@@ -335,6 +324,34 @@ class OrtBackend(LatencyBackend):
         return _OrtModel(self, session, feed, once, build_s, details)
 
     # --- work -------------------------------------------------------------------------------
+
+    def _export(
+        self,
+        module: Any,
+        input_shape: tuple[int, ...],
+        config: QuantConfig,
+        details: dict[str, Any],
+    ) -> _Exported:
+        """Calibrate ``module`` on fixed-seed random inputs (the values move the scales, not
+        the latency), export it under ``config`` as ``autoquant export`` would, and open the
+        timed session on a fixed-seed input at the profile's batch size. Raises on failure;
+        ``details`` gets the input shape, the exported forms and the op types ORT runs."""
+        from autoquant.export.graph import export_graph
+        from autoquant.quant import calibrate
+
+        batch = self.profile.spec.batch_size
+        details["input_shape"] = [batch, *input_shape[1:]]
+        calibration = calibrate(
+            module, random_inputs((CALIBRATION_SAMPLES, *input_shape[1:]), SEED)
+        )
+        graph = export_graph(module, tuple(input_shape), config, calibration)
+        forms: dict[str, int] = {}
+        for exported in graph.layers:
+            forms[exported.form] = forms.get(exported.form, 0) + 1
+        details["forms"] = forms
+        session, details["ops"] = self._session(graph.model)
+        x = random_inputs((batch, *input_shape[1:]), SEED + 1).numpy()
+        return _Exported(graph, session, {session.get_inputs()[0].name: x}, calibration)
 
     def _options(self, optimized_path: str | None = None) -> Any:
         import onnxruntime as ort
