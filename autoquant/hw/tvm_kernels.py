@@ -35,28 +35,46 @@ PARALLEL_MIN_MACS = 1 << 19
 _REGISTERED: set[str] = set()
 
 
+def _dot_desc(steps: int, a_dtype: str, b_dtype: str) -> Any:
+    """What both integer intrinsics compute: ``C[16] += sum_k int32(A[k]) * int32(B[16, k])``
+    over ``steps`` reduction steps, the activation operand shared by the 16 lanes."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((steps,), a_dtype, offset_factor=1),
+        B: T.Buffer((16, steps), b_dtype, offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:steps], B[0:16, 0:steps])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, steps):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _register(name: str, desc: Any, impl: Any) -> str:
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception:  # already registered in this process by an earlier import
+        TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
 def register_vnni() -> str:
     """Register the LLVM-22-valid VNNI intrinsic once per process; returns its name."""
     if VNNI_INTRIN in _REGISTERED:
         return VNNI_INTRIN
     load_tvm()
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -76,12 +94,7 @@ def register_vnni() -> str:
                 dtype="int32x16",
             )
 
-    try:
-        TensorIntrin.register(VNNI_INTRIN, desc, impl)
-    except Exception:  # already registered in this process by an earlier import
-        TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
-    _REGISTERED.add(VNNI_INTRIN)
-    return VNNI_INTRIN
+    return _register(VNNI_INTRIN, _dot_desc(4, "uint8", "int8"), impl)
 
 
 def register_madd16() -> str:
@@ -93,23 +106,7 @@ def register_madd16() -> str:
     if MADD16_INTRIN in _REGISTERED:
         return MADD16_INTRIN
     load_tvm()
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((2,), "int16", offset_factor=1),
-        B: T.Buffer((16, 2), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -135,12 +132,7 @@ def register_madd16() -> str:
                 dtype="int32x8",
             )
 
-    try:
-        TensorIntrin.register(MADD16_INTRIN, desc, impl)
-    except Exception:  # already registered in this process by an earlier import
-        TensorIntrin.register(MADD16_INTRIN, desc, impl, override=True)
-    _REGISTERED.add(MADD16_INTRIN)
-    return MADD16_INTRIN
+    return _register(MADD16_INTRIN, _dot_desc(2, "int16", "int8"), impl)
 
 
 def _m_factor(m: int) -> int:
