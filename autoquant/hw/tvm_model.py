@@ -4,7 +4,8 @@ A config's end-to-end latency is measured on a relax program built from the torc
 graph: every quantizable layer is a ``call_tir`` to the same hand-scheduled kernel the latency
 table times (random weights in the packed layout: latency does not depend on their values), and
 the other operations (ReLU, max-pooling, flatten, reshapes, layout changes, padding to the
-kernels' 16-channel blocks, and quantize / dequantize around uint8 / float16 layers) are relax
+kernels' 16-channel blocks, and quantize / dequantize around uint8 / float16 layers; ``madd16``
+int8 kernels take and return float32 and quantize inside, so they need none) are relax
 operators compiled by TVM's default pipeline. Importing a QDQ ONNX graph instead would run float
 kernels with dequantize overhead (see the TVM notes), which is not what the table measures.
 
@@ -25,7 +26,9 @@ from autoquant.hw._tvm import load_tvm
 from autoquant.hw.kernels import KernelSpec, kernel_spec, make_data, output_dtype
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
-ACT = {"sa": 0.05, "za": 8.0, "so": 0.05, "zo": 8.0}  # the kernels' make_data qparams
+# qparams of the relax quantize / dequantize operators around uint8 kernels (the kernels get
+# make_data's); their values do not change the latency
+ACT = {"sa": 0.05, "za": 8.0, "so": 0.05, "zo": 8.0}
 
 
 class UnsupportedModel(Exception):
