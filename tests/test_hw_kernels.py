@@ -154,6 +154,9 @@ MADD16_CHOICES = [
     C(8, 8, "per_tensor", None, True),
     C(4, 8, "per_channel", None, True),
     C(2, 8, "per_tensor", None, True),
+    C(8, 8, "per_channel", None, False),
+    C(8, 8, "per_tensor", None, False),
+    C(3, 8, "per_channel", None, False),
 ]
 
 
@@ -171,7 +174,8 @@ def has_avx2(host) -> bool:
 )
 def test_madd16_matches_numpy(host, layer, batch, choice):
     """Float in, float out: quantize, int16 pairs, requantize and dequantize in one kernel;
-    K padded to even (27 -> 28) with zero weights."""
+    K padded to even (27 -> 28) with zero weights; asymmetric weights corrected with the
+    activations' row sums."""
     spec = kernel_spec(layer, choice, batch, vnni=False, avx2=True)
     assert spec.madd16 and spec.kp % 2 == 0 and "madd16" in spec.impl
     assert output_dtype(spec) == "float32"
@@ -216,7 +220,8 @@ def test_kernel_spec_picks_madd16_only_where_it_applies():
     assert kernel_spec(CONV, sym4, 1, vnni=False, avx2=True).madd16
     assert not kernel_spec(DENSE, sym8, 1, vnni=False).madd16  # no AVX2
     assert not kernel_spec(DENSE, sym8, 1, vnni=True, avx2=True).madd16  # VNNI wins
-    for other in (C(8, 8, "per_channel", None, False), C(8, 8, "per_group", 8, True), C(8, 32)):
+    assert kernel_spec(DENSE, C(8, 8, "per_tensor", None, False), 1, vnni=False, avx2=True).madd16
+    for other in (C(8, 8, "per_group", 8, True), C(8, 32), C(4, 32, "per_channel", None, True)):
         assert not kernel_spec(DENSE, other, 1, vnni=False, avx2=True).madd16
 
 
@@ -276,7 +281,7 @@ def test_multithreaded_schedules(host, layer, batch, choice, monkeypatch):
         vnni_spec = kernel_spec(layer, choice, batch, vnni=True)
         data, out = run_kernel(host, vnni_spec, tensorize=False)
         assert check_output(vnni_spec, data, out) is None
-    if choice.act_bits == 8 and choice.granularity != "per_group" and choice.symmetric:
+    if choice.act_bits == 8 and choice.granularity != "per_group":
         madd_spec = kernel_spec(layer, choice, batch, vnni=False, avx2=True)
         data, out = run_kernel(host, madd_spec, tensorize=has_avx2(host))
         assert check_output(madd_spec, data, out) is None

@@ -28,8 +28,9 @@ Formats (``KernelFormat``), from a ``QuantChoice``:
   to 4, padding filled with the activation zero point); otherwise a plain int32 schedule;
 * ``wNa8``: 2/3/4-bit weights with uint8 activations, int32 accumulation (per-tensor/channel).
 
-``madd16`` (AVX2 without VNNI; symmetric per-tensor/channel ``w8a8`` and ``wNa8``): weight codes
-as int8 ``[Np/16, Kp/2, 16, 2]`` (``Kp`` = K padded to 2 with zero weights); float32 input
+``madd16`` (AVX2 without VNNI; per-tensor/channel ``w8a8`` and ``wNa8``): signed weight codes
+as int8 ``[Np/16, Kp/2, 16, 2]`` (``Kp`` = K padded to 2 with zero weights; asymmetric weights
+subtract ``zero x`` the activations' row sums after the dot product); float32 input
 quantized to uint8 codes and shifted by the zero point into int16 inside the kernel (fused with
 im2col), the output requantized to uint8 codes and dequantized to float32 in the epilogue, so a
 whole model needs no separate quantize / dequantize operators around the layer (on small models
@@ -54,7 +55,7 @@ import numpy as np
 
 from autoquant.space.values import LayerInfo, QuantChoice
 
-KERNEL_TEMPLATE_VERSION = 3  # bump when a schedule changes: old table entries stop matching
+KERNEL_TEMPLATE_VERSION = 4  # bump when a schedule changes: old table entries stop matching
 LANES = 16
 
 KernelFormat = Literal["fp32", "fp16", "weight_only", "w8a8", "wNa8"]
@@ -197,8 +198,8 @@ def kernel_spec(
     """The kernel for a layer and choice at a batch size, or the reason there is none.
 
     ``vnni``: whether the target has AVX-512 VNNI (only ``w8a8`` per-tensor/channel uses it).
-    ``avx2``: whether it has AVX2; then symmetric per-tensor/channel ``w8a8`` and ``wNa8``
-    without VNNI use the ``madd16`` template (``vpmaddwd``).
+    ``avx2``: whether it has AVX2; then per-tensor/channel ``w8a8`` and ``wNa8`` without VNNI
+    use the ``madd16`` template (``vpmaddwd``).
     """
     if batch < 1:
         return f"batch size {batch} must be >= 1"
@@ -218,11 +219,7 @@ def kernel_spec(
     )
     use_vnni = vnni and fmt == "w8a8" and choice.granularity != "per_group"
     common["madd16"] = (
-        avx2
-        and not use_vnni
-        and fmt in ("w8a8", "wNa8")
-        and choice.granularity != "per_group"
-        and choice.symmetric
+        avx2 and not use_vnni and fmt in ("w8a8", "wNa8") and choice.granularity != "per_group"
     )
     if layer.kind == "linear":
         n, k = layer.weight_shape
@@ -382,17 +379,18 @@ def make_data(spec: KernelSpec, seed: int = 0) -> KernelData:
             )
         else:
             inputs["w"] = pack_bits((q + half).astype(np.int64), bits, np_)
+        signed = spec.vnni or spec.madd16  # signed codes, int32 zero points
         if spec.granularity == "per_tensor":
             inputs["scale"] = s[:1, 0].copy()
             if not spec.symmetric:
-                inputs["zero"] = (z[:1, 0] + (0 if spec.vnni else half)).astype(
-                    np.int32 if spec.vnni else np.uint8
+                inputs["zero"] = (z[:1, 0] + (0 if signed else half)).astype(
+                    np.int32 if signed else np.uint8
                 )
         else:
             inputs["scale"] = _group_blocks(s, np_)
             if not spec.symmetric:
-                zz = z + (0 if spec.vnni else half)
-                inputs["zero"] = _group_blocks(zz.astype(np.int32 if spec.vnni else np.uint8), np_)
+                zz = z + (0 if signed else half)
+                inputs["zero"] = _group_blocks(zz.astype(np.int32 if signed else np.uint8), np_)
     bias = None
     if spec.has_bias:
         bias = rng.standard_normal(n).astype(np.float32) * 0.1

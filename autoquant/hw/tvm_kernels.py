@@ -199,7 +199,7 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
         per_tensor = spec.granularity == "per_tensor"
         S = arg("scale", (1,) if per_tensor else (nb, spec.n_groups, LANES), f32)
         if not spec.symmetric:
-            zdt = i32 if spec.vnni else "uint8"
+            zdt = i32 if spec.vnni or spec.madd16 else "uint8"
             Z = arg("zero", (1,) if per_tensor else (nb, spec.n_groups, LANES), zdt)
     BIAS = arg("bias", (np_,), f32) if spec.has_bias else None
     AQ = arg("aq", (4,), f32) if spec.act_bits == 8 else None
@@ -278,9 +278,17 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
             ),
             name="acc",
         )
+        if not spec.symmetric:  # sum (a - za)(q - zq) = acc - zq * sum (a - za)
+            r2 = te.reduce_axis((0, kp), name="k2")
+            asum = te.compute((m,), lambda i: te.sum(a[i, r2].astype(i32), axis=r2), name="asum")
+            stages["asum"] = asum
 
         def corrected(i, j):
-            return acc[i, j].astype(f32) * (AQ[0] * scale(j, 0))
+            v = acc[i, j]
+            if not spec.symmetric:
+                zq = Z[0] if spec.granularity == "per_tensor" else Z[j // LANES, 0, j % LANES]
+                v = v - zq * stages["asum"][i]
+            return v.astype(f32) * (AQ[0] * scale(j, 0))
     elif spec.vnni:
         acc = te.compute(
             (m, np_),
@@ -405,7 +413,13 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
             sch.reorder(ki, ji)
             sch.vectorize(ji)
         out = sch.get_sblock("out")
-        sch.reverse_compute_at(out, io)
+        if spec.symmetric:
+            sch.reverse_compute_at(out, io)
+        else:  # a second producer of the epilogue: its own pass, as in the VNNI template
+            parallel(sch.get_loops(sch.get_sblock("asum"))[0])
+            oi, oj = sch.get_loops(out)
+            parallel(oi)
+            sch.split(oj, [None, LANES])
         parallel(jo if parallel_n else io)
         init = sch.decompose_reduction(blk, ko)
         sch.vectorize(sch.get_loops(init)[-1])
