@@ -209,3 +209,30 @@ def test_kernels_measured_now_get_more_interleaved_rounds(tmp_path, mlp_layers):
         assert len(stored.timing.samples_us) == 3 * repeat
         again = profile_layers(backend, work, table)
     assert again.measured_now == 0 and again.lookup() == first.lookup()
+
+
+def test_short_error_keeps_the_message_line():
+    from autoquant.hw.backend import short_error
+
+    err = RuntimeError("Traceback (most recent call last):\n  File x\nInternalError: Check failed")
+    assert short_error(err) == "RuntimeError: InternalError: Check failed"
+    assert short_error(ValueError("")) == "ValueError: "
+
+
+def test_short_error_of_a_real_tvmscript_diagnostic():
+    """TVMScript diagnostics end with the source line and carets; the message comes first."""
+    tvm_or_skip()
+    from autoquant.hw._tvm import load_tvm
+    from autoquant.hw.backend import short_error
+
+    load_tvm()
+    from tvm.script import tirx as T
+
+    with pytest.raises(Exception) as info:
+
+        @T.prim_func(s_tir=True)
+        def bad(A: T.Buffer((4,), "float32")) -> None:
+            A[0] = no_such_name  # noqa: F821
+
+    text = short_error(info.value)
+    assert "error:" in text and "^^^" not in text, text

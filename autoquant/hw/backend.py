@@ -16,9 +16,12 @@ from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 def short_error(exc: BaseException) -> str:
     """``Type: last line of the message``: TVM and ONNX Runtime errors end with the message, their
-    first line is often a traceback header."""
+    first line is often a traceback header. TVMScript diagnostics put the message first
+    (``error: ...``) and end with the source line and carets: their ``error:`` line is kept."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"
+    flagged = [ln for ln in lines if ln.startswith("error:")]
+    line = flagged[0] if flagged else (lines[-1] if lines else "")
+    return f"{type(exc).__name__}: {line[:300]}"
 
 
 class PreparedModel(ABC):
