@@ -44,9 +44,7 @@ def search(
         float | None, typer.Option(min=0.001, help="seconds for this invocation")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
-    sampler: Annotated[
-        SamplerName | None, typer.Option(help="search strategy (guided: XGBoost-predictor-guided)")
-    ] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help="search strategy (guided: XGBoost-predictor-guided)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Run (or resume) a search; write the run directory; print the Pareto front."""
@@ -134,12 +132,7 @@ def search(
 
         with console.status("timing the fastest front point and float32 end to end") as st:
             checks = check_front(
-                run_dir,
-                run.latency,
-                run.task,
-                run.space.layer_infos,
-                front,
-                frame,
+                run_dir, run.latency, run.task, run.space.layer_infos, front, frame,
                 status=st.update,
             )
     report_path = write_report(load_run(run_dir))
@@ -234,6 +227,7 @@ def space(
     )
 
 
+
 @app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="a run directory, e.g. results/digits-cnn")],
@@ -248,13 +242,8 @@ def report(
     path = write_report(data)
     info = report_data(data)
     if not data.front.empty:
-        console.print(
-            front_table(
-                data.front,
-                title=f"{data.name}: Pareto front ({len(data.front)} points"
-                + (f", knee = trial {info.knee_trial})" if info.knee_trial is not None else ")"),
-            )
-        )
+        console.print(front_table(data.front, title=f"{data.name}: Pareto front ({len(data.front)} points"
+                                  + (f", knee = trial {info.knee_trial})" if info.knee_trial is not None else ")")))
     console.print(f"report: {path}")
     if open_:
         import webbrowser
@@ -265,9 +254,7 @@ def report(
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="two or more run directories")],
-    out: Annotated[
-        Path | None, typer.Option(help="output directory [default: results/compare]")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: results/compare]")] = None,
 ) -> None:
     """Overlay the fronts of several runs; hypervolume, dominance and budgets per run."""
     from autoquant.report.compare import compare_runs, write_compare
@@ -275,16 +262,10 @@ def compare(
     from autoquant.report.terminal import compare_tables
 
     if len(runs) < 2:
-        raise UserError(
-            f"bad value {[str(r) for r in runs]}: got {len(runs)} run; allowed: two or more run directories",
-            key="RUNS",
-        )
+        raise UserError(f"bad value {[str(r) for r in runs]}: got {len(runs)} run; allowed: two or more run directories", key="RUNS")
     out_dir = out if out is not None else Path("results") / "compare"
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(
-            f"bad value {str(out_dir)!r}: exists and is not a directory; allowed: a directory path",
-            key="--out",
-        )
+        raise UserError(f"bad value {str(out_dir)!r}: exists and is not a directory; allowed: a directory path", key="--out")
     comparison = compare_runs([load_run(r) for r in runs])
     for note in comparison.notes:
         console.print(f"note: {note}")
@@ -293,10 +274,7 @@ def compare(
     for p in comparison.pairs:
         for b in p.budgets:
             lim = b["budget"][p.cost.figure]
-            console.print(
-                f"{p.cost.figure} <= {lim:.4g}: best front "
-                + (", ".join(b["winners"]) or "none fits")
-            )
+            console.print(f"{p.cost.figure} <= {lim:.4g}: best front " + (", ".join(b["winners"]) or "none fits"))
     html_path, json_path = write_compare(comparison, out_dir)
     console.print(f"comparison: {html_path}  {json_path}")
 

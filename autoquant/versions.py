@@ -7,19 +7,8 @@ import platform
 import sys
 from pathlib import Path
 
-PACKAGES = (
-    "autoquant",
-    "torch",
-    "optuna",
-    "numpy",
-    "pandas",
-    "xgboost",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-    "ml_dtypes",
-    "apache-tvm",
-)
+PACKAGES = ("autoquant", "torch", "optuna", "numpy", "pandas", "xgboost", "onnx", "onnxruntime",
+            "onnxscript", "ml_dtypes", "apache-tvm")
 
 
 def cpu_name() -> str:

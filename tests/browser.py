@@ -15,19 +15,11 @@ requires_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)"
 )
 FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--enable-logging=stderr",
-    "--v=0",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0",
     # Every request that is not the page's own file fails, so a page that needs the network breaks.
-    "--proxy-server=127.0.0.1:9",
-    "--proxy-bypass-list=<-loopback>",
+    "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
 ]
 
 
@@ -45,8 +37,6 @@ def render(page: Path, tmp: Path, *, size: str = "1300,2200") -> Rendered:
     url = page.resolve().as_uri()
     dumped = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     shot = tmp / f"{page.stem}.png"
-    subprocess.run(
-        [*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120
-    )
+    subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
     console = [line for line in dumped.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
     return Rendered(dumped.stdout, console, shot)

@@ -83,42 +83,22 @@ def test_validate_on_an_onnxruntime_profile(app, tmp_path):
     """ONNX Runtime profiles check their model too: exported graphs timed end to end."""
     pytest.importorskip("onnxruntime")
     path = tmp_path / "ort.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "ort-fast",
-                "target": {"kind": "llvm"},
-                "runtime": "onnxruntime",
-                "threads": 2,
-                "measure": {"warmup": 1, "repeat": 3, "min_repeat_ms": 2},
-                "end_to_end": {"calibration_configs": 2, "rounds": 2},
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump({
+        "name": "ort-fast",
+        "target": {"kind": "llvm"},
+        "runtime": "onnxruntime",
+        "threads": 2,
+        "measure": {"warmup": 1, "repeat": 3, "min_repeat_ms": 2},
+        "end_to_end": {"calibration_configs": 2, "rounds": 2},
+    }))
     out = tmp_path / "ort.json"
-    args = [
-        "profile",
-        str(path),
-        "--task",
-        "digits-mlp",
-        "--choices",
-        "f32-a32,w8cs-a8",
-        "--validate",
-        "2",
-        "--table",
-        str(tmp_path / "t.sqlite"),
-        "--json",
-        str(out),
-        "--quiet",
-    ]
+    args = ["profile", str(path), "--task", "digits-mlp", "--choices", "f32-a32,w8cs-a8",
+            "--validate", "2", "--table", str(tmp_path / "t.sqlite"), "--json", str(out), "--quiet"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())["validation"]
     assert data["calibration"]["configs"] == 2 and data["validation"]["summary"]["measured"] == 2
-    assert (
-        "held-out configs" in result.output
-        and "end to end: 4 configs measured now" in result.output
-    )
+    assert "held-out configs" in result.output and "end to end: 4 configs measured now" in result.output
 
 
 def test_hw_lists_profiles(app, tmp_path):
@@ -135,18 +115,8 @@ def test_hw_lists_profiles(app, tmp_path):
 
 
 def test_validate_with_an_unreachable_device_is_a_user_error(app, tmp_path):
-    args = [
-        "profile",
-        "arm64-rpc",
-        "--task",
-        "digits-mlp",
-        "--validate",
-        "2",
-        "--choices",
-        "f32-a32",
-        "--table",
-        str(tmp_path / "t.sqlite"),
-    ]
+    args = ["profile", "arm64-rpc", "--task", "digits-mlp", "--validate", "2", "--choices",
+            "f32-a32", "--table", str(tmp_path / "t.sqlite")]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, UserError)
     assert "--validate" in str(result.exception) and "float32 kernel" in str(result.exception)

@@ -136,13 +136,8 @@ def test_profile_over_rpc_on_loopback(tmp_path):
             assert backend.models_per_session() == 1
             profiled = profile_layers(backend, [(layer, choices) for layer in layers], t)
             checked = check_latency_model(
-                backend,
-                mlp,
-                (1, 1, 8, 8),
-                layers,
-                profiled.lookup(),
-                {layer.name: choices for layer in layers},
-                n_validate=1,
+                backend, mlp, (1, 1, 8, 8), layers, profiled.lookup(),
+                {layer.name: choices for layer in layers}, n_validate=1,
             )
         assert checked.measured_now == 3 and checked.fp32_e2e_us > 0
         assert all(r.error is None and r.measured_ms > 0 for r in checked.rows), checked.rows
@@ -151,26 +146,11 @@ def test_profile_over_rpc_on_loopback(tmp_path):
 
         from autoquant.cli import app
 
-        result = CliRunner().invoke(
-            app,
-            [
-                "profile",
-                "cpu-local",
-                "--task",
-                "digits-mlp",
-                "--choices",
-                "f32-a32",
-                "--rpc-tracker",
-                f"127.0.0.1:{tracker.port}",
-                "--rpc-key",
-                "loopback-cpu",
-                "--table",
-                str(tmp_path / "cli.sqlite"),
-                "--min-repeat-ms",
-                "5",
-                "--quiet",
-            ],
-        )
+        result = CliRunner().invoke(app, [
+            "profile", "cpu-local", "--task", "digits-mlp", "--choices", "f32-a32",
+            "--rpc-tracker", f"127.0.0.1:{tracker.port}", "--rpc-key", "loopback-cpu",
+            "--table", str(tmp_path / "cli.sqlite"), "--min-repeat-ms", "5", "--quiet",
+        ])
         assert result.exit_code == 0, result.output
         assert "3 kernels measured now" in result.output, result.output
         # Every server busy: the request gives up at its deadline instead of queueing forever,
@@ -185,23 +165,15 @@ def test_profile_over_rpc_on_loopback(tmp_path):
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="no server under key 'loopback-cpu' became free"):
             request_session(
-                "127.0.0.1",
-                tracker.port,
-                "loopback-cpu",
-                session_timeout_s=60,
-                connect_timeout_s=2,
-                request_timeout_s=1.0,
+                "127.0.0.1", tracker.port, "loopback-cpu",
+                session_timeout_s=60, connect_timeout_s=2, request_timeout_s=1.0,
             )
         assert time.monotonic() - start < 10
         del held
         gc.collect()
         again = request_session(
-            "127.0.0.1",
-            tracker.port,
-            "loopback-cpu",
-            session_timeout_s=60,
-            connect_timeout_s=2,
-            request_timeout_s=30,
+            "127.0.0.1", tracker.port, "loopback-cpu",
+            session_timeout_s=60, connect_timeout_s=2, request_timeout_s=30,
         )
         assert again.cpu(0) is not None
         del again

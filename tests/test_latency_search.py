@@ -63,11 +63,7 @@ def test_profile_path_is_relative_to_the_spec(tmp_path):
         ("", "[accuracy, latency]", "objectives[1]"),
         ("constraints: {max_latency_ms: 1}\n", "[accuracy, size]", "constraints.max_latency_ms"),
         ("hardware: [cpu-local, cpu-local]\n", "[accuracy, latency]", "hardware"),
-        (
-            "hardware: [cpu-local]\nhardware_validation: -1\n",
-            "[accuracy, latency]",
-            "hardware_validation",
-        ),
+        ("hardware: [cpu-local]\nhardware_validation: -1\n", "[accuracy, latency]", "hardware_validation"),
     ],
 )
 def test_latency_spec_errors(tmp_path, extra, objectives, key):
@@ -90,9 +86,7 @@ def test_prepare_without_evaluator_expands_latency_per_profile(tmp_path):
     # again to the same objectives.
     from autoquant.spec import dump_yaml
 
-    again = prepare(
-        write(tmp_path / "run" / "spec.yaml", dump_yaml(resolved)), with_evaluator=False
-    )
+    again = prepare(write(tmp_path / "run" / "spec.yaml", dump_yaml(resolved)), with_evaluator=False)
     assert again.spec.objectives == run.spec.objectives
 
 
@@ -129,20 +123,11 @@ def test_evaluator_costs_carry_predicted_latency(cnn_layers):
     from autoquant.search.evaluator import Evaluator
 
     fp32, w8 = QuantChoice(), QuantChoice(8, 8, "per_channel", None, True)
-    per_layer = {
-        (la.name, c.label): _timing(10.0 if c == fp32 else 4.0)
-        for la in cnn_layers
-        for c in (fp32, w8)
-    }
+    per_layer = {(la.name, c.label): _timing(10.0 if c == fp32 else 4.0) for la in cnn_layers for c in (fp32, w8)}
     scales = {la.name: 1.0 for la in cnn_layers} | {cnn_layers[0].name: 2.0}
     model = LatencyModel(tuple(cnn_layers), per_layer, intercept_us=2.0, layer_scale=scales)
-    ev = Evaluator(
-        task=None,
-        layers=tuple(cnn_layers),
-        calibration=None,
-        other_param_bytes=0,
-        latency=(RunLatency("dev", model, {}),),
-    )
+    ev = Evaluator(task=None, layers=tuple(cnn_layers), calibration=None, other_param_bytes=0,
+                   latency=(RunLatency("dev", model, {}),))
     costs = dict(ev.costs(QuantConfig.uniform(tuple(cnn_layers), w8)))
     fig = costs["latency_ms@dev"]
     expected = 4.0 * (len(cnn_layers) + 1) + 2.0  # the first layer counts twice (scale 2)
@@ -198,9 +183,7 @@ def test_example_trades_accuracy_against_predicted_latency(tmp_path, capsys):
     from autoquant.pareto import non_dominated_mask
 
     out = tmp_path / "run"
-    code, stdout, err = run_cli(
-        ["search", EXAMPLE, "--out", out, "--quiet", "--trials", "24"], capsys
-    )
+    code, stdout, err = run_cli(["search", EXAMPLE, "--out", out, "--quiet", "--trials", "24"], capsys)
     assert code == 0, err
     trials = pd.read_parquet(out / "trials.parquet")
     col = "latency_ms@cpu-local"
@@ -230,19 +213,12 @@ def test_example_trades_accuracy_against_predicted_latency(tmp_path, capsys):
     assert "accuracy against latency@cpu-local" in report and "Latency model" in report
 
     # A second run measures no kernel and no end-to-end latency: everything is in the table.
-    code, _, err = run_cli(
-        ["search", EXAMPLE, "--out", tmp_path / "again", "--quiet", "--trials", "2"], capsys
-    )
+    code, _, err = run_cli(["search", EXAMPLE, "--out", tmp_path / "again", "--quiet", "--trials", "2"], capsys)
     assert code == 0, err
-    again = json.loads((tmp_path / "again" / "latency_fidelity.json").read_text())["profiles"][
-        "cpu-local"
-    ]
+    again = json.loads((tmp_path / "again" / "latency_fidelity.json").read_text())["profiles"]["cpu-local"]
     assert again["kernels"]["measured_now"] == 0
     assert again["end_to_end_measured_now"] == 0
-    assert (
-        again["end_to_end_reused"]
-        == again["calibration"]["configs"] + again["validation"]["configs"]
-    )
+    assert again["end_to_end_reused"] == again["calibration"]["configs"] + again["validation"]["configs"]
 
 
 # --- digits-wide ---------------------------------------------------------------------------------

@@ -45,9 +45,7 @@ def _self_contained(html: str) -> None:
     assert "<link" not in html and "@import" not in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     urls = set(re.findall(r"https?://[^\s\"'<>)]+", html))
-    assert urls <= {"http://www.w3.org/2000/svg"}, (
-        urls
-    )  # the SVG namespace is a name, not a request
+    assert urls <= {"http://www.w3.org/2000/svg"}, urls  # the SVG namespace is a name, not a request
 
 
 def test_search_writes_report_and_run_info(two_runs):

@@ -167,15 +167,9 @@ def test_config_hash_is_stable_and_order_free():
 
 
 def test_labels_round_trip_through_from_label():
-    choices = [
-        QuantChoice(),
-        QuantChoice(16, 32),
-        QuantChoice(16, 16),
-        QuantChoice(8, 8, "per_channel"),
-        QuantChoice(4, 8, "per_group", 32, False),
-        QuantChoice(2, 32, "per_tensor"),
-        QuantChoice(3, 16, "per_channel", None, False),
-    ]
+    choices = [QuantChoice(), QuantChoice(16, 32), QuantChoice(16, 16), QuantChoice(8, 8, "per_channel"),
+               QuantChoice(4, 8, "per_group", 32, False), QuantChoice(2, 32, "per_tensor"),
+               QuantChoice(3, 16, "per_channel", None, False)]
     for choice in choices:
         assert QuantChoice.from_label(choice.label) == choice
     with pytest.raises(ValueError, match="not a choice label"):

@@ -129,19 +129,12 @@ def fit_latency_model(
     fastest = intercept
     for layer in layers:
         times = [
-            t.stat_us(statistic)
-            for (name, _), t in per_layer.items()
-            if name == layer.name and t.ok
+            t.stat_us(statistic) for (name, _), t in per_layer.items() if name == layer.name and t.ok
         ]
         fastest += scales[layer.name] * min(times, default=0.0)
     if not fastest > 0:
         return LatencyModel(
-            layers,
-            dict(per_layer),
-            0.0,
-            {},
-            len(measured),
-            statistic,
+            layers, dict(per_layer), 0.0, {}, len(measured), statistic,
             "the calibrated model predicted a non-positive latency; fell back to the plain "
             "per-layer kernel sum",
         )

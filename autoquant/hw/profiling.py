@@ -27,8 +27,6 @@ DEFAULT_CHOICES = (
     "w4g32s-a32",
     "w2cs-a32",
 )
-
-
 def parse_label(label: str) -> QuantChoice:
     """``QuantChoice.from_label`` for the command line: a bad label is a one-line UserError."""
     try:

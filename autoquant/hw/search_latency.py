@@ -111,9 +111,7 @@ def prepare_run_latency(
     prof = load_profile(profile_path)
     layers = space.layer_infos
     fp32 = QuantChoice()
-    work = [
-        (ls.layer, [*ls.choices, *([] if fp32 in ls.choices else [fp32])]) for ls in space.layers
-    ]
+    work = [(ls.layer, [*ls.choices, *([] if fp32 in ls.choices else [fp32])]) for ls in space.layers]
     with backend_for(prof) as backend, LatencyTable(table_path) as table:
         result = profile_layers(
             backend,

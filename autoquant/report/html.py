@@ -56,9 +56,7 @@ def predictor_quality(run: RunData) -> dict[str, float] | None:
 
 
 def report_data(run: RunData) -> ReportData:
-    return ReportData(
-        run, knee_trial(run), run.reference("fp32"), run.reference("int8"), predictor_quality(run)
-    )
+    return ReportData(run, knee_trial(run), run.reference("fp32"), run.reference("int8"), predictor_quality(run))
 
 
 def _key(run: RunData, trial: int) -> str:
@@ -66,23 +64,12 @@ def _key(run: RunData, trial: int) -> str:
 
 
 def _tooltip(run: RunData, row) -> str:
-    parts = [
-        f"trial {int(row['trial'])}"
-        + (f" ({row['reference']})" if isinstance(row.get("reference"), str) else "")
-    ]
+    parts = [f"trial {int(row['trial'])}" + (f" ({row['reference']})" if isinstance(row.get("reference"), str) else "")]
     parts.append(f"accuracy {row['accuracy']:.4f} (measured)")
     for o in run.cost_objectives:
         label, scale = UNITS.get(o.figure, (o.figure, 1.0))
-        parts.append(
-            f"{o.figure} {row[o.figure] * scale:.4g} ({row.get(o.figure + '_source', 'measured')})"
-        )
-    parts.append(
-        " ".join(
-            f"{c.removeprefix('layer:')}={row[c]}"
-            for c in run.layer_columns
-            if isinstance(row.get(c), str)
-        )
-    )
+        parts.append(f"{o.figure} {row[o.figure] * scale:.4g} ({row.get(o.figure + '_source', 'measured')})")
+    parts.append(" ".join(f"{c.removeprefix('layer:')}={row[c]}" for c in run.layer_columns if isinstance(row.get(c), str)))
     return "; ".join(parts)
 
 
@@ -109,50 +96,17 @@ def front_plots(data: ReportData) -> list[str]:
             Series("all measured configs", _points(run, complete, cost), "#9e9e9e", size=2.5),
             # A staircase only where the front is two-dimensional; with more objectives, a 2-D
             # projection of the front is not monotone and a staircase would mislead.
-            Series(
-                "Pareto front",
-                _points(run, run.front, cost),
-                "#1f77b4",
-                kind="front" if len(run.objectives) == 2 else "dots",
-                size=4.5,
-            ),
+            Series("Pareto front", _points(run, run.front, cost), "#1f77b4",
+                   kind="front" if len(run.objectives) == 2 else "dots", size=4.5),
         ]
         if data.fp32 is not None:
-            series.append(
-                Series(
-                    "fp32 reference",
-                    _points(run, complete[complete["reference"] == "fp32"], cost),
-                    "#000",
-                    marker="square",
-                )
-            )
+            series.append(Series("fp32 reference", _points(run, complete[complete["reference"] == "fp32"], cost), "#000", marker="square"))
         if data.int8 is not None:
-            series.append(
-                Series(
-                    "uniform int8 reference",
-                    _points(run, complete[complete["reference"] == "int8"], cost),
-                    "#444",
-                    marker="triangle",
-                )
-            )
+            series.append(Series("uniform int8 reference", _points(run, complete[complete["reference"] == "int8"], cost), "#444", marker="triangle"))
         if data.knee_trial is not None:
-            series.append(
-                Series(
-                    "knee",
-                    _points(run, run.front[run.front["trial"] == data.knee_trial], cost),
-                    "#d62728",
-                    marker="ring",
-                )
-            )
-        plots.append(
-            scatter(
-                series,
-                axis_for(cost, complete[cost.figure]),
-                Axis("accuracy (measured)"),
-                title=f"accuracy against {cost.name}",
-                plot_id=f"front-{i}",
-            )
-        )
+            series.append(Series("knee", _points(run, run.front[run.front["trial"] == data.knee_trial], cost), "#d62728", marker="ring"))
+        plots.append(scatter(series, axis_for(cost, complete[cost.figure]), Axis("accuracy (measured)"),
+                             title=f"accuracy against {cost.name}", plot_id=f"front-{i}"))
     return plots
 
 
@@ -167,48 +121,24 @@ def precision_map(run: RunData) -> str:
         for layer in layers:
             label = row.get(f"layer:{layer}")
             if isinstance(label, str):
-                cells[(layer, col)] = (
-                    QuantChoice.from_label(label).weight_bits,
-                    label.split("-")[0].lstrip("w"),
-                )
-    return heatmap(
-        layers, cols, cells, title="per-layer precision of the front", plot_id="precision-map"
-    )
+                cells[(layer, col)] = (QuantChoice.from_label(label).weight_bits, label.split("-")[0].lstrip("w"))
+    return heatmap(layers, cols, cells, title="per-layer precision of the front", plot_id="precision-map")
 
 
 def _front_table(data: ReportData) -> str:
     run = data.run
-    headers = [
-        "trial",
-        "ref",
-        "accuracy (measured)",
-        "drop, points",
-        *[UNITS.get(o.figure, (o.figure,))[0] for o in run.cost_objectives],
-        "x smaller",
-        "mean bits",
-        *[c.removeprefix("layer:") for c in run.layer_columns],
-    ]
+    headers = ["trial", "ref", "accuracy (measured)", "drop, points", *[
+        UNITS.get(o.figure, (o.figure,))[0] for o in run.cost_objectives], "x smaller", "mean bits", *[
+        c.removeprefix("layer:") for c in run.layer_columns]]
     rows, keys = [], []
     frame = run.front
     for _, r in frame.iterrows():
         ref = r["reference"] if isinstance(r.get("reference"), str) else ""
         if data.knee_trial is not None and int(r["trial"]) == data.knee_trial:
             ref = (ref + " knee").strip()
-        costs = [
-            f"{r[o.figure] * UNITS.get(o.figure, ('', 1.0))[1]:.4g}" for o in run.cost_objectives
-        ]
-        rows.append(
-            [
-                int(r["trial"]),
-                ref,
-                f"{r['accuracy']:.4f}",
-                f"{r['accuracy_drop'] * 100:+.2f}",
-                *costs,
-                f"{r['size_ratio']:.2f}",
-                f"{r['mean_weight_bits']:.2f}",
-                *[r[c] for c in run.layer_columns],
-            ]
-        )
+        costs = [f"{r[o.figure] * UNITS.get(o.figure, ('', 1.0))[1]:.4g}" for o in run.cost_objectives]
+        rows.append([int(r["trial"]), ref, f"{r['accuracy']:.4f}", f"{r['accuracy_drop'] * 100:+.2f}", *costs,
+                     f"{r['size_ratio']:.2f}", f"{r['mean_weight_bits']:.2f}", *[r[c] for c in run.layer_columns]])
         keys.append(_key(run, r["trial"]))
     return table(headers, rows, left=2, keys=keys)
 
@@ -216,33 +146,16 @@ def _front_table(data: ReportData) -> str:
 def _predictor_section(data: ReportData) -> str:
     q = data.predictor
     if q is None:
-        return (
-            "<p class='note'>This run used no accuracy predictor: every accuracy shown was measured "
-            "(sampler {}).</p>".format(escape(str(data.run.spec.get("search", {}).get("sampler"))))
-        )
+        return ("<p class='note'>This run used no accuracy predictor: every accuracy shown was measured "
+                "(sampler {}).</p>".format(escape(str(data.run.spec.get("search", {}).get("sampler")))))
     run = data.run
     rows = run.complete[np.isfinite(run.complete["accuracy_predicted"].astype(float))]
-    pts = tuple(
-        Point(
-            float(r["accuracy_predicted"]),
-            float(r["accuracy"]),
-            _tooltip(run, r),
-            _key(run, r["trial"]),
-        )
-        for _, r in rows.iterrows()
-    )
-    plot = scatter(
-        [Series("measured configs", pts, "#9467bd")],
-        Axis("predicted accuracy (before measuring)"),
-        Axis("measured accuracy"),
-        title="predicted against measured",
-        plot_id="predictor",
-    )
-    return (
-        f"<p>Over {int(q['n'])} measured configs: MAE {q['mae']:.4f}, Kendall tau {q['kendall_tau']:.3f}, "
-        f"Spearman {q['spearman']:.3f} (predictions made before each config was measured).</p>"
-        + plot
-    )
+    pts = tuple(Point(float(r["accuracy_predicted"]), float(r["accuracy"]), _tooltip(run, r), _key(run, r["trial"]))
+                for _, r in rows.iterrows())
+    plot = scatter([Series("measured configs", pts, "#9467bd")], Axis("predicted accuracy (before measuring)"),
+                   Axis("measured accuracy"), title="predicted against measured", plot_id="predictor")
+    return (f"<p>Over {int(q['n'])} measured configs: MAE {q['mae']:.4f}, Kendall tau {q['kendall_tau']:.3f}, "
+            f"Spearman {q['spearman']:.3f} (predictions made before each config was measured).</p>" + plot)
 
 
 def _json_file(run: RunData, name: str) -> Any:
@@ -264,38 +177,23 @@ def _sensitivity_section(run: RunData) -> str:
     traces = data.get("trace_per_param") or {}
     rows = []
     for layer, per_choice in data["choices"].items():
-        kls = {
-            label: float(v.get("kl", math.nan))
-            for label, v in per_choice.items()
-            if isinstance(v, dict)
-        }
+        kls = {label: float(v.get("kl", math.nan)) for label, v in per_choice.items() if isinstance(v, dict)}
         if not kls:
             continue
         worst = max(kls, key=lambda k: kls[k])
-        rows.append(
-            [
-                layer,
-                f"{float(traces.get(layer, math.nan)):.4g}",
-                f"{float(np.median(list(kls.values()))):.3g}",
-                f"{kls[worst]:.3g}",
-                worst,
-                f"{float(per_choice[worst].get('disagreement', math.nan)) * 100:.1f}%",
-            ]
-        )
-    note = (
-        f"<p class='note'>Measured on the calibration data, one layer quantized at a time "
-        f"({data.get('forward_passes', '?')} forward passes, {float(data.get('seconds', 0)):.1f} s); "
-        "KL divergence of the outputs from the fp32 model; Hessian trace by Hutchinson's estimator.</p>"
-    )
+        rows.append([
+            layer,
+            f"{float(traces.get(layer, math.nan)):.4g}",
+            f"{float(np.median(list(kls.values()))):.3g}",
+            f"{kls[worst]:.3g}",
+            worst,
+            f"{float(per_choice[worst].get('disagreement', math.nan)) * 100:.1f}%",
+        ])
+    note = (f"<p class='note'>Measured on the calibration data, one layer quantized at a time "
+            f"({data.get('forward_passes', '?')} forward passes, {float(data.get('seconds', 0)):.1f} s); "
+            "KL divergence of the outputs from the fp32 model; Hessian trace by Hutchinson's estimator.</p>")
     return note + table(
-        [
-            "layer",
-            "Hessian trace / param",
-            "median KL over choices",
-            "largest KL",
-            "at choice",
-            "top-1 changed",
-        ],
+        ["layer", "Hessian trace / param", "median KL over choices", "largest KL", "at choice", "top-1 changed"],
         rows,
     )
 
@@ -304,9 +202,7 @@ def _latency_section(run: RunData) -> str:
     """Per profile: the latency model, and its predictions against end-to-end measurements."""
     fidelity = _json_file(run, "latency_fidelity.json")
     if not isinstance(fidelity, dict) or not isinstance(fidelity.get("profiles"), dict):
-        return (
-            "<p class='note'>This run has no latency objective, so no latency model was used.</p>"
-        )
+        return "<p class='note'>This run has no latency objective, so no latency model was used.</p>"
     parts = []
     for i, (name, prof) in enumerate(fidelity["profiles"].items()):
         validation = prof.get("validation") or {}
@@ -314,15 +210,13 @@ def _latency_section(run: RunData) -> str:
         plain = summary.get("plain_sum") or {}
         model = prof.get("model") if isinstance(prof.get("model"), dict) else {}
         fp32_us = prof.get("fp32_e2e_us")
-        parts.append(
-            f"<h3>{escape(name)}</h3><p class='note'>latency (predicted) = "
-            f"{escape(str(model.get('formula', '')))}, intercept "
-            f"{float(model.get('intercept_us') or 0):.1f} µs, fitted on "
-            f"{escape(str(model.get('calibration_configs', '-')))} configs timed end to end; "
-            f"the figures below are on held-out configs. fp32 end to end "
-            f"{float(fp32_us if isinstance(fp32_us, (int, float)) else math.nan):.1f} µs "
-            f"({escape(str(prof.get('measured_source', 'measured')))}).</p>"
-        )
+        parts.append(f"<h3>{escape(name)}</h3><p class='note'>latency (predicted) = "
+                     f"{escape(str(model.get('formula', '')))}, intercept "
+                     f"{float(model.get('intercept_us') or 0):.1f} µs, fitted on "
+                     f"{escape(str(model.get('calibration_configs', '-')))} configs timed end to end; "
+                     f"the figures below are on held-out configs. fp32 end to end "
+                     f"{float(fp32_us if isinstance(fp32_us, (int, float)) else math.nan):.1f} µs "
+                     f"({escape(str(prof.get('measured_source', 'measured')))}).</p>")
 
         check = prof.get("front_check")
         if isinstance(check, dict):
@@ -336,70 +230,29 @@ def _latency_section(run: RunData) -> str:
         def num(v: object) -> str:
             return f"{float(v):.3f}" if isinstance(v, (int, float)) else "-"
 
-        parts.append(
-            table(
-                [
-                    "predictor",
-                    "configs",
-                    "within ±10%",
-                    "MAPE",
-                    "max error",
-                    "Spearman",
-                    "Kendall tau",
-                ],
-                [
-                    [
-                        "latency model",
-                        summary.get("configs", "-"),
-                        pct(summary.get("within_10pct")),
-                        pct(summary.get("mape")),
-                        pct(summary.get("max_abs_rel_error")),
-                        num(summary.get("spearman")),
-                        num(summary.get("kendall_tau")),
-                    ],
-                    [
-                        "plain per-layer sum",
-                        summary.get("configs", "-"),
-                        pct(plain.get("within_10pct")),
-                        pct(plain.get("mape")),
-                        pct(plain.get("max_abs_rel_error")),
-                        num(plain.get("spearman")),
-                        num(plain.get("kendall_tau")),
-                    ],
-                ],
-            )
-        )
+        parts.append(table(["predictor", "configs", "within ±10%", "MAPE", "max error", "Spearman", "Kendall tau"], [
+            ["latency model", summary.get("configs", "-"), pct(summary.get("within_10pct")), pct(summary.get("mape")),
+             pct(summary.get("max_abs_rel_error")), num(summary.get("spearman")), num(summary.get("kendall_tau"))],
+            ["plain per-layer sum", summary.get("configs", "-"), pct(plain.get("within_10pct")), pct(plain.get("mape")),
+             pct(plain.get("max_abs_rel_error")), num(plain.get("spearman")), num(plain.get("kendall_tau"))],
+        ]))
         pts = tuple(
-            Point(
-                float(r["predicted_ms"]),
-                float(r["measured_ms"]),
-                f"config {r.get('config_hash')}: predicted {float(r['predicted_ms']):.4g} ms, "
-                f"measured {float(r['measured_ms']):.4g} ms",
-                "",
-            )
+            Point(float(r["predicted_ms"]), float(r["measured_ms"]),
+                  f"config {r.get('config_hash')}: predicted {float(r['predicted_ms']):.4g} ms, "
+                  f"measured {float(r['measured_ms']):.4g} ms", "")
             for r in validation.get("rows", [])
-            if isinstance(r.get("predicted_ms"), (int, float))
-            and isinstance(r.get("measured_ms"), (int, float))
+            if isinstance(r.get("predicted_ms"), (int, float)) and isinstance(r.get("measured_ms"), (int, float))
         )
         if pts:
             lo = min(min(p.x, p.y) for p in pts)
             hi = max(max(p.x, p.y) for p in pts)
-            diagonal = (
-                Point(lo, lo, "predicted = measured"),
-                Point(hi, hi, "predicted = measured"),
-            )
-            parts.append(
-                scatter(
-                    [
-                        Series("configs measured end to end", pts, "#ff7f0e"),
-                        Series("predicted = measured", diagonal, "#999", kind="line"),
-                    ],
-                    Axis("predicted latency, ms"),
-                    Axis("measured latency, ms (end to end)"),
-                    title=f"latency model on {name}",
-                    plot_id=f"latency-{i}",
-                )
-            )
+            diagonal = (Point(lo, lo, "predicted = measured"), Point(hi, hi, "predicted = measured"))
+            parts.append(scatter(
+                [Series("configs measured end to end", pts, "#ff7f0e"),
+                 Series("predicted = measured", diagonal, "#999", kind="line")],
+                Axis("predicted latency, ms"), Axis("measured latency, ms (end to end)"),
+                title=f"latency model on {name}", plot_id=f"latency-{i}",
+            ))
     return "".join(parts)
 
 
@@ -410,15 +263,8 @@ def configs_payload(run: RunData) -> dict[str, Any]:
             "run": run.name,
             "trial": int(r["trial"]),
             "accuracy (measured)": float(r["accuracy"]),
-            **{
-                f"{o.figure} ({r.get(o.figure + '_source', '')})": float(r[o.figure])
-                for o in run.cost_objectives
-            },
-            "layers": {
-                c.removeprefix("layer:"): r[c]
-                for c in run.layer_columns
-                if isinstance(r.get(c), str)
-            },
+            **{f"{o.figure} ({r.get(o.figure + '_source', '')})": float(r[o.figure]) for o in run.cost_objectives},
+            "layers": {c.removeprefix("layer:"): r[c] for c in run.layer_columns if isinstance(r.get(c), str)},
         }
     return out
 
@@ -433,36 +279,26 @@ def render_report(data: ReportData) -> str:
     refs = []
     for name, row in (("fp32", data.fp32), ("uniform int8", data.int8)):
         if row is not None:
-            refs.append(
-                f"{name}: accuracy {row['accuracy']:.4f} (measured), "
-                f"{row['size_bytes'] / 1024:.1f} KiB (exact), {'on' if row['on_front'] else 'not on'} the front"
-            )
+            refs.append(f"{name}: accuracy {row['accuracy']:.4f} (measured), "
+                        f"{row['size_bytes'] / 1024:.1f} KiB (exact), {'on' if row['on_front'] else 'not on'} the front")
     body = [
         f"<h1>autoquant run <code>{escape(run.name)}</code></h1>",
         f"<p>task <b>{escape(str(run.task))}</b>; objectives {', '.join(o.name + ' (' + o.direction + ')' for o in run.objectives)}; "
         f"sampler {escape(str(search.get('sampler')))}; budget {search.get('trials')} configs"
         + (f" / {search.get('timeout_s')} s" if search.get("timeout_s") else "")
         + f"; used: {n_done} measured, {n_fail} failed"
-        + (f", {info['elapsed_s']:.1f} s in the last invocation" if "elapsed_s" in info else "")
-        + ".</p>",
+        + (f", {info['elapsed_s']:.1f} s in the last invocation" if "elapsed_s" in info else "") + ".</p>",
         "<p>" + "<br>".join(escape(r) for r in refs) + "</p>",
         "<h2>Pareto fronts</h2><p class='note'>Grey: every measured config. Blue: the front. Black square: fp32. "
         "Black triangle: uniform int8. Red ring: the knee. Hover a point for its config, click for details.</p>",
         "<div class='plots'>" + "".join(front_plots(data)) + "</div>",
-        f"<h2>Front points ({len(run.front)} of {n_done} measured configs)</h2>",
-        _front_table(data),
-        "<h2>Per-layer precision of the front</h2>",
-        precision_map(run),
-        "<h2>Accuracy predictor</h2>",
-        _predictor_section(data),
-        "<h2>Latency model</h2>",
-        _latency_section(run),
-        "<h2>Layer sensitivity</h2>",
-        _sensitivity_section(run),
+        f"<h2>Front points ({len(run.front)} of {n_done} measured configs)</h2>", _front_table(data),
+        "<h2>Per-layer precision of the front</h2>", precision_map(run),
+        "<h2>Accuracy predictor</h2>", _predictor_section(data),
+        "<h2>Latency model</h2>", _latency_section(run),
+        "<h2>Layer sensitivity</h2>", _sensitivity_section(run),
         "<h2>Spec as run</h2><pre>" + escape(_yaml(run.spec)) + "</pre>",
-        "<h2>Versions</h2><pre>"
-        + escape(json.dumps(info.get("versions", {}), indent=2))
-        + "</pre>",
+        "<h2>Versions</h2><pre>" + escape(json.dumps(info.get("versions", {}), indent=2)) + "</pre>",
     ]
     return page(f"autoquant: {run.name}", "\n".join(body), configs_payload(run))
 

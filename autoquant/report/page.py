@@ -54,19 +54,11 @@ def page(title: str, body: str, configs: dict[str, object]) -> str:
     )
 
 
-def table(
-    headers: list[str], rows: list[list[object]], *, left: int = 1, keys: list[str] | None = None
-) -> str:
-    head = "".join(
-        f"<th class='{'l' if i < left else ''}'>{escape(str(h))}</th>"
-        for i, h in enumerate(headers)
-    )
+def table(headers: list[str], rows: list[list[object]], *, left: int = 1, keys: list[str] | None = None) -> str:
+    head = "".join(f"<th class='{'l' if i < left else ''}'>{escape(str(h))}</th>" for i, h in enumerate(headers))
     body = []
     for r, row in enumerate(rows):
-        cells = "".join(
-            f"<td class='{'l' if i < left else ''}'>{escape(str(v))}</td>"
-            for i, v in enumerate(row)
-        )
+        cells = "".join(f"<td class='{'l' if i < left else ''}'>{escape(str(v))}</td>" for i, v in enumerate(row))
         attrs = f" class='click' data-key='{escape(keys[r])}'" if keys else ""
         body.append(f"<tr{attrs}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"

@@ -54,20 +54,14 @@ def load_run(path: Path) -> RunData:
     import yaml
 
     if not path.exists():
-        raise UserError(
-            f"bad value {str(path)!r}: no such run directory; allowed: a directory made by autoquant search",
-            key="RUN",
-        )
+        raise UserError(f"bad value {str(path)!r}: no such run directory; allowed: a directory made by autoquant search", key="RUN")
     if not path.is_dir():
-        raise UserError(
-            f"bad value {str(path)!r}: not a directory; allowed: a run directory", key="RUN"
-        )
+        raise UserError(f"bad value {str(path)!r}: not a directory; allowed: a run directory", key="RUN")
     missing = [n for n in ("spec.yaml", "trials.parquet", "pareto.csv") if not (path / n).exists()]
     if missing:
         raise UserError(
             f"bad value {str(path)!r}: not a finished run directory (missing {', '.join(missing)}); "
-            "allowed: a directory made by autoquant search",
-            key="RUN",
+            "allowed: a directory made by autoquant search", key="RUN",
         )
     spec = yaml.safe_load((path / "spec.yaml").read_text())
     named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
@@ -79,10 +73,6 @@ def load_run(path: Path) -> RunData:
         front = trials.iloc[0:0]
     info_path = path / RUN_INFO
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    task = (
-        spec["task"]
-        if isinstance(spec.get("task"), str)
-        else spec.get("task", {}).get("function", "?")
-    )
+    task = spec["task"] if isinstance(spec.get("task"), str) else spec.get("task", {}).get("function", "?")
     # The directory names the run: two runs of one spec (two samplers, say) differ only there.
     return RunData(path, path.resolve().name, task, spec, objectives, trials, front, info)

@@ -91,10 +91,7 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
 
     def sx(v: float) -> float:
         if x.log:
-            return (
-                f.left
-                + (math.log10(v) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * pw
-            )
+            return f.left + (math.log10(v) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * pw
         return f.left + (v - xlo) / (xhi - xlo) * pw
 
     def sy(v: float) -> float:
@@ -107,23 +104,15 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
     ]
     for t in _ticks(xlo, xhi, x.log):
         px = sx(t)
-        out.append(
-            f'<line x1="{px:.1f}" y1="{f.top}" x2="{px:.1f}" y2="{f.top + ph}" stroke="#eee"/>'
-        )
-        out.append(
-            f'<text x="{px:.1f}" y="{f.top + ph + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>'
-        )
+        out.append(f'<line x1="{px:.1f}" y1="{f.top}" x2="{px:.1f}" y2="{f.top + ph}" stroke="#eee"/>')
+        out.append(f'<text x="{px:.1f}" y="{f.top + ph + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
     for t in _ticks(ylo, yhi, False):
         py = sy(t)
-        out.append(
-            f'<line x1="{f.left}" y1="{py:.1f}" x2="{f.left + pw}" y2="{py:.1f}" stroke="#eee"/>'
-        )
-        out.append(
-            f'<text x="{f.left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>'
-        )
+        out.append(f'<line x1="{f.left}" y1="{py:.1f}" x2="{f.left + pw}" y2="{py:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{f.left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
     out.append(
         f'<text x="{f.left + pw / 2}" y="{f.height - 10}" text-anchor="middle" font-size="12">'
-        f"{escape(x.label)}{' (log scale)' if x.log else ''}</text>"
+        f'{escape(x.label)}{" (log scale)" if x.log else ""}</text>'
     )
     out.append(
         f'<text transform="translate(16 {f.top + ph / 2}) rotate(-90)" text-anchor="middle" '
@@ -131,11 +120,7 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
     )
     legend_y = f.top + 14
     for s in series:
-        good = [
-            p
-            for p in s.points
-            if math.isfinite(p.x) and math.isfinite(p.y) and (not x.log or p.x > 0)
-        ]
+        good = [p for p in s.points if math.isfinite(p.x) and math.isfinite(p.y) and (not x.log or p.x > 0)]
         if s.kind == "line" and len(good) > 1:
             ordered = sorted(good, key=lambda p: p.x)
             path = " ".join(
@@ -150,31 +135,21 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
             path = [f"M{sx(first.x * x.scale):.1f} {sy(first.y * y.scale):.1f}"]
             for p in ordered[1:]:
                 path.append(f"H{sx(p.x * x.scale):.1f} V{sy(p.y * y.scale):.1f}")
-            out.append(
-                f'<path d="{" ".join(path)}" fill="none" stroke="{s.colour}" stroke-width="1.5" opacity="0.7"/>'
-            )
+            out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{s.colour}" stroke-width="1.5" opacity="0.7"/>')
         for p in good:
             px, py = sx(p.x * x.scale), sy(p.y * y.scale)
             attrs = f'class="pt" data-key="{escape(p.key)}" data-series="{escape(s.name)}"'
             tip = f"<title>{escape(p.tooltip)}</title>"
             if s.marker == "square":
                 r = s.size + 1
-                out.append(
-                    f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{s.colour}">{tip}</rect>'
-                )
+                out.append(f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{s.colour}">{tip}</rect>')
             elif s.marker == "triangle":
                 r = s.size + 2
-                out.append(
-                    f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{s.colour}">{tip}</polygon>'
-                )
+                out.append(f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{s.colour}">{tip}</polygon>')
             elif s.marker == "ring":
-                out.append(
-                    f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{s.colour}" stroke-width="2">{tip}</circle>'
-                )
+                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{s.colour}" stroke-width="2">{tip}</circle>')
             else:
-                out.append(
-                    f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{s.colour}" fill-opacity="0.8">{tip}</circle>'
-                )
+                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{s.colour}" fill-opacity="0.8">{tip}</circle>')
         out.append(
             f'<text x="{f.left + pw + 10}" y="{legend_y}" font-size="11" fill="{s.colour}">'
             f"{escape(s.name)}</text>"
@@ -184,32 +159,18 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
     return "\n".join(out)
 
 
-def heatmap(
-    rows: list[str],
-    cols: list[str],
-    cells: dict[tuple[str, str], tuple[int, str]],
-    *,
-    title: str,
-    plot_id: str,
-) -> str:
+def heatmap(rows: list[str], cols: list[str], cells: dict[tuple[str, str], tuple[int, str]], *, title: str, plot_id: str) -> str:
     """Rows × columns of labelled cells; ``cells[(row, col)] = (bits, label)`` colours by bits."""
     cw, ch, left, top = 64, 22, 110, 40
-    width, height = (
-        max(left + cw * len(cols) + 10, left + 78 * len(BIT_COLOURS)),
-        top + ch * len(rows) + 40,
-    )
+    width, height = max(left + cw * len(cols) + 10, left + 78 * len(BIT_COLOURS)), top + ch * len(rows) + 40
     out = [
         f'<svg class="plot" id="{plot_id}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(title)}">'
     ]
     for j, col in enumerate(cols):
-        out.append(
-            f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle" font-size="10">{escape(col)}</text>'
-        )
+        out.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle" font-size="10">{escape(col)}</text>')
     for i, row in enumerate(rows):
-        out.append(
-            f'<text x="{left - 6}" y="{top + i * ch + 15}" text-anchor="end" font-size="11">{escape(row)}</text>'
-        )
+        out.append(f'<text x="{left - 6}" y="{top + i * ch + 15}" text-anchor="end" font-size="11">{escape(row)}</text>')
         for j, col in enumerate(cols):
             bits, label = cells.get((row, col), (32, "-"))
             colour = BIT_COLOURS.get(bits, "#fff")
@@ -218,16 +179,12 @@ def heatmap(
                 f"<title>{escape(row)} @ {escape(col)}: {escape(label)}</title></rect>"
             )
             ink = "#fff" if bits in (2, 3, 16) else "#000"
-            out.append(
-                f'<text x="{left + j * cw + cw / 2 - 1}" y="{top + i * ch + 14}" text-anchor="middle" font-size="9" fill="{ink}">{escape(label)}</text>'
-            )
+            out.append(f'<text x="{left + j * cw + cw / 2 - 1}" y="{top + i * ch + 14}" text-anchor="middle" font-size="9" fill="{ink}">{escape(label)}</text>')
     lx = left
     ly = top + ch * len(rows) + 16
     for bits, colour in BIT_COLOURS.items():
         out.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{colour}"/>')
-        out.append(
-            f'<text x="{lx + 16}" y="{ly + 10}" font-size="10">{bits}-bit{" float" if bits >= 16 else ""}</text>'
-        )
+        out.append(f'<text x="{lx + 16}" y="{ly + 10}" font-size="10">{bits}-bit{" float" if bits >= 16 else ""}</text>')
         lx += 78
     out.append("</svg>")
     return "\n".join(out)

@@ -31,9 +31,7 @@ def front_table(front, *, title: str) -> Table:
     table.add_column("x", justify="right")
     table.add_column("bits", justify="right")
     table.add_column("MBOPs", justify="right")
-    latency_cols = [
-        c for c in front.columns if c.startswith("latency_ms@") and not c.endswith("_source")
-    ]
+    latency_cols = [c for c in front.columns if c.startswith("latency_ms@") and not c.endswith("_source")]
     for col in latency_cols:
         source = front.get(f"{col}_source")
         kind = "/".join(sorted(set(source.dropna()))) if source is not None else "measured"
@@ -60,37 +58,23 @@ def compare_tables(comp) -> list[Table]:
     """Per objective pair: hypervolume, front size, dominated share, best accuracy per budget."""
     tables = []
     for p in comp.pairs:
-        t = Table(
-            title=f"accuracy against {p.cost.name}: fronts compared",
-            title_justify="left",
-            caption=f"hypervolume from the shared reference (accuracy {p.reference[0]:.4f}, "
-            f"{p.cost.figure} {p.reference[1]:.4g}); accuracy measured, {p.cost.figure} "
-            + "/".join(sorted({r.source_of(p.cost.figure) for r in comp.runs})),
-            caption_justify="left",
-        )
+        t = Table(title=f"accuracy against {p.cost.name}: fronts compared", title_justify="left",
+                  caption=f"hypervolume from the shared reference (accuracy {p.reference[0]:.4f}, "
+                          f"{p.cost.figure} {p.reference[1]:.4g}); accuracy measured, {p.cost.figure} "
+                          + "/".join(sorted({r.source_of(p.cost.figure) for r in comp.runs})),
+                  caption_justify="left")
         t.add_column("run")
         t.add_column("hypervolume", justify="right")
         t.add_column("front pts", justify="right")
         t.add_column("dominated", justify="right")
         for b in p.budgets:
-            t.add_column(
-                f"best acc, {p.cost.figure} <= {b['budget'][p.cost.figure]:.4g}", justify="right"
-            )
+            t.add_column(f"best acc, {p.cost.figure} <= {b['budget'][p.cost.figure]:.4g}", justify="right")
         for r in comp.runs:
             t.add_row(
-                r.name,
-                f"{p.hypervolume[r.name]:.5g}",
-                str(p.front_points[r.name]),
+                r.name, f"{p.hypervolume[r.name]:.5g}", str(p.front_points[r.name]),
                 f"{p.dominated_fraction[r.name] * 100:.0f}%",
-                *[
-                    (
-                        "-"
-                        if b["best_accuracy"][r.name] is None
-                        else f"{b['best_accuracy'][r.name]:.4f}"
-                    )
-                    + (" *" if r.name in b["winners"] else "")
-                    for b in p.budgets
-                ],
+                *[("-" if b["best_accuracy"][r.name] is None else f"{b['best_accuracy'][r.name]:.4f}")
+                  + (" *" if r.name in b["winners"] else "") for b in p.budgets],
             )
         tables.append(t)
     return tables

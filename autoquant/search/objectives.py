@@ -35,9 +35,7 @@ def latency_figure(profile: str) -> str:
 
 
 def latency_objective(profile: str) -> Objective:
-    return Objective(
-        f"{LATENCY_PREFIX}{profile}", latency_figure(profile), "minimize", "ms, predicted"
-    )
+    return Objective(f"{LATENCY_PREFIX}{profile}", latency_figure(profile), "minimize", "ms, predicted")
 
 
 def objective_named(name: str) -> Objective | None:

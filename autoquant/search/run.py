@@ -96,9 +96,7 @@ def prepare(
     return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency)
 
 
-def _prepare_hardware(
-    spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status
-):
+def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status):
     """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile)."""
     from autoquant.hw.profile import load_profile_spec
     from autoquant.search.objectives import expand_objectives
@@ -134,10 +132,7 @@ def _prepare_hardware(
         )
     # Profile files given as paths are stored absolute: the resolved spec (run/spec.yaml) lives
     # in another directory than the spec they were relative to.
-    hardware = [
-        e if e == p.stem and "/" not in e else str(p.resolve())
-        for e, p in zip(spec.hardware, paths)
-    ]
+    hardware = [e if e == p.stem and "/" not in e else str(p.resolve()) for e, p in zip(spec.hardware, paths)]
     spec = spec.model_copy(update={"objectives": expanded, "hardware": hardware})
     if not profile:
         return spec, space, ()
