@@ -104,6 +104,19 @@ class LatencyBackend(ABC):
             details=dict(prepared.details),
         )
 
+    def config_exclusion(
+        self, layers: tuple[LayerInfo, ...] | list[LayerInfo], config: QuantConfig
+    ) -> str | None:
+        """``"<layer> <choice>: <reason>"`` for the first layer whose choice in ``config`` this
+        device cannot run (a layer the config leaves out counts as float32); None when all can."""
+        chosen = config.as_mapping()
+        for layer in layers:
+            choice = chosen.get(layer.name, QuantChoice())
+            reason = self.exclusion(layer, choice)
+            if reason is not None:
+                return f"{layer.name} {choice.label}: {reason}"
+        return None
+
     def prepare_model(
         self,
         model: Any,

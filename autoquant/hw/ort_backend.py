@@ -286,10 +286,9 @@ class OrtBackend(LatencyBackend):
         missing = [layer.name for layer in layers if layer.name not in chosen]
         if missing:
             return KernelTiming.failed(f"config has no choice for {', '.join(missing[:5])}", impl)
-        for layer in layers:
-            reason = self.exclusion(layer, chosen[layer.name])
-            if reason is not None:
-                return KernelTiming.excluded(f"{layer.name} {chosen[layer.name].label}: {reason}")
+        reason = self.config_exclusion(layers, config)
+        if reason is not None:
+            return KernelTiming.excluded(reason)
         start = time.monotonic()
         details: dict[str, Any] = {}
         try:

@@ -341,12 +341,9 @@ class TvmBackend(LatencyBackend):
         device (uploaded over RPC for a remote one) and run once."""
         from autoquant.hw.tvm_model import build_model
 
-        chosen = config.as_mapping()
-        for layer in layers:
-            choice = chosen.get(layer.name, QuantChoice())
-            reason = self.exclusion(layer, choice)
-            if reason is not None:
-                return KernelTiming.excluded(f"{layer.name} {choice.label}: {reason}", "model")
+        reason = self.config_exclusion(layers, config)
+        if reason is not None:
+            return KernelTiming.excluded(reason, "model")
         start = time.monotonic()
         batch = self.profile.spec.batch_size
         try:
