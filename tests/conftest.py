@@ -82,6 +82,24 @@ def write_profile(tmp_path: Path, data: dict):
     return load_profile(path)
 
 
+# A local CPU profile with a short timing budget, for backend tests.
+FAST_PROFILE = {
+    "version": 1,
+    "name": "test-cpu",
+    "target": {"kind": "llvm", "mcpu": "auto"},
+    "device": {"where": "local"},
+    "runtime": "tvm",
+    "threads": 2,
+    "batch_size": 1,
+    "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
+}
+
+
+def fast_profile(tmp_path: Path, **changes):
+    """``FAST_PROFILE`` with top-level keys replaced, written and loaded."""
+    return write_profile(tmp_path, {**FAST_PROFILE, **changes})
+
+
 @pytest.fixture(scope="module")
 def mlp_layers():
     from autoquant.space.discovery import discover_layers

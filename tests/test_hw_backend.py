@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import tvm_or_skip, write_profile
+from conftest import FAST_PROFILE, fast_profile, tvm_or_skip
 
 from autoquant.hw.profiling import parse_label, profile_layers
 from autoquant.hw.table import LatencyTable
@@ -15,28 +15,13 @@ from autoquant.space.values import QuantChoice
 
 pytestmark = pytest.mark.requires_tvm
 
-FAST = {
-    "version": 1,
-    "name": "test-cpu",
-    "target": {"kind": "llvm", "mcpu": "auto"},
-    "device": {"where": "local"},
-    "runtime": "tvm",
-    "threads": 2,
-    "batch_size": 1,
-    "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
-}
-
-
-def make_profile(tmp_path, **changes):
-    return write_profile(tmp_path, {**FAST, **changes})
-
 
 @pytest.fixture
 def backend(tmp_path):
     tvm_or_skip()
     from autoquant.hw.backend import backend_for
 
-    with backend_for(make_profile(tmp_path)) as b:
+    with backend_for(fast_profile(tmp_path)) as b:
         yield b
 
 
@@ -63,7 +48,7 @@ def test_contract_exclusion_is_reported_not_timed(tmp_path, mlp_layers):
     from autoquant.hw.backend import backend_for
 
     tvm_or_skip()
-    with backend_for(make_profile(tmp_path, formats=["fp32"])) as b:
+    with backend_for(fast_profile(tmp_path, formats=["fp32"])) as b:
         reason = b.exclusion(mlp_layers[0], QuantChoice(4, 32, "per_channel"))
         assert reason and "weight_only" in reason
         timing = b.measure(mlp_layers[0], QuantChoice(4, 32, "per_channel"))
@@ -75,7 +60,7 @@ def test_non_cpu_target_is_excluded(tmp_path, mlp_layers):
     from autoquant.hw.backend import backend_for
 
     tvm_or_skip()
-    prof = make_profile(tmp_path, name="gpu", target={"kind": "cuda", "arch": "sm_90"})
+    prof = fast_profile(tmp_path, name="gpu", target={"kind": "cuda", "arch": "sm_90"})
     with backend_for(prof) as b:
         timing = b.measure(mlp_layers[0], QuantChoice())
     assert timing.status == "excluded" and "cuda" in timing.error
@@ -108,13 +93,13 @@ def test_timeouts_are_data(tmp_path, mlp_layers):
     from autoquant.hw.backend import backend_for
 
     tvm_or_skip()
-    slow = make_profile(
-        tmp_path, measure={**FAST["measure"], "min_repeat_ms": 50_000, "timeout_s": 30}
+    slow = fast_profile(
+        tmp_path, measure={**FAST_PROFILE["measure"], "min_repeat_ms": 50_000, "timeout_s": 30}
     )
     with backend_for(slow) as b:
         timing = b.measure(mlp_layers[2], QuantChoice())
     assert timing.status == "failed" and timing.error.startswith("timeout: one call takes")
-    tiny = make_profile(tmp_path, measure={**FAST["measure"], "timeout_s": 1e-4})
+    tiny = fast_profile(tmp_path, measure={**FAST_PROFILE["measure"], "timeout_s": 1e-4})
     with backend_for(tiny) as b:
         timing = b.measure(mlp_layers[2], QuantChoice())
     assert timing.status == "failed" and timing.error.startswith("timeout: the build took")
@@ -198,7 +183,7 @@ def test_kernels_measured_now_get_more_interleaved_rounds(tmp_path, mlp_layers):
     tvm_or_skip()
     from autoquant.hw.backend import backend_for
 
-    profile = make_profile(tmp_path, measure={**FAST["measure"], "rounds": 3})
+    profile = fast_profile(tmp_path, measure={**FAST_PROFILE["measure"], "rounds": 3})
     repeat = profile.spec.measure.repeat
     work = [(mlp_layers[2], [QuantChoice(), parse_label("w8cs-a8")])]
     with backend_for(profile) as backend, LatencyTable(tmp_path / "lat.sqlite") as table:

@@ -11,27 +11,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import tvm_or_skip, write_profile
+from conftest import fast_profile, tvm_or_skip
 
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import QuantChoice
 
 pytestmark = pytest.mark.requires_tvm
-
-FAST = {
-    "version": 1,
-    "name": "test-cpu",
-    "target": {"kind": "llvm", "mcpu": "auto"},
-    "device": {"where": "local"},
-    "runtime": "tvm",
-    "threads": 2,
-    "batch_size": 1,
-    "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
-}
-
-
-def make_profile(tmp_path, **changes):
-    return write_profile(tmp_path, {**FAST, **changes})
 
 
 def tvm_backend(profile):
@@ -42,16 +27,16 @@ def tvm_backend(profile):
 
 
 def test_fingerprint_has_the_tuning_settings(tmp_path):
-    plain = tvm_backend(make_profile(tmp_path))
+    plain = tvm_backend(fast_profile(tmp_path))
     tuned = tvm_backend(
-        make_profile(tmp_path, name="tuned", tuning={"trials_per_kernel": 8, "budget_s": 30})
+        fast_profile(tmp_path, name="tuned", tuning={"trials_per_kernel": 8, "budget_s": 30})
     )
     with plain, tuned:
         assert "tuning" not in plain.fingerprint()  # untuned tables keep their keys
         assert tuned.fingerprint()["tuning"] == {"trials_per_kernel": 8, "budget_s": 30.0}
         assert plain.fingerprint_hash() != tuned.fingerprint_hash()
         fewer = tvm_backend(
-            make_profile(tmp_path, name="fewer", tuning={"trials_per_kernel": 4, "budget_s": 30})
+            fast_profile(tmp_path, name="fewer", tuning={"trials_per_kernel": 4, "budget_s": 30})
         )
         with fewer:
             assert fewer.fingerprint_hash() != tuned.fingerprint_hash()
@@ -60,7 +45,7 @@ def test_fingerprint_has_the_tuning_settings(tmp_path):
 def test_rpc_profile_is_never_tuned(tmp_path):
     from autoquant.hw.tuning import tuning_refusal
 
-    local = make_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 30})
+    local = fast_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 30})
     remote = local.with_overrides(rpc_tracker="127.0.0.1:9", rpc_key="nobody")
     assert remote.spec.tuning is not None and not remote.is_local
     assert tuning_refusal(local) is None
@@ -99,7 +84,7 @@ def test_tune_kernel_refusals_and_deadline(tmp_path, mlp_layers):
 def test_used_up_budget_keeps_hand_timings(tmp_path, mlp_layers):
     """budget_s 0.1: the first kernel's tuning is stopped at the budget, every later kernel
     is timed with its hand schedule at once; all keep their hand timings and say why."""
-    profile = make_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 0.1})
+    profile = fast_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 0.1})
     with tvm_backend(profile) as b:
         first = b.measure(mlp_layers[2], QuantChoice())
         start = time.monotonic()
@@ -121,7 +106,7 @@ def test_used_up_budget_keeps_hand_timings(tmp_path, mlp_layers):
 def test_tunes_a_digits_mlp_kernel(tmp_path, mlp_layers):
     """8 trials of meta_schedule on hidden.1 (256 -> 128, fp32, batch 1): the tuned kernel is
     checked against numpy and timed like the hand one; whichever won, both figures are kept."""
-    profile = make_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 600})
+    profile = fast_profile(tmp_path, tuning={"trials_per_kernel": 8, "budget_s": 600})
     layer = mlp_layers[1]
     with tvm_backend(profile) as b:
         timing = b.measure(layer, QuantChoice())
