@@ -57,6 +57,8 @@ class LatencyBackend(ABC):
           without it returns a ``failed`` result saying so.
         * ``prepare_model(...)`` compiles and loads the whole model once and returns a
           ``PreparedModel`` to time in rounds (a failed timing when it can't).
+        * ``retime``, ``models_per_session`` and ``renew_session`` are optional hooks for
+          more kernel rounds and for devices whose sessions end; the defaults do nothing.
         * ``close()`` releases sessions; the backend is a context manager.
     """
 
@@ -128,6 +130,17 @@ class LatencyBackend(ABC):
         (so that several configs can be timed in interleaved rounds); a ``failed`` or
         ``excluded`` timing when it can't be."""
         return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
+
+    def retime(self, layer: LayerInfo, choice: QuantChoice) -> list[float] | None:
+        """Another round of samples (seconds) of a kernel measured here; None: no more rounds."""
+        return None
+
+    def models_per_session(self) -> int | None:
+        """How many whole models fit one device session (None: no limit)."""
+        return None
+
+    def renew_session(self) -> None:  # noqa: B027 - optional hook
+        """Start the next call on a fresh device session."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release any session or device."""

@@ -158,14 +158,13 @@ def _more_rounds(
     """Time the kernels measured now ``rounds - 1`` more times, interleaved (every kernel once
     per round), and store them with all their samples. A kernel timed during a busy spell gets
     more chances to show its own speed, and the rounds are spread over the whole profiling time
-    instead of one moment. Backends without ``retime`` keep their single round."""
-    retime = getattr(backend, "retime", None)
+    instead of one moment. Backends whose ``retime`` gives nothing keep their single round."""
     fresh = [i for i, e in enumerate(entries) if not e.reused and e.timing.ok]
     extra: dict[int, list[float]] = {i: [] for i in fresh}
     for _ in range(rounds - 1):
         for i in fresh:
             try:
-                samples = retime(entries[i].layer, entries[i].choice) if retime else None
+                samples = backend.retime(entries[i].layer, entries[i].choice)
             except Exception:  # a device lost now keeps the first round's timing
                 samples = None
             extra[i].extend(samples or [])

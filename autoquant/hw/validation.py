@@ -9,7 +9,8 @@ per-layer kernel sum's, with the measured latency of the validation configs.
 Whole-model timings are taken in interleaved rounds: every config is compiled and loaded
 first, then each round times every config once. Load on a shared machine drifts over seconds;
 interleaving spreads that drift over all configs instead of biasing the ones timed during a
-busy spell, and the median over rounds drops a spell that hit one round. Timings are stored in
+busy spell, and the model's statistic over all rounds' samples (the fastest by default) is
+not moved by a spell that hit one round. Timings are stored in
 the latency table (under the model's signature and the config's hash) and reused.
 """
 
@@ -108,10 +109,10 @@ def measure_configs(
         todo.append(i)
     # A remote session ends after session_timeout_s and takes its loaded models with it: time
     # the configs in batches that fit one session, interleaved within each batch.
-    per_session = getattr(backend, "models_per_session", lambda: None)() or len(todo) or 1
+    per_session = backend.models_per_session() or len(todo) or 1
     for first in range(0, len(todo), per_session):
         batch = todo[first : first + per_session]
-        getattr(backend, "renew_session", lambda: None)()  # a full session for each batch
+        backend.renew_session()  # a full session for each batch
         try:
             for i in batch:
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
