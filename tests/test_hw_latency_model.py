@@ -1,6 +1,6 @@
-"""The latency model (intercept + per-layer scales of the kernel sum, calibrated end to end) and
-its check against end-to-end latency of held-out configs of the model composed from the same
-kernels."""
+"""The latency model (intercept + per-kernel-class scales of the kernel sum, calibrated end to
+end) and its check against end-to-end latency of held-out configs of the model composed from
+the same kernels."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from autoquant.hw.latency_model import (
     ValidationRow,
     fit_latency_model,
     kendall_tau,
+    kernel_class,
     summarize,
 )
 from autoquant.hw.timing import KernelTiming
@@ -34,7 +35,7 @@ def test_one_calibration_point_gives_sum_plus_intercept():
     fp32 = QuantConfig.uniform((A, B), QuantChoice())
     model = fit_latency_model((A, B), per_layer, [(fp32, 20.0)])
     assert model.intercept_us == pytest.approx(5, abs=0.05)
-    assert all(v == pytest.approx(1, abs=0.01) for v in model.layer_scale.values())
+    assert all(v == pytest.approx(1, abs=0.01) for v in model.class_scale.values())
     assert model.predict(fp32).source == "predicted"
     assert model.predict(fp32).value == pytest.approx(0.020, rel=1e-3)
     mixed = QuantConfig.from_mapping({"a": W8, "b": QuantChoice()})
@@ -44,29 +45,40 @@ def test_one_calibration_point_gives_sum_plus_intercept():
     assert missing.source == "failed" and "b w8cs-a8" in missing.reason
 
 
-def test_calibration_recovers_a_layer_that_runs_slower_in_context():
-    """End-to-end truth: 3 µs overhead, layer a's kernels take 1.5x their solo time in the model.
-    Enough calibration points move a's scale there and b's stays at 1; the fit then predicts a
-    config it never saw, where the plain sum is far off."""
+def test_calibration_recovers_a_kernel_class_that_runs_slower_in_context():
+    """End-to-end truth: 3 µs overhead, integer kernels take 1.5x their solo time in the model
+    (in either layer), the others run as timed alone. Enough calibration points move the integer
+    scale there and keep the float and weight-only ones at 1; the fit then predicts a config it
+    never saw, where the plain sum is far off."""
     choices = [QuantChoice(), W8, QuantChoice(4, 32, "per_channel"), QuantChoice(16, 32)]
-    solo = {"a": [40.0, 10.0, 25.0, 30.0], "b": [8.0, 3.0, 5.0, 6.0]}
+    solo = {"a": [40.0, 10.0, 25.0, 30.0], "b": [8.0, 30.0, 5.0, 6.0]}
     per_layer = {
         (name, c.label): t(us) for name, times in solo.items() for c, us in zip(choices, times)
     }
 
     def truth(i: int, j: int) -> float:
-        return 3.0 + 1.5 * solo["a"][i] + solo["b"][j]
+        return 3.0 + sum(
+            (1.5 if choices[k] == W8 else 1.0) * solo[name][k]
+            for name, k in (("a", i), ("b", j))
+        )
 
     measured = [
         (QuantConfig.from_mapping({"a": choices[i], "b": choices[j]}), truth(i, j))
-        for i, j in [(0, 0), (1, 1), (2, 0), (3, 2), (1, 3), (0, 2)]
+        for i, j in [(0, 0), (1, 0), (2, 0), (3, 2), (0, 3), (0, 2)]
     ]
     model = fit_latency_model((A, B), per_layer, measured, ridge=1e-4)
-    assert model.layer_scale["a"] == pytest.approx(1.5, rel=0.02)
-    assert model.layer_scale["b"] == pytest.approx(1.0, rel=0.05)
-    unseen = QuantConfig.from_mapping({"a": choices[2], "b": choices[3]})
-    assert model.predict(unseen).value * 1000 == pytest.approx(truth(2, 3), rel=0.01)
-    assert abs(model.plain_sum_ms(unseen) * 1000 - truth(2, 3)) / truth(2, 3) > 0.3
+    assert model.class_scale["integer"] == pytest.approx(1.5, rel=0.02)
+    assert model.class_scale["float"] == pytest.approx(1.0, rel=0.05)
+    assert model.class_scale["weight_only"] == pytest.approx(1.0, rel=0.05)
+    unseen = QuantConfig.from_mapping({"a": choices[2], "b": choices[1]})
+    assert model.predict(unseen).value * 1000 == pytest.approx(truth(2, 1), rel=0.01)
+    assert abs(model.plain_sum_ms(unseen) * 1000 - truth(2, 1)) / truth(2, 1) > 0.2
+
+
+def test_kernel_classes():
+    assert kernel_class(QuantChoice()) == kernel_class(QuantChoice(16, 32)) == "float"
+    assert kernel_class(QuantChoice(4, 32, "per_group", 32)) == "weight_only"
+    assert kernel_class(W8) == kernel_class(QuantChoice(4, 8, "per_channel")) == "integer"
 
 
 def test_failed_timing_fails_prediction_and_fit():

@@ -1,17 +1,22 @@
 """The latency model: a config's latency from per-layer table entries, calibrated end to end.
 
-    predicted(config) = intercept + sum over layers of scale[layer] * kernel(layer, choice)
+    predicted(config) = intercept + sum over layers of scale[class(choice)] * kernel(layer, choice)
 
 A kernel timed alone is not the same kernel inside the whole model: the runtime's per-call
-overhead, the operators between layers (activations, pooling, reshapes, the quantize /
-dequantize / cast a config adds), and the cache state a layer finds (its weights evicted by the
-other layers, its input still hot) all differ. ``fit_latency_model`` learns those corrections
-from a few whole-model measurements (the calibration configs, float32 among them): the
-intercept carries what every config pays, and one scale per layer carries how that layer's
-kernels run in context. The fit minimises the *relative* error of the calibration configs plus
-a ridge penalty pulling each scale toward 1, so with few measurements the model stays close to
-the plain per-layer sum + intercept and moves away only where the measurements insist. Scales
-are kept non-negative. Every prediction is labelled ``predicted``; ``plain_sum_ms`` is the
+overhead, the operators between layers (activations, pooling, reshapes), and the cache and
+thread-pool state a layer finds (its weights evicted by the other layers, its input still hot)
+all differ. ``fit_latency_model`` learns those corrections from a few whole-model measurements
+(the calibration configs, float32 among them): the intercept carries what every config pays,
+and one scale per *kernel class* carries how that class's kernels run in context. The classes
+are the kinds of arithmetic a kernel does (``KERNEL_CLASSES``): float multiply-adds (fp32, fp16
+weights), weights dequantized to float inside the loop (weight-only), integer dot products with
+a requantize epilogue (w8a8, wNa8). A class shares its memory-access pattern and its sensitivity
+to the rest of the model across layers, so a few calibration configs pin it down, where a scale
+per layer (tried first) spread the same few measurements over as many unknowns as layers and
+ranked held-out configs worse than the plain sum on digits-wide. The fit minimises the
+*relative* error of the calibration configs plus a ridge penalty pulling each scale toward 1,
+so a class that the calibration configs barely use stays at the plain kernel time. Scales are
+kept non-negative. Every prediction is labelled ``predicted``; ``plain_sum_ms`` is the
 uncalibrated kernel sum, reported beside the model so the calibration has to earn its place.
 """
 
@@ -28,6 +33,14 @@ from autoquant.measurement import Figure
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 RIDGE = 0.1  # weight of sum((scale - 1)^2) against the sum of squared relative errors
+KERNEL_CLASSES = ("float", "weight_only", "integer")
+
+
+def kernel_class(choice: QuantChoice) -> str:
+    """Which ``KERNEL_CLASSES`` entry a choice's kernel belongs to."""
+    if choice.act_bits < 32:
+        return "integer"
+    return "float" if choice.weight_bits >= 16 else "weight_only"
 
 
 @dataclass(frozen=True)
@@ -35,14 +48,15 @@ class LatencyModel:
     layers: tuple[LayerInfo, ...]
     per_layer: dict[tuple[str, str], KernelTiming]  # (layer name, choice label) -> timing
     intercept_us: float = 0.0
-    layer_scale: dict[str, float] = field(default_factory=dict)  # absent layer: scale 1
+    class_scale: dict[str, float] = field(default_factory=dict)  # absent class: scale 1
     calibration_configs: int = 0
-    statistic: str = "min"  # which repeat of each timing: "min" or "median"
+    statistic: str = "median"  # which repeat of each timing: "min" or "median"
     # Set when the fit had something to say about itself (one line); None otherwise.
     note: str | None = None
 
-    def kernel_times_us(self, config: QuantConfig) -> dict[str, float] | Figure:
-        """Each layer's kernel time (µs, the model's statistic), or a failed ``Figure`` naming the missing one."""
+    def kernel_times_us(self, config: QuantConfig) -> dict[str, tuple[str, float]] | Figure:
+        """Each layer's (kernel class, kernel time in µs by the model's statistic), or a failed
+        ``Figure`` naming the missing one."""
         out = {}
         mapping = config.as_mapping()
         for layer in self.layers:
@@ -54,7 +68,7 @@ class LatencyModel:
                 return Figure.failed(
                     f"{layer.name} {choice.label}: {timing.status}: {timing.error}"
                 )
-            out[layer.name] = timing.stat_us(self.statistic)
+            out[layer.name] = (kernel_class(choice), timing.stat_us(self.statistic))
         return out
 
     def predict(self, config: QuantConfig) -> Figure:
@@ -63,22 +77,24 @@ class LatencyModel:
         if isinstance(kernels, Figure):
             return kernels
         total = self.intercept_us + sum(
-            self.layer_scale.get(name, 1.0) * us for name, us in kernels.items()
+            self.class_scale.get(cls, 1.0) * us for cls, us in kernels.values()
         )
         return Figure(total / 1000.0, "predicted")
 
     def plain_sum_ms(self, config: QuantConfig) -> float:
         """The uncalibrated per-layer kernel sum (NaN when a layer has no timing)."""
         kernels = self.kernel_times_us(config)
-        return math.nan if isinstance(kernels, Figure) else sum(kernels.values()) / 1000.0
+        if isinstance(kernels, Figure):
+            return math.nan
+        return sum(us for _, us in kernels.values()) / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "formula": f"intercept_us + sum(layer_scale[layer] * kernel_{self.statistic}_us(layer, "
-            "choice))",
+            "formula": f"intercept_us + sum(class_scale[kernel_class(choice)] * "
+            f"kernel_{self.statistic}_us(layer, choice))",
             "statistic": self.statistic,
             "intercept_us": self.intercept_us,
-            "layer_scale": dict(self.layer_scale),
+            "class_scale": dict(self.class_scale),
             "calibration_configs": self.calibration_configs,
             "ridge": RIDGE,
             "note": self.note,
@@ -91,9 +107,9 @@ def fit_latency_model(
     measured: Sequence[tuple[QuantConfig, float]],
     *,
     ridge: float = RIDGE,
-    statistic: str = "min",
+    statistic: str = "median",
 ) -> LatencyModel:
-    """Fit intercept and per-layer scales on ``measured`` (config, end-to-end µs) pairs, the
+    """Fit intercept and per-kernel-class scales on ``measured`` (config, end-to-end µs) pairs, the
     kernel times and the measurements taken with the same ``statistic`` (min or median).
 
     Raises ValueError when there is no measurement or a measured config has a layer without a
@@ -111,10 +127,13 @@ def fit_latency_model(
             raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
         if not us > 0:
             raise ValueError(f"calibration config {config.hash}: measured {us} µs")
+        per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
+        for cls, kernel_us in kernels.values():
+            per_class[cls] += kernel_us
         # Unknowns: intercept as (plus - minus) so it may be negative, then the scales.
-        rows.append([1.0 / us, -1.0 / us, *(kernels[la.name] / us for la in layers)])
+        rows.append([1.0 / us, -1.0 / us, *(per_class[c] / us for c in KERNEL_CLASSES)])
         targets.append(1.0)
-    n = len(layers)
+    n = len(KERNEL_CLASSES)
     penalty = np.zeros((n + 2, n + 2))
     penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
     penalty[2:, 2:] = np.sqrt(ridge) * np.eye(n)
@@ -123,15 +142,17 @@ def fit_latency_model(
     b = np.concatenate([np.asarray(targets), prior])
     solution, _ = nnls(a, b)
     intercept = float(solution[0] - solution[1])
-    scales = {la.name: float(v) for la, v in zip(layers, solution[2:])}
+    scales = {c: float(v) for c, v in zip(KERNEL_CLASSES, solution[2:])}
     model = LatencyModel(layers, dict(per_layer), intercept, scales, len(measured), statistic)
     # The fastest config the table allows: its prediction must stay positive.
     fastest = intercept
     for layer in layers:
         times = [
-            t.stat_us(statistic) for (name, _), t in per_layer.items() if name == layer.name and t.ok
+            scales[kernel_class(QuantChoice.from_label(label))] * t.stat_us(statistic)
+            for (name, label), t in per_layer.items()
+            if name == layer.name and t.ok
         ]
-        fastest += scales[layer.name] * min(times, default=0.0)
+        fastest += min(times, default=0.0)
     if not fastest > 0:
         return LatencyModel(
             layers, dict(per_layer), 0.0, {}, len(measured), statistic,

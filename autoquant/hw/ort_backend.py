@@ -394,15 +394,22 @@ class OrtBackend(LatencyBackend):
         return time.perf_counter() - begin, np.asarray(out)
 
     def _time(
-        self, session: Any, feed: dict[str, np.ndarray], once: float, start: float
+        self,
+        session: Any,
+        feed: dict[str, np.ndarray],
+        once: float,
+        start: float,
+        repeat: int | None = None,
     ) -> tuple[list[float], int]:
-        """``repeat`` samples (seconds per call), each the mean over ``calls`` calls lasting at
-        least ``min_repeat_ms``, as TVM's ``time_evaluator`` grows ``number``; raises
-        ``_Timeout`` when the timing would run, or runs, past ``timeout_s``."""
+        """``repeat`` samples (seconds per call; default ``measure.repeat``), each the mean over
+        ``calls`` calls lasting at least ``min_repeat_ms``, as TVM's ``time_evaluator`` grows
+        ``number``; raises ``_Timeout`` when the timing would run, or runs, past
+        ``timeout_s``."""
         m = self.profile.spec.measure
+        repeat = m.repeat if repeat is None else repeat
         min_s = m.min_repeat_ms / 1000.0
         deadline = start + m.timeout_s
-        predicted = m.warmup * once + m.repeat * max(min_s, m.number * once)
+        predicted = m.warmup * once + repeat * max(min_s, m.number * once)
         if time.monotonic() + predicted > deadline:
             raise _Timeout(
                 f"timeout: one call takes {once * 1e3:.3g} ms, timing it as configured needs "
@@ -413,10 +420,10 @@ class OrtBackend(LatencyBackend):
             run(None, feed)
         calls = max(m.number, 1)
         samples: list[float] = []
-        while len(samples) < m.repeat:
+        while len(samples) < repeat:
             if time.monotonic() > deadline:
                 raise _Timeout(
-                    f"timeout: {len(samples)} of {m.repeat} samples taken when timeout_s "
+                    f"timeout: {len(samples)} of {repeat} samples taken when timeout_s "
                     f"{m.timeout_s:g} ran out"
                 )
             begin = time.perf_counter()
@@ -468,7 +475,11 @@ class _OrtModel(PreparedModel):
 
     def time(self) -> list[float]:
         samples, self.details["calls_per_sample"] = self.backend._time(
-            self.session, self.feed, self.once, time.monotonic()
+            self.session,
+            self.feed,
+            self.once,
+            time.monotonic(),
+            self.backend.profile.spec.end_to_end.repeat,
         )
         return samples
 

@@ -14,8 +14,8 @@ Example::
     runtime: tvm                         # or onnxruntime
     threads: auto                        # auto = this machine's CPU count (local only)
     batch_size: 1
-    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, rounds: 2, statistic: min}
-    end_to_end: {calibration_configs: 10, rounds: 3}   # whole-model timing for the model fit
+    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, rounds: 2, statistic: median}
+    end_to_end: {calibration_configs: 10, rounds: 7, repeat: 3}   # whole-model timing, model fit
     tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
 """
@@ -105,10 +105,10 @@ class MeasureSpec(_Strict):
         description="timing rounds per kernel, interleaved over all kernels profiled together",
     )
     statistic: Literal["min", "median"] = Field(
-        default="min",
-        description="which repeat stands for a timing in the latency model: on a shared "
-        "machine interference only adds time, so the fastest repeat (min) is the most "
-        "reproducible; median keeps typical interference in",
+        default="median",
+        description="which repeat stands for a timing in the latency model. The median: on a "
+        "shared machine the fastest repeat (min) is sometimes one lucky window well below all "
+        "the others, and a whole model's min moved more between runs than its median",
     )
 
 
@@ -119,10 +119,18 @@ class EndToEndSpec(_Strict):
         default=10, ge=1, le=1000, description="configs timed end to end to fit the model"
     )
     rounds: int = Field(
-        default=3,
+        default=7,
         ge=1,
         le=100,
         description="interleaved timing rounds over all configs (load drifts, rounds average it)",
+    )
+    repeat: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="samples per config per round (each at least measure.min_repeat_ms). Many "
+        "short rounds beat few long ones: on a shared machine the noise comes in spells of "
+        "seconds, and a round's samples share its spell",
     )
 
 

@@ -6,8 +6,8 @@
    config anchors the calibration), reusing the latency table: a second run measures no kernel;
 2. drop from the space the choices the device has no kernel for (``excluded``) or whose kernel
    failed, each with its reason (the search can't pick them);
-3. fit the latency model (intercept + per-layer scales of the kernel sum, ``latency_model``)
-   on calibration configs timed end to end, float32 among them;
+3. fit the latency model (intercept + per-kernel-class scales of the kernel sum,
+   ``latency_model``) on calibration configs timed end to end, float32 among them;
 4. check it on ``n_validate`` other random configs of the restricted space, timed end to end
    in the same interleaved rounds, with the fidelity figures of the model and of the plain
    per-layer sum (``validation.check_latency_model``; timings cached in the table).

@@ -137,7 +137,7 @@ class TvmBackend(LatencyBackend):
             return None
         spec = self.profile.spec
         rounds = spec.end_to_end.rounds
-        per_round = spec.measure.warmup * 0.01 + spec.measure.repeat * max(
+        per_round = spec.measure.warmup * 0.01 + spec.end_to_end.repeat * max(
             spec.measure.min_repeat_ms / 1000.0, 0.01
         )
         # build + upload, then the rounds; a remote round was seen taking 5x its sum over
@@ -443,10 +443,11 @@ class _TvmModel(PreparedModel):
 
     def time(self) -> list[float]:
         m = self.backend.profile.spec.measure
+        repeat = self.backend.profile.spec.end_to_end.repeat
         for _ in range(m.warmup):
             self.vm["main"](self.x)
         evaluator = self.vm.time_evaluator(
-            "main", self.dev, number=m.number, repeat=m.repeat, min_repeat_ms=int(m.min_repeat_ms)
+            "main", self.dev, number=m.number, repeat=repeat, min_repeat_ms=int(m.min_repeat_ms)
         )
         return list(evaluator(self.x).results)
 

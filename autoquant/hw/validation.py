@@ -9,7 +9,7 @@ per-layer kernel sum's, with the measured latency of the validation configs.
 Whole-model timings are taken in interleaved rounds: every config is compiled and loaded
 first, then each round times every config once. Load on a shared machine drifts over seconds;
 interleaving spreads that drift over all configs instead of biasing the ones timed during a
-busy spell, and the model's statistic over all rounds' samples (the fastest by default) is
+busy spell, and the model's statistic over all rounds' samples (the median by default) is
 not moved by a spell that hit one round. Timings are stored in
 the latency table (under the model's signature and the config's hash) and reused.
 """
