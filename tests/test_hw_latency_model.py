@@ -18,6 +18,7 @@ from autoquant.hw.latency_model import (
     summarize,
 )
 from autoquant.hw.timing import KernelTiming
+from autoquant.hw.validation import draw_configs
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 A = LayerInfo("a", "linear", (8, 4), (1, 4), (1, 8), 32, 40, True)
@@ -231,10 +232,22 @@ def test_check_latency_model_on_digits_mlp(cpu, tmp_path):
 
 
 def test_draw_configs_keeps_validation_out_of_calibration():
-    from autoquant.hw.validation import draw_configs
-
     options = {"a": [QuantChoice(), W8], "b": [QuantChoice(), W8]}
     cal, val = draw_configs((A, B), options, n_calibrate=2, n_validate=5, seed=0)
     assert cal[0] == QuantConfig.uniform((A, B), QuantChoice()) and len(cal) == 2
     assert len(val) == 2  # only 4 configs exist: 2 for calibration, 2 left to validate
     assert not {c.hash for c in cal} & {c.hash for c in val}
+
+
+def test_calibration_spans_the_kernel_classes():
+    """After float32, one config per other kernel class: each layer its first choice of that
+    class (float32 where it has none), then random ones."""
+    w4 = QuantChoice(4, 32, "per_channel")
+    options = {"a": [QuantChoice(), W8, w4], "b": [QuantChoice(), w4]}
+    cal, val = draw_configs((A, B), options, n_calibrate=4, n_validate=3, seed=1)
+    assert cal[1] == QuantConfig.from_mapping({"a": w4, "b": w4})
+    assert cal[2] == QuantConfig.from_mapping({"a": W8, "b": QuantChoice()})
+    assert len(cal) == 4 and len(val) == 2  # 6 configs exist
+    assert not {c.hash for c in cal} & {c.hash for c in val}
+    few, _ = draw_configs((A, B), options, n_calibrate=2, n_validate=0, seed=1)
+    assert few == cal[:2]

@@ -14,7 +14,8 @@ Example::
     runtime: tvm                         # or onnxruntime
     threads: auto                        # auto = this machine's CPU count (local only)
     batch_size: 1
-    measure: {warmup: 1, number: 1, repeat: 7, min_repeat_ms: 200, timeout_s: 60, rounds: 2, statistic: median}
+    measure: {warmup: 1, number: 1, repeat: 3, min_repeat_ms: 200, timeout_s: 60, rounds: 5,
+              statistic: median}
     end_to_end: {calibration_configs: 10, rounds: 7, repeat: 3}   # whole-model timing, model fit
     tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
@@ -94,15 +95,24 @@ class DeviceSpec(_Strict):
 class MeasureSpec(_Strict):
     warmup: int = Field(default=1, ge=0, le=1000)
     number: int = Field(default=1, ge=1, le=100_000)
-    repeat: int = Field(default=7, ge=3, le=1000, description="at least 3: median and spread")
+    repeat: int = Field(
+        default=3,
+        ge=3,
+        le=1000,
+        description="samples per kernel per round; at least 3: median and spread",
+    )
     min_repeat_ms: float = Field(default=200, ge=0, le=60_000)
     timeout_s: float = Field(default=60, gt=0, description="per kernel: build + run + timing")
     verify: bool = Field(default=True, description="check each kernel against numpy before timing")
     rounds: int = Field(
-        default=2,
+        default=5,
         ge=1,
         le=20,
-        description="timing rounds per kernel, interleaved over all kernels profiled together",
+        description="timing rounds per kernel, interleaved over all kernels profiled together. "
+        "Several short rounds: on a shared machine a kernel's time drifts by several percent "
+        "over minutes (the same kernel differed by 6% between two profiles, 1.5% within one), "
+        "and a kernel's median over rounds spread across the whole profile follows the drift "
+        "less than one over two rounds",
     )
     statistic: Literal["min", "median"] = Field(
         default="median",

@@ -24,9 +24,11 @@ from typing import Any
 
 from autoquant.hw.backend import short_error
 from autoquant.hw.latency_model import (
+    KERNEL_CLASSES,
     LatencyModel,
     ValidationRow,
     fit_latency_model,
+    kernel_class,
     summarize,
 )
 from autoquant.hw.timing import KernelTiming
@@ -164,8 +166,14 @@ def draw_configs(
     n_validate: int,
     seed: int,
 ) -> tuple[list[QuantConfig], list[QuantConfig]]:
-    """(calibration, validation) configs: float32 first among the calibration ones, the rest
-    random from separate streams; no validation config is also a calibration config."""
+    """(calibration, validation) configs. Calibration: float32 first, then for each other
+    kernel class (``latency_model.KERNEL_CLASSES``) the config that gives every layer its
+    first choice of that class (float32 where a layer has none), then random configs; the
+    validation configs are random from a separate stream, none of them a calibration config.
+
+    The class-uniform configs are the calibration's designed experiments: the model has one
+    scale per kernel class, and a config whose kernels are nearly all of one class pins that
+    scale down, where random configs mix the classes and leave the scales to the ridge."""
     fp32 = QuantConfig.uniform(layers, QuantChoice())
     cal_rng, val_rng = random.Random(seed + 1_000_003), random.Random(seed)
 
@@ -174,10 +182,22 @@ def draw_configs(
             {layer.name: rng.choice(list(options[layer.name])) for layer in layers}
         )
 
+    def uniform_in(cls: str) -> QuantConfig:
+        picked = {}
+        for layer in layers:
+            of_class = [c for c in options[layer.name] if kernel_class(c) == cls]
+            picked[layer.name] = of_class[0] if of_class else QuantChoice()
+        return QuantConfig.from_mapping(picked)
+
     total = 1
     for layer in layers:
         total *= max(1, len(options[layer.name]))
     calibration, seen = [fp32], {fp32.hash}
+    for cls in KERNEL_CLASSES:
+        config = uniform_in(cls)
+        if len(calibration) < n_calibrate and config.hash not in seen:
+            calibration.append(config)
+            seen.add(config.hash)
     for _ in range(50 * n_calibrate):
         if len(calibration) >= min(n_calibrate, total):
             break
