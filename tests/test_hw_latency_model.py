@@ -67,13 +67,42 @@ def test_calibration_recovers_a_kernel_class_that_runs_slower_in_context():
         (QuantConfig.from_mapping({"a": choices[i], "b": choices[j]}), truth(i, j))
         for i, j in [(0, 0), (1, 0), (2, 0), (3, 2), (0, 3), (0, 2)]
     ]
-    model = fit_latency_model((A, B), per_layer, measured, ridge=1e-4)
+    # kernel corrections held at 0: the class scales alone must explain it
+    model = fit_latency_model((A, B), per_layer, measured, ridge=1e-4, kernel_ridge=1e6)
     assert model.class_scale["integer"] == pytest.approx(1.5, rel=0.02)
     assert model.class_scale["float"] == pytest.approx(1.0, rel=0.05)
     assert model.class_scale["weight_only"] == pytest.approx(1.0, rel=0.05)
     unseen = QuantConfig.from_mapping({"a": choices[2], "b": choices[1]})
     assert model.predict(unseen).value * 1000 == pytest.approx(truth(2, 1), rel=0.01)
     assert abs(model.plain_sum_ms(unseen) * 1000 - truth(2, 1)) / truth(2, 1) > 0.2
+
+
+def test_whole_model_timings_correct_a_mismeasured_kernel():
+    """b's int8 kernel was timed 1.5x too slow alone (a noisy spell), a's is right. With the
+    class scales alone the fit can only slow down every integer kernel; with per-kernel
+    corrections it blames b's, and predicts an unseen config with a's int8 kernel closer."""
+    choices = [QuantChoice(), W8, QuantChoice(4, 32, "per_channel")]
+    truth_us = {"a": [40.0, 10.0, 25.0], "b": [30.0, 20.0, 25.0]}
+    per_layer = {
+        (name, c.label): t(us * (1.5 if (name, c) == ("b", W8) else 1.0))
+        for name, times in truth_us.items()
+        for c, us in zip(choices, times)
+    }
+
+    def truth(i: int, j: int) -> float:
+        return 2.0 + truth_us["a"][i] + truth_us["b"][j]
+
+    measured = [
+        (QuantConfig.from_mapping({"a": choices[i], "b": choices[j]}), truth(i, j))
+        for i, j in [(0, 0), (0, 1), (2, 1), (0, 2), (2, 0), (1, 2)]
+    ]
+    model = fit_latency_model((A, B), per_layer, measured)
+    assert model.kernel_correction[("b", W8.label)] < model.kernel_correction[("a", W8.label)]
+    classes_only = fit_latency_model((A, B), per_layer, measured, kernel_ridge=1e6)
+    unseen = QuantConfig.from_mapping({"a": W8, "b": QuantChoice()})
+    error = abs(model.predict(unseen).value * 1000 - truth(1, 0))
+    assert error < 0.7 * abs(classes_only.predict(unseen).value * 1000 - truth(1, 0))
+    assert f"b|{W8.label}" in model.to_dict()["kernel_correction"]
 
 
 def test_kernel_classes():
