@@ -105,6 +105,22 @@ def test_whole_model_timings_correct_a_mismeasured_kernel():
     assert f"b|{W8.label}" in model.to_dict()["kernel_correction"]
 
 
+def test_round_spread_measures_the_noise_between_rounds():
+    from autoquant.hw.command import fidelity_line
+    from autoquant.hw.validation import round_spread
+
+    def timed(medians: list[float]) -> KernelTiming:
+        return KernelTiming.from_samples("model", [1e-4] * 3, details={"round_medians_us": medians})
+
+    spread = round_spread([timed([90.0, 110.0]), timed([100.0, 100.0]), timed([95.0, 105.0])])
+    assert spread == pytest.approx(0.05)
+    assert math.isnan(round_spread([t(5.0), KernelTiming.failed("timeout: x")]))
+    summary = {"measured": 3, "within_10pct": 1.0, "mape": 0.01, "max_abs_rel_error": 0.02,
+               "spearman": 0.9, "end_to_end_round_spread": spread}
+    assert "moved 5.0% between rounds" in fidelity_line(summary)
+    assert "between rounds" not in fidelity_line({**summary, "end_to_end_round_spread": None})
+
+
 def test_kernel_classes():
     assert kernel_class(QuantChoice()) == kernel_class(QuantChoice(16, 32)) == "float"
     assert kernel_class(QuantChoice(4, 32, "per_group", 32)) == "weight_only"

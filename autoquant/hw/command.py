@@ -265,6 +265,17 @@ def fidelity_line(summary: dict) -> str:
         f"{summary['max_abs_rel_error']:.0%}, Spearman {summary['spearman']:.3f}; plain per-layer "
         f"kernel sum {plain.get('within_10pct', math.nan):.0%} within ±10%, MAPE "
         f"{plain.get('mape', math.nan):.1%}, Spearman {plain.get('spearman', math.nan):.3f}"
+        + noise_note(summary.get("end_to_end_round_spread", math.nan))
+    )
+
+
+def noise_note(spread: float | None) -> str:
+    """How much the measurements themselves moved, when known."""
+    if spread is None or spread != spread:  # one round (NaN; None once written as JSON)
+        return ""
+    return (
+        f"; measured: a config's end-to-end median moved {spread:.1%} between rounds "
+        "(median over configs), the noise these figures sit on"
     )
 
 

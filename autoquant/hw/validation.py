@@ -17,6 +17,7 @@ the latency table (under the model's signature and the config's hash) and reused
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ class ModelCheck:
     reused: int  # configs whose end-to-end timing came from the table
     rounds: int
     elapsed_s: float
+    # median over configs of the relative std of a config's per-round medians: how far the
+    # machine moved the same config between rounds (NaN with one round)
+    round_spread: float = float("nan")
 
     @property
     def fp32_e2e_us(self) -> float:
@@ -51,7 +55,7 @@ class ModelCheck:
         return self.calibration[0].measured_ms * 1000.0 if self.calibration else float("nan")
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.rows)
+        return {**summarize(self.rows), "end_to_end_round_spread": self.round_spread}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -287,7 +291,19 @@ def check_latency_model(
         reused=reused,
         rounds=rounds,
         elapsed_s=time.monotonic() - start,
+        round_spread=round_spread([t for t, _ in timings]),
     )
+
+
+def round_spread(timings: Sequence[KernelTiming]) -> float:
+    """Median over the timings of the relative (population) std of their per-round medians;
+    NaN when no timing has two rounds. Measurement noise, to read fidelity figures against."""
+    spreads = []
+    for timing in timings:
+        medians = (timing.details or {}).get("round_medians_us") if timing.ok else None
+        if medians and len(medians) >= 2 and statistics.fmean(medians) > 0:
+            spreads.append(statistics.pstdev(medians) / statistics.fmean(medians))
+    return statistics.median(spreads) if spreads else float("nan")
 
 
 def strict_json(data: Any) -> Any:
