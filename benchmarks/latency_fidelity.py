@@ -87,6 +87,7 @@ def figures(data: dict) -> dict:
         "plain sum within ±10%": plain.get("within_10pct"),
         "plain sum MAPE": plain.get("mape"),
         "plain sum Spearman": plain.get("spearman"),
+        "e2e round-to-round": s.get("end_to_end_round_spread"),
         "wall s": data["wall_s"],
     }
 

@@ -120,27 +120,31 @@ def test_profile_over_rpc_on_loopback(tmp_path):
             assert again.measured_now == 0
         # Whole models end to end through the same tracker: the latency model is calibrated
         # and checked on the remote device. A short session_timeout_s makes the configs go in
-        # batches of one model per session (the server would end a longer session).
+        # batches of two models per session (the server would end a longer session); the
+        # second batch re-times the first config as its anchor and is scaled by it.
         from autoquant.hw.validation import check_latency_model
         from autoquant.space.discovery import discover_layers
         from autoquant.tasks.digits import DigitsMLP
 
         e2e = remote_profile(tracker.port, "loopback-cpu")
-        e2e["device"]["session_timeout_s"] = 20
+        e2e["device"]["session_timeout_s"] = 50
         e2e["end_to_end"] = {"calibration_configs": 2, "rounds": 2}
         path.write_text(yaml.safe_dump(e2e))
         mlp = DigitsMLP().eval()
         layers = discover_layers(mlp, (1, 1, 8, 8))
         choices = [QuantChoice(), QuantChoice(8, 32, "per_channel")]
         with backend_for(load_profile(path)) as backend, LatencyTable(tmp_path / "e2e.sqlite") as t:
-            assert backend.models_per_session() == 1
+            assert backend.models_per_session() == 2
             profiled = profile_layers(backend, [(layer, choices) for layer in layers], t)
             checked = check_latency_model(
                 backend, mlp, (1, 1, 8, 8), layers, profiled.lookup(),
-                {layer.name: choices for layer in layers}, n_validate=1,
+                {layer.name: choices for layer in layers}, n_validate=1, table=t,
+                model_key="mlp",
             )
+            last = t.get_model(backend.fingerprint_hash(), "mlp", checked.rows[0].config.hash)
         assert checked.measured_now == 3 and checked.fp32_e2e_us > 0
         assert all(r.error is None and r.measured_ms > 0 for r in checked.rows), checked.rows
+        assert last.hit and last.timing.details["session_factor"] > 0
         # The CLI's --rpc-tracker / --rpc-key turn the local profile into this remote one.
         from typer.testing import CliRunner
 

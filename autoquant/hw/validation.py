@@ -102,6 +102,7 @@ def measure_configs(
     results: dict[int, tuple[KernelTiming, bool]] = {}
     prepared: dict[int, Any] = {}
     samples: dict[int, list[list[float]]] = {}
+    session_factor: dict[int, float] = {}
     build_s: dict[int, float] = {}
     todo = []
     for i, config in enumerate(configs):
@@ -114,19 +115,33 @@ def measure_configs(
             continue  # timed once, copied below
         todo.append(i)
     # A remote session ends after session_timeout_s and takes its loaded models with it: time
-    # the configs in batches that fit one session, interleaved within each batch.
+    # the configs in batches that fit one session, interleaved within each batch. Sessions
+    # differ (a fresh server process, another moment of the machine): a whole batch of one
+    # loopback profile ran 10-20% slower than the first. So every later batch times the first
+    # config again as an anchor, and its samples are scaled by how the anchor moved.
     per_session = backend.models_per_session() or len(todo) or 1
-    for first in range(0, len(todo), per_session):
-        batch = todo[first : first + per_session]
+    anchor = todo[0] if todo and per_session >= 2 and per_session < len(todo) else None
+    batches, rest = [], list(todo)
+    while rest:
+        room = per_session if not batches or anchor is None else per_session - 1
+        batches.append(rest[:room])
+        rest = rest[room:]
+    anchor_first_us = None  # the anchor's median in the first batch
+    for number, batch in enumerate(batches):
+        timed = [anchor, *batch] if number and anchor is not None else batch
         backend.renew_session()  # a full session for each batch
+        batch_samples: dict[int, list[list[float]]] = {}
         try:
-            for i in batch:
+            for i in timed:
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
                 handle = backend.prepare_model(model, input_shape, layers, configs[i])
                 if isinstance(handle, KernelTiming):
-                    results[i] = (handle, False)
-                else:
-                    prepared[i], samples[i], build_s[i] = handle, [], handle.build_s
+                    if i in batch:  # a failed re-anchor leaves its batch unscaled
+                        results[i] = (handle, False)
+                    continue
+                prepared[i], batch_samples[i] = handle, []
+                if i in batch:
+                    build_s[i] = handle.build_s
             for r in range(rounds):
                 for i in list(prepared):  # a config that fails leaves the rounds
                     say(
@@ -134,15 +149,29 @@ def measure_configs(
                         f"{todo.index(i) + 1}/{len(todo)}"
                     )
                     try:
-                        samples[i].append(prepared[i].time())
+                        batch_samples[i].append(prepared[i].time())
                     except Exception as exc:  # lost device, timeout: this config failed
-                        failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
-                        results[i] = (failed, False)
+                        if i in batch:
+                            failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
+                            results[i] = (failed, False)
                         prepared.pop(i).close()
+                        batch_samples.pop(i)
         finally:
             for handle in prepared.values():
                 handle.close()
             prepared.clear()
+        factor = 1.0
+        if anchor is not None and anchor in batch_samples:
+            anchor_us = statistics.median(x for rnd in batch_samples[anchor] for x in rnd)
+            if number == 0:
+                anchor_first_us = anchor_us
+            elif anchor_first_us is not None:
+                factor = anchor_first_us / anchor_us
+        for i in batch:
+            if i in batch_samples:
+                samples[i] = [[x * factor for x in rnd] for rnd in batch_samples[i]]
+                if factor != 1.0:
+                    session_factor[i] = factor
     measure = backend.profile.spec.measure.model_dump()
     for i in todo:
         if i in results:
@@ -153,7 +182,11 @@ def measure_configs(
             "model",
             [s for rnd in per_round for s in rnd],
             build_s=build_s[i],
-            details={"rounds": len(per_round), "round_medians_us": round_medians},
+            details={
+                "rounds": len(per_round),
+                "round_medians_us": round_medians,
+                **({"session_factor": session_factor[i]} if i in session_factor else {}),
+            },
         )
         results[i] = (timing, False)
         if table is not None and model_key is not None:
