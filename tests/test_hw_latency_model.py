@@ -125,6 +125,9 @@ def test_kernel_classes():
     assert kernel_class(QuantChoice()) == kernel_class(QuantChoice(16, 32)) == "float"
     assert kernel_class(QuantChoice(4, 32, "per_group", 32)) == "weight_only"
     assert kernel_class(W8) == kernel_class(QuantChoice(4, 8, "per_channel")) == "integer"
+    # float16 activations are float arithmetic, whatever the weights
+    assert kernel_class(QuantChoice(16, 16)) == "float"
+    assert kernel_class(QuantChoice(4, 16, "per_channel")) == "weight_only"
 
 
 def test_failed_timing_fails_prediction_and_fit():

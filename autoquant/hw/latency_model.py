@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoquant.hw.kernels import kernel_format
 from autoquant.hw.timing import KernelTiming
 from autoquant.measurement import Figure
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
@@ -43,13 +44,18 @@ RIDGE = 0.1  # weight of sum((scale - 1)^2) against the sum of squared relative 
 # 0.3 leans toward the isolated timing (held-out Spearman on five digits-wide profiles, offline)
 KERNEL_RIDGE = 0.3
 KERNEL_CLASSES = ("float", "weight_only", "integer")
+_CLASS_OF_FORMAT = {
+    "fp32": "float",
+    "fp16": "float",
+    "weight_only": "weight_only",
+    "w8a8": "integer",
+    "wNa8": "integer",
+}
 
 
 def kernel_class(choice: QuantChoice) -> str:
-    """Which ``KERNEL_CLASSES`` entry a choice's kernel belongs to."""
-    if choice.act_bits < 32:
-        return "integer"
-    return "float" if choice.weight_bits >= 16 else "weight_only"
+    """Which ``KERNEL_CLASSES`` entry a choice's kernel (``kernels.kernel_format``) belongs to."""
+    return _CLASS_OF_FORMAT[kernel_format(choice)]
 
 
 @dataclass(frozen=True)
