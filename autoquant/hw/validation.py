@@ -120,7 +120,7 @@ def measure_configs(
     # loopback profile ran 10-20% slower than the first. So every later batch times the first
     # config again as an anchor, and its samples are scaled by how the anchor moved.
     per_session = backend.models_per_session() or len(todo) or 1
-    anchor = todo[0] if todo and per_session >= 2 and per_session < len(todo) else None
+    anchor = todo[0] if 2 <= per_session < len(todo) else None
     batches, rest = [], list(todo)
     while rest:
         room = per_session if not batches or anchor is None else per_session - 1

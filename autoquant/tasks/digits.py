@@ -112,12 +112,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, s
 
 
 def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
+    model = factory()
     key = hashlib.sha256(
         # The architecture's repr (every layer's shape) is in the key: a changed net retrains.
-        f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}-{factory()!r}".encode()
+        f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}-{model!r}".encode()
     ).hexdigest()
     path = cache_dir() / "tasks" / f"{name}-{key[:12]}.pt"
-    model = factory()
     if path.exists():
         try:
             model.load_state_dict(torch.load(path, weights_only=True))
