@@ -178,20 +178,23 @@ def test_kernel_timing_is_never_raised_for_excluded_invalid_choice(backend, mlp_
 
 
 def test_kernels_measured_now_get_more_interleaved_rounds(tmp_path, mlp_layers):
-    """measure.rounds: 3 — every fresh kernel is timed 3 times (its samples stored together);
-    reused ones are not timed again."""
+    """measure.rounds: 3 — every fresh kernel gets its first round (repeat samples) and 2 more
+    of visits: repeat x min_repeat_ms (3 x 2 ms) cut into 1 ms visits is 6 per round, all its
+    samples stored together; reused ones are not timed again."""
     tvm_or_skip()
     from autoquant.hw.backend import backend_for
 
-    profile = fast_profile(tmp_path, measure={**FAST_PROFILE["measure"], "rounds": 3})
+    measure = {**FAST_PROFILE["measure"], "rounds": 3, "min_repeat_ms": 2, "visit_ms": 1}
+    profile = fast_profile(tmp_path, measure=measure)
     repeat = profile.spec.measure.repeat
     work = [(mlp_layers[2], [QuantChoice(), parse_label("w8cs-a8")])]
     with backend_for(profile) as backend, LatencyTable(tmp_path / "lat.sqlite") as table:
         first = profile_layers(backend, work, table)
         for e in first.entries:
-            assert len(e.timing.samples_us) == 3 * repeat and e.timing.details["rounds"] == 3
+            assert e.timing.details["rounds"] == 3 and e.timing.details["visits_per_round"] == 6
+            assert len(e.timing.samples_us) == repeat + 2 * 6
         stored = table.get(backend.fingerprint_hash(), mlp_layers[2], QuantChoice())
-        assert len(stored.timing.samples_us) == 3 * repeat
+        assert len(stored.timing.samples_us) == repeat + 2 * 6
         again = profile_layers(backend, work, table)
     assert again.measured_now == 0 and again.lookup() == first.lookup()
 

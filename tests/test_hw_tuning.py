@@ -90,7 +90,8 @@ def test_used_up_budget_keeps_hand_timings(tmp_path, mlp_layers):
         start = time.monotonic()
         second = b.measure(mlp_layers[1], QuantChoice())
         later_s = time.monotonic() - start
-        retimed = b.retime(mlp_layers[1], QuantChoice())
+        visit = b.kernel_visitor(mlp_layers[1], QuantChoice(), 0.002)
+        visited = visit() if visit else None
     for t in (first, second):
         assert isinstance(t, KernelTiming) and t.ok, t.error
         assert not t.impl.startswith("tuned:") and t.impl == "dense-fp32-a32"
@@ -99,7 +100,7 @@ def test_used_up_budget_keeps_hand_timings(tmp_path, mlp_layers):
     assert first.details["tuning_s"] >= 0.1
     assert second.details["tuning_error"] == "tuning budget of 0.1 s used up"
     assert "tuning_s" not in second.details and later_s < 5
-    assert retimed and len(retimed) == profile.spec.measure.repeat  # the hand kernel's timer
+    assert visited and visited > 0  # the hand kernel's timer
 
 
 @pytest.mark.slow
@@ -110,7 +111,8 @@ def test_tunes_a_digits_mlp_kernel(tmp_path, mlp_layers):
     layer = mlp_layers[1]
     with tvm_backend(profile) as b:
         timing = b.measure(layer, QuantChoice())
-        retimed = b.retime(layer, QuantChoice())
+        visit = b.kernel_visitor(layer, QuantChoice(), 0.002)
+        visited = visit() if visit else None
     d = timing.details
     assert timing.ok, timing.error
     assert "tuning_error" not in d, d["tuning_error"]
@@ -119,5 +121,5 @@ def test_tunes_a_digits_mlp_kernel(tmp_path, mlp_layers):
     won = d["tuned_us"] < d["hand_us"]
     assert timing.impl == ("tuned:dense-fp32-a32" if won else "dense-fp32-a32")
     assert timing.median_us == (d["tuned_us"] if won else d["hand_us"])
-    assert retimed and len(retimed) == profile.spec.measure.repeat
+    assert visited and visited > 0
     print(f"\nhand {d['hand_us']:.2f} us, tuned {d['tuned_us']:.2f} us, {d['tuning_s']:.0f} s")

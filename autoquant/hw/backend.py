@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from autoquant.errors import UserError
@@ -26,14 +27,19 @@ def short_error(exc: BaseException) -> str:
 
 class PreparedModel(ABC):
     """A whole model compiled and loaded on a device. ``time()`` runs one timing round (the
-    profile's warm-up, then ``repeat`` samples of at least ``min_repeat_ms``) and returns the
-    samples in seconds; it may raise when the device is lost (the caller records a failure)."""
+    profile's warm-up, then ``end_to_end.repeat`` samples of at least ``min_repeat_ms``) and
+    returns the samples in seconds; ``visit(seconds)`` runs the warm-up and then calls for about
+    ``seconds`` and returns their mean (one visit of ``interleave.visit_rounds``). Both may
+    raise when the device is lost (the caller records a failure)."""
 
     build_s: float = 0.0
     details: dict[str, Any] = {}  # noqa: RUF012 - set per instance by implementations
 
     @abstractmethod
     def time(self) -> list[float]: ...
+
+    @abstractmethod
+    def visit(self, seconds: float) -> float: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model on the device."""
@@ -57,8 +63,8 @@ class LatencyBackend(ABC):
           without it returns a ``failed`` result saying so.
         * ``prepare_model(...)`` compiles and loads the whole model once and returns a
           ``PreparedModel`` to time in rounds (a failed timing when it can't).
-        * ``retime``, ``models_per_session`` and ``renew_session`` are optional hooks for
-          more kernel rounds and for devices whose sessions end; the defaults do nothing.
+        * ``kernel_visitor``, ``models_per_session`` and ``renew_session`` are optional hooks
+          for more kernel rounds and for devices whose sessions end; the defaults do nothing.
         * ``close()`` releases sessions; the backend is a context manager.
     """
 
@@ -131,8 +137,12 @@ class LatencyBackend(ABC):
         ``excluded`` timing when it can't be."""
         return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
 
-    def retime(self, layer: LayerInfo, choice: QuantChoice) -> list[float] | None:
-        """Another round of samples (seconds) of a kernel measured here; None: no more rounds."""
+    def kernel_visitor(
+        self, layer: LayerInfo, choice: QuantChoice, seconds: float
+    ) -> Callable[[], float] | None:
+        """A visitor for ``interleave.visit_rounds`` of a kernel measured here and still
+        loaded: each call runs the warm-up, then the kernel for about ``seconds``, and returns
+        the mean seconds per call. None: no more rounds for it."""
         return None
 
     def models_per_session(self) -> int | None:

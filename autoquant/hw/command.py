@@ -56,7 +56,9 @@ def profile(
     ],
     task: Annotated[
         str,
-        typer.Option(help="built-in task (digits-cnn, digits-mlp, digits-wide) or package.module:function"),
+        typer.Option(
+            help="built-in task (digits-cnn, digits-mlp, digits-wide) or package.module:function"
+        ),
     ],
     validate: Annotated[
         int,
@@ -96,7 +98,8 @@ def profile(
         str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker: overrides the profile's")
     ] = None,
     rpc_key: Annotated[
-        str | None, typer.Option(help="device key registered at the tracker: overrides the profile's")
+        str | None,
+        typer.Option(help="device key registered at the tracker: overrides the profile's"),
     ] = None,
 ) -> None:
     """Measure each layer's kernel for each choice on the profile's device; reuse the table."""
@@ -127,7 +130,12 @@ def profile(
                 status.update(f"profiling {entry.layer.name} {entry.choice.label}")
 
             result = profile_layers(
-                backend, work, tab, retry_failed=retry_failed, on_result=progress
+                backend,
+                work,
+                tab,
+                retry_failed=retry_failed,
+                on_result=progress,
+                status=status.update,
             )
         checked = None
         if validate:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
+from autoquant.hw.interleave import TIMING_METHOD
 from autoquant.hw.kernels import kernel_format
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
@@ -170,6 +171,7 @@ class OrtBackend(LatencyBackend):
             "runtime_version": self.ort_version,
             "execution_provider": PROVIDER,
             "optimization": LEVEL,
+            "timing": TIMING_METHOD,
             "threads": p.threads,
             "batch": p.spec.batch_size,
             # the float graph comes from torch's exporter: its version is part of the form
@@ -482,6 +484,16 @@ class _OrtModel(PreparedModel):
             self.backend.profile.spec.end_to_end.repeat,
         )
         return samples
+
+    def visit(self, seconds: float) -> float:
+        run, feed = self.session.run, self.feed
+        for _ in range(self.backend.profile.spec.measure.warmup):
+            run(None, feed)
+        calls = max(1, math.ceil(seconds / max(self.once, 1e-9)))
+        begin = time.perf_counter()
+        for _ in range(calls):
+            run(None, feed)
+        return (time.perf_counter() - begin) / calls
 
     def close(self) -> None:
         self.session = None

@@ -15,7 +15,7 @@ Example::
     threads: auto                        # auto = this machine's CPU count (local only)
     batch_size: 1
     measure: {warmup: 1, number: 1, repeat: 3, min_repeat_ms: 200, timeout_s: 60, rounds: 5,
-              statistic: median}
+              visit_ms: 10, statistic: median}
     end_to_end: {calibration_configs: 10, rounds: 7, repeat: 3}   # whole-model timing, model fit
     tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
@@ -114,6 +114,16 @@ class MeasureSpec(_Strict):
         "and a kernel's median over rounds spread across the whole profile follows the drift "
         "less than one over two rounds",
     )
+    visit_ms: float = Field(
+        default=10,
+        gt=0,
+        le=60_000,
+        description="every kernel round after the first, and every whole-model round, is "
+        "taken as short visits of about this long, cycling over everything timed together, so "
+        "all of it samples the machine at the same moments (``interleave``): a round lasts "
+        "what repeat samples of min_repeat_ms would. Remote devices pay a round trip per "
+        "visit: give them longer visits",
+    )
     statistic: Literal["min", "median"] = Field(
         default="median",
         description="which repeat stands for a timing in the latency model. The median: on a "
@@ -138,9 +148,10 @@ class EndToEndSpec(_Strict):
         default=3,
         ge=1,
         le=1000,
-        description="samples per config per round (each at least measure.min_repeat_ms). Many "
-        "short rounds beat few long ones: on a shared machine the noise comes in spells of "
-        "seconds, and a round's samples share its spell",
+        description="a round of one config lasts what this many samples of "
+        "measure.min_repeat_ms would, taken as visits of measure.visit_ms interleaved with "
+        "the other configs'. Many short rounds beat few long ones: on a shared machine the "
+        "noise comes in spells of seconds, and a round's samples share its spell",
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from autoquant.errors import UserError
 from autoquant.hw.backend import LatencyBackend
+from autoquant.hw.interleave import visit_rounds, visits_per_round
 from autoquant.hw.table import LatencyTable
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.searchspace import why_invalid
@@ -27,6 +28,8 @@ DEFAULT_CHOICES = (
     "w4g32s-a32",
     "w2cs-a32",
 )
+
+
 def parse_label(label: str) -> QuantChoice:
     """``QuantChoice.from_label`` for the command line: a bad label is a one-line UserError."""
     try:
@@ -104,6 +107,7 @@ def profile_layers(
     *,
     retry_failed: bool = False,
     on_result: Callable[[LayerTiming], None] | None = None,
+    status: Callable[[str], None] | None = None,
 ) -> ProfileResult:
     """Measure every (layer, choice) the table does not have for this backend's fingerprint.
 
@@ -136,7 +140,7 @@ def profile_layers(
             if on_result is not None:
                 on_result(entry)
     if rounds > 1:
-        entries = _more_rounds(backend, entries, rounds, table, fp_hash, measure_settings)
+        entries = _more_rounds(backend, entries, rounds, table, fp_hash, measure_settings, status)
     return ProfileResult(
         backend.profile.name,
         fingerprint,
@@ -154,30 +158,41 @@ def _more_rounds(
     table: LatencyTable,
     fp_hash: str,
     measure_settings: dict[str, Any],
+    status: Callable[[str], None] | None = None,
 ) -> list[LayerTiming]:
-    """Time the kernels measured now ``rounds - 1`` more times, interleaved (every kernel once
-    per round), and store them with all their samples. A kernel timed during a busy spell gets
-    more chances to show its own speed, and the rounds are spread over the whole profiling time
-    instead of one moment. Backends whose ``retime`` gives nothing keep their single round."""
-    fresh = [i for i, e in enumerate(entries) if not e.reused and e.timing.ok]
-    extra: dict[int, list[float]] = {i: [] for i in fresh}
-    for _ in range(rounds - 1):
-        for i in fresh:
-            try:
-                samples = backend.retime(entries[i].layer, entries[i].choice)
-            except Exception:  # a device lost now keeps the first round's timing
-                samples = None
-            extra[i].extend(samples or [])
+    """Time the kernels measured now ``rounds - 1`` more rounds as interleaved visits
+    (``interleave``: every kernel once per cycle, all of them at the same moments), and store
+    them with all their samples. A kernel that would have been timed during a busy spell shares
+    it with all the others, and the rounds are spread over the whole profiling time instead of
+    one moment. Backends without a ``kernel_visitor`` keep their single round; a kernel whose
+    device is lost now keeps the samples it has."""
+    m = backend.profile.spec.measure
+    visitors = {}
+    for i, e in enumerate(entries):
+        if not e.reused and e.timing.ok:
+            visitor = backend.kernel_visitor(e.layer, e.choice, m.visit_ms / 1000.0)
+            if visitor is not None:
+                visitors[i] = visitor
+    visits = visits_per_round(m.repeat, m.min_repeat_ms, m.visit_ms)
+
+    def progress(r: int, v: int) -> None:
+        if status is not None:
+            status(
+                f"timing {len(visitors)} kernels: round {r + 2}/{rounds}, visit {v + 1}/{visits}"
+            )
+
+    extra = visit_rounds(visitors, rounds=rounds - 1, visits=visits, progress=progress)
     out = list(entries)
-    for i in fresh:
+    for i, per_round in extra.items():
+        per_round = [rnd for rnd in per_round if rnd]
         e = entries[i]
         t = e.timing
         timing = KernelTiming.from_samples(
             t.impl,
-            [s / 1e6 for s in t.samples_us] + extra[i],
+            [s / 1e6 for s in t.samples_us] + [x for rnd in per_round for x in rnd],
             build_s=t.build_s,
             measure_s=t.measure_s,
-            details={**t.details, "rounds": 1 + len(extra[i]) // max(1, len(t.samples_us))},
+            details={**t.details, "rounds": 1 + len(per_round), "visits_per_round": visits},
         )
         table.put(fp_hash, e.layer, e.choice, timing, measure=measure_settings)
         out[i] = LayerTiming(e.layer, e.choice, timing, reused=False)

@@ -20,10 +20,12 @@ keep their hand schedule.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +34,7 @@ import numpy as np
 from autoquant.hw import tvm_kernels
 from autoquant.hw._tvm import load_tvm, set_threads
 from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
+from autoquant.hw.interleave import TIMING_METHOD, visits_per_round
 from autoquant.hw.kernels import (
     KERNEL_TEMPLATE_VERSION,
     KernelSpec,
@@ -88,6 +91,7 @@ class TvmBackend(LatencyBackend):
             "threads": threads,
             "batch": p.spec.batch_size,
             "kernels": KERNEL_TEMPLATE_VERSION,
+            "timing": TIMING_METHOD,
             "tensorize": self.tensorize,
             # only with tuning: untuned fingerprints (and the tables keyed by them) stay as
             # they were, and tuned timings are never shared with untuned ones
@@ -136,21 +140,23 @@ class TvmBackend(LatencyBackend):
         if self.profile.is_local:
             return None
         spec = self.profile.spec
-        rounds = spec.end_to_end.rounds
-        per_round = spec.measure.warmup * 0.01 + spec.end_to_end.repeat * max(
-            spec.measure.min_repeat_ms / 1000.0, 0.01
-        )
+        m, rounds = spec.measure, spec.end_to_end.rounds
+        visits = visits_per_round(spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
+        # each visit: the visit itself, and a round trip for it and each warm-up call
+        per_round = visits * (m.visit_ms / 1000.0 + 0.002 * (1 + m.warmup))
         # build + upload, then the rounds; a remote round was seen taking 5x its sum over
         # loopback with many models loaded, hence the wide margin
         per_model = 10.0 + rounds * per_round * 5
         return max(1, int(0.5 * spec.device.session_timeout_s / per_model))
 
-    def retime(self, layer: LayerInfo, choice: QuantChoice) -> list[float] | None:
-        """Another round of samples (seconds) of a kernel this backend measured, still loaded;
-        None when it has none (not measured here, or failed)."""
+    def kernel_visitor(
+        self, layer: LayerInfo, choice: QuantChoice, seconds: float
+    ) -> Callable[[], float] | None:
+        """Visits of a kernel this backend measured, still loaded; None when it has none (not
+        measured here, or failed)."""
         spec = self.spec_for(layer, choice)
-        timer = None if isinstance(spec, str) else self._timers.get(spec)
-        return None if timer is None else timer()
+        visits = None if isinstance(spec, str) else self._timers.get(spec)
+        return None if visits is None else lambda: visits(seconds)
 
     def close(self) -> None:
         self._timers.clear()
@@ -417,7 +423,7 @@ class TvmBackend(LatencyBackend):
             "main", dev, number=m.number, repeat=m.repeat, min_repeat_ms=int(m.min_repeat_ms)
         )
         samples = list(evaluator(*args).results)
-        self._timers[spec] = lambda: list(evaluator(*args).results)
+        self._timers[spec] = _Visits(mod, dev, args, float(np.median(samples)), m.warmup, func)
         return KernelTiming.from_samples(
             spec.impl,
             samples,
@@ -440,6 +446,9 @@ class _TvmModel(PreparedModel):
         x = np.random.default_rng(0).standard_normal(shape).astype("float32")
         self.x = backend.tvm.runtime.tensor(x, dev)
         self.vm["main"](self.x)  # lazy initialisation happens here, not in the first sample
+        once = self.vm.time_evaluator("main", dev, number=1, repeat=1)(self.x).results[0]
+        warmup = backend.profile.spec.measure.warmup
+        self._visits = _Visits(self.vm, dev, [self.x], once, warmup, self.vm["main"])
 
     def time(self) -> list[float]:
         m = self.backend.profile.spec.measure
@@ -451,7 +460,35 @@ class _TvmModel(PreparedModel):
         )
         return list(evaluator(self.x).results)
 
+    def visit(self, seconds: float) -> float:
+        return self._visits(seconds)
+
     def close(self) -> None:
         self.vm = None
         self.x = None
         self.dev = None
+        self._visits = None
+
+
+class _Visits:
+    """Short timings of one loaded function (a kernel's module, or a whole model's VM): the
+    warm-up calls, untimed, then as many calls as last about ``seconds``, timed by the
+    device's own timer; the mean seconds per call. The warm-up matters here: between two visits
+    of one kernel the others ran and took the cache."""
+
+    def __init__(
+        self, timed: Any, dev: Any, args: list[Any], per_call_s: float, warmup: int, call: Any
+    ) -> None:
+        self.timed, self.dev, self.args, self.call = timed, dev, args, call
+        self.per_call_s, self.warmup = max(per_call_s, 1e-9), warmup
+        self._evaluators: dict[int, Any] = {}  # calls per visit -> time_evaluator
+
+    def __call__(self, seconds: float) -> float:
+        calls = max(1, math.ceil(seconds / self.per_call_s))
+        evaluator = self._evaluators.get(calls)
+        if evaluator is None:
+            evaluator = self.timed.time_evaluator("main", self.dev, number=calls, repeat=1)
+            self._evaluators[calls] = evaluator
+        for _ in range(self.warmup):
+            self.call(*self.args)
+        return float(evaluator(*self.args).results[0])

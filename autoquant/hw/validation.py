@@ -21,9 +21,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from autoquant.hw.backend import short_error
+from autoquant.hw.interleave import visit_rounds, visits_per_round
 from autoquant.hw.latency_model import (
     KERNEL_CLASSES,
     LatencyModel,
@@ -71,8 +73,8 @@ class ModelCheck:
                 "summary": self.summary(),
                 "rows": [r.to_dict() for r in self.rows],
             },
-            "measured_source": f"measured end to end: the {self.model.statistic} of the repeats of "
-            f"{self.rounds} interleaved rounds",
+            "measured_source": f"measured end to end: the {self.model.statistic} of the visits "
+            f"of {self.rounds} rounds, interleaved over all configs",
             "end_to_end_measured_now": self.measured_now,
             "end_to_end_reused": self.reused,
             "elapsed_s": self.elapsed_s,
@@ -127,10 +129,20 @@ def measure_configs(
         batches.append(rest[:room])
         rest = rest[room:]
     anchor_first_us = None  # the anchor's median in the first batch
+    m = backend.profile.spec.measure
+    visits = visits_per_round(backend.profile.spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
+    lost: dict[int, str] = {}  # config -> why its timing stopped, in the current batch
+
+    def progress(r: int, v: int) -> None:
+        say(
+            f"end-to-end timing of {len(prepared)} configs: round {r + 1}/{rounds}, "
+            f"visit {v + 1}/{visits}"
+        )
+
     for number, batch in enumerate(batches):
         timed = [anchor, *batch] if number and anchor is not None else batch
         backend.renew_session()  # a full session for each batch
-        batch_samples: dict[int, list[list[float]]] = {}
+        lost.clear()
         try:
             for i in timed:
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
@@ -139,27 +151,24 @@ def measure_configs(
                     if i in batch:  # a failed re-anchor leaves its batch unscaled
                         results[i] = (handle, False)
                     continue
-                prepared[i], batch_samples[i] = handle, []
+                prepared[i] = handle
                 if i in batch:
                     build_s[i] = handle.build_s
-            for r in range(rounds):
-                for i in list(prepared):  # a config that fails leaves the rounds
-                    say(
-                        f"end-to-end timing: round {r + 1}/{rounds}, config "
-                        f"{todo.index(i) + 1}/{len(todo)}"
-                    )
-                    try:
-                        batch_samples[i].append(prepared[i].time())
-                    except Exception as exc:  # lost device, timeout: this config failed
-                        if i in batch:
-                            failed = KernelTiming.failed(f"run error: {short_error(exc)}", "model")
-                            results[i] = (failed, False)
-                        prepared.pop(i).close()
-                        batch_samples.pop(i)
+            batch_samples = visit_rounds(
+                {i: partial(handle.visit, m.visit_ms / 1000.0) for i, handle in prepared.items()},
+                rounds=rounds,
+                visits=visits,
+                on_failure=lambda i, exc: lost.setdefault(i, short_error(exc)),
+                progress=progress,
+            )
         finally:
             for handle in prepared.values():
                 handle.close()
             prepared.clear()
+        for i, why in lost.items():  # lost device, timeout: this config failed
+            batch_samples.pop(i, None)
+            if i in batch:  # a failed anchor leaves its batch unscaled
+                results[i] = (KernelTiming.failed(f"run error: {why}", "model"), False)
         factor = 1.0
         if anchor is not None and anchor in batch_samples:
             anchor_us = statistics.median(x for rnd in batch_samples[anchor] for x in rnd)
@@ -177,13 +186,14 @@ def measure_configs(
         if i in results:
             continue
         per_round = samples[i]
-        round_medians = [sorted(s)[len(s) // 2] * 1e6 for s in per_round]
+        round_medians = [statistics.median(s) * 1e6 for s in per_round]
         timing = KernelTiming.from_samples(
             "model",
             [s for rnd in per_round for s in rnd],
             build_s=build_s[i],
             details={
                 "rounds": len(per_round),
+                "visits_per_round": visits,
                 "round_medians_us": round_medians,
                 **({"session_factor": session_factor[i]} if i in session_factor else {}),
             },
