@@ -87,7 +87,8 @@ def figures(data: dict) -> dict:
         "plain sum within ±10%": plain.get("within_10pct"),
         "plain sum MAPE": plain.get("mape"),
         "plain sum Spearman": plain.get("spearman"),
-        "e2e round-to-round": s.get("end_to_end_round_spread"),
+        "e2e config vs others, round to round": s.get("end_to_end_round_spread"),
+        "e2e machine drift, round to round": s.get("end_to_end_round_drift"),
         "wall s": data["wall_s"],
     }
 

@@ -273,16 +273,24 @@ def fidelity_line(summary: dict) -> str:
         f"{summary['max_abs_rel_error']:.0%}, Spearman {summary['spearman']:.3f}; plain per-layer "
         f"kernel sum {plain.get('within_10pct', math.nan):.0%} within ±10%, MAPE "
         f"{plain.get('mape', math.nan):.1%}, Spearman {plain.get('spearman', math.nan):.3f}"
-        + noise_note(summary.get("end_to_end_round_spread", math.nan))
+        + noise_note(
+            summary.get("end_to_end_round_spread", math.nan),
+            summary.get("end_to_end_round_drift", math.nan),
+        )
     )
 
 
-def noise_note(spread: float | None) -> str:
+def noise_note(spread: float | None, drift: float | None = None) -> str:
     """How much the measurements themselves moved, when known."""
     if spread is None or spread != spread:  # one round (NaN; None once written as JSON)
         return ""
+    machine = (
+        f"the machine's speed moved {drift:.1%} between rounds (every config with it), "
+        if drift is not None and drift == drift
+        else ""
+    )
     return (
-        f"; measured: a config's end-to-end median moved {spread:.1%} between rounds "
+        f"; measured: {machine}a config's end-to-end median {spread:.1%} against the others' "
         "(median over configs), the noise these figures sit on"
     )
 

@@ -2,8 +2,9 @@
 
 A failed build, a wrong answer, a timeout or a lost device is a ``KernelTiming`` with ``status``
 ``failed`` and an ``error``; a choice the target has no kernel for is ``excluded`` with the
-reason. Nothing here raises for a device fault. Timings are the median of ``repeat`` samples
-(each the mean over enough calls to last ``min_repeat_ms``), with the spread beside it.
+reason. Nothing here raises for a device fault. Timings are the median of their samples (the
+first round's each the mean over enough calls to last ``min_repeat_ms``, the later rounds' each
+one short interleaved visit), with the spread beside it.
 """
 
 from __future__ import annotations

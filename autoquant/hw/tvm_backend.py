@@ -2,8 +2,10 @@
 
 For each (layer, choice) at the profile's batch size: build the kernel (``tvm_kernels``), run it
 once on random data and compare with the numpy reference (``measure.verify``), then time it with
-``time_evaluator(number, repeat, min_repeat_ms)`` after ``warmup`` calls. Remote devices get the
-compiled library uploaded through an RPC session from the profile's tracker.
+``time_evaluator(number, repeat, min_repeat_ms)`` after ``warmup`` calls; the kernel stays loaded
+for the later rounds, short visits interleaved with the other kernels (``kernel_visitor``,
+``interleave``). Remote devices get the compiled library uploaded through an RPC session from
+the profile's tracker.
 
 ``timeout_s`` bounds each kernel: after the build and one timed call the remaining work is
 predicted (``repeat x max(min_repeat_ms, number x call)``) and a kernel that would run past the

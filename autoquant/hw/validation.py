@@ -6,12 +6,13 @@ among them; it times all of them end to end on the profile's device (``measure_c
 fits the model on the calibration configs only, and compares its predictions, and the plain
 per-layer kernel sum's, with the measured latency of the validation configs.
 
-Whole-model timings are taken in interleaved rounds: every config is compiled and loaded
-first, then each round times every config once. Load on a shared machine drifts over seconds;
-interleaving spreads that drift over all configs instead of biasing the ones timed during a
-busy spell, and the model's statistic over all rounds' samples (the median by default) is
-not moved by a spell that hit one round. Timings are stored in
-the latency table (under the model's signature and the config's hash) and reused.
+Whole-model timings are interleaved: every config is compiled and loaded first, then each
+round cycles over all of them in short visits (``interleave``). The speed of a shared machine
+moves within a second and drifts over minutes; configs visited in turn see the same moments,
+so a busy spell slows all of them instead of the one that happened to be running, and the
+model's statistic over all the visits (the median by default) is not moved by a spell that hit
+a few. Timings are stored in the latency table (under the model's signature and the config's
+hash) and reused.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class ModelCheck:
     reused: int  # configs whose end-to-end timing came from the table
     rounds: int
     elapsed_s: float
-    # median over configs of the relative std of a config's per-round medians: how far the
-    # machine moved the same config between rounds (NaN with one round)
+    # how far a config's round medians moved against the other configs' in the same rounds
+    # (the noise a comparison of configs sits on), and how far the rounds' common level moved
+    # (the machine's speed, every config with it); NaN with one round (``round_noise``)
     round_spread: float = float("nan")
+    round_drift: float = float("nan")
 
     @property
     def fp32_e2e_us(self) -> float:
@@ -57,7 +60,11 @@ class ModelCheck:
         return self.calibration[0].measured_ms * 1000.0 if self.calibration else float("nan")
 
     def summary(self) -> dict[str, Any]:
-        return {**summarize(self.rows), "end_to_end_round_spread": self.round_spread}
+        return {
+            **summarize(self.rows),
+            "end_to_end_round_spread": self.round_spread,
+            "end_to_end_round_drift": self.round_drift,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,8 +100,8 @@ def measure_configs(
     model_key: str | None = None,
     status: Callable[[str], None] | None = None,
 ) -> list[tuple[KernelTiming, bool]]:
-    """(timing, reused) per config, end to end, in interleaved rounds; never raises for a
-    device fault (a config that fails to build or run is a ``failed`` timing)."""
+    """(timing, reused) per config, end to end, in rounds of interleaved visits; never raises
+    for a device fault (a config that fails to build or run is a ``failed`` timing)."""
 
     def say(text: str) -> None:
         if status is not None:
@@ -105,6 +112,7 @@ def measure_configs(
     prepared: dict[int, Any] = {}
     samples: dict[int, list[list[float]]] = {}
     session_factor: dict[int, float] = {}
+    batch_of: dict[int, int] = {}  # config -> the batch (one device session) it was timed in
     build_s: dict[int, float] = {}
     todo = []
     for i, config in enumerate(configs):
@@ -177,6 +185,7 @@ def measure_configs(
             elif anchor_first_us is not None:
                 factor = anchor_first_us / anchor_us
         for i in batch:
+            batch_of[i] = number
             if i in batch_samples:
                 samples[i] = [[x * factor for x in rnd] for rnd in batch_samples[i]]
                 if factor != 1.0:
@@ -194,6 +203,7 @@ def measure_configs(
             details={
                 "rounds": len(per_round),
                 "visits_per_round": visits,
+                "batch": batch_of[i],
                 "round_medians_us": round_medians,
                 **({"session_factor": session_factor[i]} if i in session_factor else {}),
             },
@@ -326,6 +336,7 @@ def check_latency_model(
     cal_rows = tuple(row(c, t) for c, (t, _) in zip(calibration, timings))
     val_rows = tuple(row(c, t) for c, (t, _) in zip(validation, timings[len(calibration) :]))
     reused = sum(1 for _, was_reused in timings if was_reused)
+    spread, drift = round_noise([t for t, _ in timings])
     return ModelCheck(
         latency_model,
         cal_rows,
@@ -334,19 +345,39 @@ def check_latency_model(
         reused=reused,
         rounds=rounds,
         elapsed_s=time.monotonic() - start,
-        round_spread=round_spread([t for t, _ in timings]),
+        round_spread=spread,
+        round_drift=drift,
     )
 
 
-def round_spread(timings: Sequence[KernelTiming]) -> float:
-    """Median over the timings of the relative (population) std of their per-round medians;
-    NaN when no timing has two rounds. Measurement noise, to read fidelity figures against."""
-    spreads = []
+def round_noise(timings: Sequence[KernelTiming]) -> tuple[float, float]:
+    """(spread, drift) of whole-model timings taken in the same rounds (grouped by their
+    ``batch`` detail): each config's round medians over its own median; a round's *level* is
+    the median of that over the configs; ``drift`` is the std of the levels (the machine's
+    speed moving every config together: interleaved visits cancel it from any comparison),
+    ``spread`` the median over configs of the relative std of a config's rounds divided by
+    their levels (how far it moved against the others: the noise a ranking sits on). NaN
+    where no group has two rounds (spread: and two configs)."""
+    groups: dict[Any, list[list[float]]] = {}
     for timing in timings:
-        medians = (timing.details or {}).get("round_medians_us") if timing.ok else None
-        if medians and len(medians) >= 2 and statistics.fmean(medians) > 0:
-            spreads.append(statistics.pstdev(medians) / statistics.fmean(medians))
-    return statistics.median(spreads) if spreads else float("nan")
+        details = timing.details or {}
+        medians = details.get("round_medians_us") if timing.ok else None
+        if medians and len(medians) >= 2 and min(medians) > 0:
+            groups.setdefault(details.get("batch", 0), []).append(medians)
+    spreads, drifts = [], []
+    for group in groups.values():
+        rounds = min(len(m) for m in group)
+        own = [[x / statistics.median(m) for x in m[:rounds]] for m in group]
+        levels = [statistics.median(o[r] for o in own) for r in range(rounds)]
+        drifts.append(statistics.pstdev(levels) / statistics.fmean(levels))
+        if len(group) >= 2:
+            for o in own:
+                against = [o[r] / levels[r] for r in range(rounds)]
+                spreads.append(statistics.pstdev(against) / statistics.fmean(against))
+    return (
+        statistics.median(spreads) if spreads else float("nan"),
+        statistics.fmean(drifts) if drifts else float("nan"),
+    )
 
 
 def strict_json(data: Any) -> Any:
