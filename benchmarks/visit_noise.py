@@ -1,7 +1,7 @@
 """How much two ways of timing whole models move a comparison between configs, side by side.
 
     python benchmarks/visit_noise.py [--profile hw_profiles/cpu-local.yaml] [--task digits-wide]
-        [--window-s 10] [--windows 4] [--json PATH]
+        [--window-s 5] [--windows 8] [--json PATH]
 
 Compiles four configs of the task's model (float32, every layer w8a8, every layer w4 weight-only,
 and a mix) and times them ``--windows`` times over for ``--window-s`` seconds each way, the two
@@ -30,8 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="hw_profiles/cpu-local.yaml")
     parser.add_argument("--task", default="digits-wide")
-    parser.add_argument("--window-s", type=float, default=10.0)
-    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--window-s", type=float, default=5.0)
+    parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
