@@ -12,6 +12,7 @@ from conftest import tvm_or_skip
 
 from autoquant.hw.latency_model import (
     ValidationRow,
+    calibrate_latency_model,
     fit_latency_model,
     kendall_tau,
     kernel_class,
@@ -107,6 +108,52 @@ def test_whole_model_timings_correct_a_mismeasured_kernel():
     error = abs(model.predict(unseen).value * 1000 - truth(1, 0))
     assert error < 0.7 * abs(classes_only.predict(unseen).value * 1000 - truth(1, 0))
     assert f"b|{W8.label}" in model.to_dict()["kernel_correction"]
+
+
+def _two_layer_case(integer_factor: float, noise: float):
+    """Kernel timings and end-to-end truths of every (a, b) config of four choices: 2 µs
+    overhead, integer kernels ``integer_factor`` x their solo time in context, and a fixed
+    pseudo-random relative error of up to ``noise`` on each end-to-end figure."""
+    choices = [QuantChoice(), W8, QuantChoice(4, 32, "per_channel"), QuantChoice(16, 32)]
+    solo = {"a": [40.0, 12.0, 25.0, 33.0], "b": [20.0, 9.0, 14.0, 17.0]}
+    per_layer = {
+        (name, c.label): t(us) for name, times in solo.items() for c, us in zip(choices, times)
+    }
+    wobble = np.random.default_rng(7).uniform(-noise, noise, size=(4, 4))
+    measured = []
+    for i in range(4):
+        for j in range(4):
+            us = 2.0 + sum(
+                (integer_factor if choices[k] == W8 else 1.0) * solo[name][k]
+                for name, k in (("a", i), ("b", j))
+            )
+            config = QuantConfig.from_mapping({"a": choices[i], "b": choices[j]})
+            measured.append((config, us * (1 + wobble[i, j])))
+    return per_layer, measured
+
+
+def test_calibration_keeps_class_scales_only_when_they_predict_better():
+    """Leave-one-out on the calibration configs picks the form: with integer kernels 1.4x
+    slower in context the class scales; with no class effect, only noise, one scale, which ranks
+    configs exactly as the plain kernel sum does (it cannot fit the noise into a ranking)."""
+    per_layer, measured = _two_layer_case(1.4, 0.005)
+    model = calibrate_latency_model((A, B), per_layer, measured[:10])
+    assert model.form == "class scales"
+    assert model.loo_mape["class scales"] < model.loo_mape["one scale"]
+    assert model.class_scale["integer"] > 1.05 * model.class_scale["float"]
+    held_out = [ValidationRow(c, model.predict(c).value, us / 1000, 0.0, None,
+                              model.plain_sum_ms(c)) for c, us in measured[10:]]
+    figures = summarize(held_out)
+    assert figures["mape"] < 0.02 < figures["plain_sum"]["mape"]
+
+    per_layer, measured = _two_layer_case(1.0, 0.02)
+    model = calibrate_latency_model((A, B), per_layer, measured[:10])
+    assert model.form == "one scale" and not model.kernel_correction
+    assert len(set(model.class_scale.values())) == 1
+    predicted = [model.predict(c).value for c, _ in measured]
+    plain = [model.plain_sum_ms(c) for c, _ in measured]
+    assert np.argsort(predicted).tolist() == np.argsort(plain).tolist()
+    assert model.to_dict()["form"] == "one scale" and model.to_dict()["kernel_ridge"] is None
 
 
 def test_round_noise_separates_configs_from_the_machine():

@@ -182,6 +182,7 @@ def profile(
         console.print(timing_table(result))
     if checked is not None:
         console.print(validation_table(checked))
+        console.print(model_line(checked.model))
         if checked.model.note:
             console.print(f"warning: {checked.model.note}")
     if json_path is not None:
@@ -208,7 +209,7 @@ def timing_table(result):
     from rich.table import Table
 
     table = Table(
-        title=f"per-layer kernel latency on {result.profile} (median of repeats; "
+        title=f"per-layer kernel latency on {result.profile} (median of samples and visits; "
         "spread = interquartile range / median)"
     )
     for col in ("layer", "choice", "kernel", "min µs", "median µs", "spread", "source"):
@@ -260,6 +261,17 @@ def validation_table(checked):
         )
     table.caption = fidelity_line(summary)
     return table
+
+
+def model_line(model) -> str:
+    """Which form the calibration chose, its terms, and why (the leave-one-out errors)."""
+    scales = ", ".join(f"{cls} {v:.3f}" for cls, v in model.class_scale.items())
+    why = ", ".join(f"{form} {mape:.2%}" for form, mape in model.loo_mape.items())
+    return (
+        f"latency model: {model.form} (intercept {model.intercept_us:+.1f} µs; scales {scales}"
+        f"{f'; {len(model.kernel_correction)} kernel corrections' if model.kernel_correction else ''})"
+        + (f"; leave-one-out MAPE on the calibration configs: {why}" if why else "")
+    )
 
 
 def fidelity_line(summary: dict) -> str:

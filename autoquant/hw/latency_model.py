@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autoquant.hw.kernels import kernel_format
@@ -73,6 +73,9 @@ class LatencyModel:
     statistic: str = "median"  # which repeat of each timing: "min" or "median"
     # Set when the fit had something to say about itself (one line); None otherwise.
     note: str | None = None
+    form: str = "class scales"  # a ``MODEL_FORMS`` key
+    # leave-one-out MAPE of each form on the calibration configs, when they were compared
+    loo_mape: dict[str, float] = field(default_factory=dict)
 
     def kernel_times_us(self, config: QuantConfig) -> dict[str, tuple[str, str, float]] | Figure:
         """Each layer's (kernel class, choice label, kernel time in µs by the model's
@@ -101,8 +104,7 @@ class LatencyModel:
         if isinstance(kernels, Figure):
             return kernels
         total = self.intercept_us + sum(
-            self.in_context(name, cls, label) * us
-            for name, (cls, label, us) in kernels.items()
+            self.in_context(name, cls, label) * us for name, (cls, label, us) in kernels.items()
         )
         return Figure(total / 1000.0, "predicted")
 
@@ -127,7 +129,9 @@ class LatencyModel:
             "kernel_correction": {
                 f"{layer}|{label}": v for (layer, label), v in self.kernel_correction.items()
             },
-            "kernel_ridge": KERNEL_RIDGE,
+            "form": self.form,
+            "leave_one_out_mape": dict(self.loo_mape),
+            "kernel_ridge": MODEL_FORMS.get(self.form, {}).get("kernel_ridge"),
             "calibration_configs": self.calibration_configs,
             "ridge": RIDGE,
             "note": self.note,
@@ -140,12 +144,14 @@ def fit_latency_model(
     measured: Sequence[tuple[QuantConfig, float]],
     *,
     ridge: float = RIDGE,
-    kernel_ridge: float = KERNEL_RIDGE,
+    kernel_ridge: float | None = KERNEL_RIDGE,
     statistic: str = "median",
+    shared_scale: bool = False,
 ) -> LatencyModel:
     """Fit intercept, per-kernel-class scales and per-kernel corrections on ``measured``
     (config, end-to-end µs) pairs, the kernel times and the measurements taken with the same
-    ``statistic`` (min or median).
+    ``statistic`` (min or median). ``shared_scale``: one scale for every class;
+    ``kernel_ridge`` None: no kernel corrections.
 
     Raises ValueError when there is no measurement or a measured config has a layer without a
     usable kernel timing (its row would be meaningless)."""
@@ -163,18 +169,23 @@ def fit_latency_model(
         if not us > 0:
             raise ValueError(f"calibration config {config.hash}: measured {us} µs")
         observed.append((kernels, us))
-    # Only the kernels some calibration config ran can be corrected.
+    # Only the kernels some calibration config ran can be corrected (none: kernel_ridge None).
     used = sorted(
         {(name, label) for kernels, _ in observed for name, (_, label, _) in kernels.items()}
+        if kernel_ridge is not None
+        else ()
     )
-    n_class, n_kernel = len(KERNEL_CLASSES), len(used)
+    # one scale for all classes: the same ranking as the plain sum, with its offset and slope
+    scale_groups = [KERNEL_CLASSES] if shared_scale else [(c,) for c in KERNEL_CLASSES]
+    n_class, n_kernel = len(scale_groups), len(used)
     rows = []
     for kernels, us in observed:
         per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
         per_kernel = dict.fromkeys(used, 0.0)
         for name, (cls, label, kernel_us) in kernels.items():
             per_class[cls] += kernel_us
-            per_kernel[(name, label)] += kernel_us
+            if (name, label) in per_kernel:
+                per_kernel[(name, label)] += kernel_us
         # Unknowns, all non-negative: intercept as (plus - minus), the class scales, then each
         # kernel correction as (plus - minus).
         kernel_cols = [per_kernel[k] / us for k in used]
@@ -182,7 +193,7 @@ def fit_latency_model(
             [
                 1.0 / us,
                 -1.0 / us,
-                *(per_class[c] / us for c in KERNEL_CLASSES),
+                *(sum(per_class[c] for c in group) / us for group in scale_groups),
                 *kernel_cols,
                 *(-v for v in kernel_cols),
             ]
@@ -191,14 +202,16 @@ def fit_latency_model(
     penalty = np.zeros((n, n))
     penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
     penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
-    penalty[2 + n_class :, 2 + n_class :] = np.sqrt(kernel_ridge) * np.eye(2 * n_kernel)
+    penalty[2 + n_class :, 2 + n_class :] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
     prior = np.zeros(n)
     prior[2 : 2 + n_class] = np.sqrt(ridge)
     a = np.vstack([np.asarray(rows), penalty])
     b = np.concatenate([np.ones(len(rows)), prior])
     solution, _ = nnls(a, b)
     intercept = float(solution[0] - solution[1])
-    scales = {c: float(v) for c, v in zip(KERNEL_CLASSES, solution[2 : 2 + n_class])}
+    scales = {
+        c: float(v) for group, v in zip(scale_groups, solution[2 : 2 + n_class]) for c in group
+    }
     plus, minus = solution[2 + n_class : 2 + n_class + n_kernel], solution[2 + n_class + n_kernel :]
     corrections = {k: float(p - m) for k, p, m in zip(used, plus, minus)}
     model = LatencyModel(
@@ -216,11 +229,63 @@ def fit_latency_model(
         fastest += min(times, default=0.0)
     if not fastest > 0:
         return LatencyModel(
-            layers, dict(per_layer), 0.0, {}, {}, len(measured), statistic,
+            layers,
+            dict(per_layer),
+            0.0,
+            {},
+            {},
+            len(measured),
+            statistic,
             "the calibrated model predicted a non-positive latency; fell back to the plain "
             "per-layer kernel sum",
         )
     return model
+
+
+# The forms ``calibrate_latency_model`` chooses between, simplest first (it wins ties): one
+# scale for all kernels ranks configs exactly as the plain sum does; class scales and kernel
+# corrections can rank them better, when the calibration configs show a difference between the
+# classes, and worse when what they fit is noise. On digits-wide here the float / integer scales
+# came out 1.03-1.04 / 0.97 in four profiles and 0.99 / 1.00 in a fifth.
+MODEL_FORMS: dict[str, dict[str, Any]] = {
+    "one scale": {"shared_scale": True, "kernel_ridge": None},
+    "class scales": {"shared_scale": False, "kernel_ridge": KERNEL_RIDGE},
+}
+
+
+def calibrate_latency_model(
+    layers: tuple[LayerInfo, ...],
+    per_layer: dict[tuple[str, str], KernelTiming],
+    measured: Sequence[tuple[QuantConfig, float]],
+    *,
+    statistic: str = "median",
+) -> LatencyModel:
+    """The simplest ``MODEL_FORMS`` form whose leave-one-out MAPE on ``measured`` is within
+    one standard error of the lowest (the one-standard-error rule: a richer form has to beat
+    the simpler one by more than the calibration's own scatter), fitted on all of it. With
+    fewer than 4 configs there is nothing to compare on: class scales. The model records the
+    form and every form's leave-one-out MAPE."""
+    if len(measured) < 4:
+        return fit_latency_model(layers, per_layer, measured, statistic=statistic)
+    loo: dict[str, float] = {}
+    scatter: dict[str, float] = {}  # standard error of each form's mean
+    for form, settings in MODEL_FORMS.items():
+        errors = []
+        for k, (config, us) in enumerate(measured):
+            rest = [*measured[:k], *measured[k + 1 :]]
+            predicted = fit_latency_model(
+                layers, per_layer, rest, statistic=statistic, **settings
+            ).predict(config)
+            if predicted.source != "failed":
+                errors.append(abs(predicted.value * 1000.0 - us) / us)
+        loo[form] = statistics.fmean(errors) if len(errors) >= 2 else math.inf
+        scatter[form] = (
+            statistics.stdev(errors) / math.sqrt(len(errors)) if len(errors) >= 2 else 0.0
+        )
+    lowest = min(loo, key=lambda form: loo[form])
+    best = next(form for form in MODEL_FORMS if loo[form] <= loo[lowest] + scatter[lowest])
+    model = fit_latency_model(layers, per_layer, measured, statistic=statistic, **MODEL_FORMS[best])
+    return replace(model, form=best, loo_mape=loo)
 
 
 @dataclass(frozen=True)

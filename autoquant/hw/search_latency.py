@@ -307,7 +307,7 @@ def front_check_line(check: dict[str, Any]) -> str:
     return (
         f"{head} measured end to end (median) {check['fastest_measured_ms']:.4f} ms vs float32 "
         f"{check['fp32_measured_ms']:.4f} ms: {check['speedup_vs_fp32']:.2f}x, {verdict} "
-        "(interquartile ranges apart)"
+        "(faster in every round)"
     )
 
 

@@ -31,7 +31,7 @@ from autoquant.hw.latency_model import (
     KERNEL_CLASSES,
     LatencyModel,
     ValidationRow,
-    fit_latency_model,
+    calibrate_latency_model,
     kernel_class,
     summarize,
 )
@@ -320,7 +320,7 @@ def check_latency_model(
         for config, (timing, _) in zip(calibration, timings)
         if timing.ok
     ]
-    latency_model = fit_latency_model(layers, per_layer, fitted, statistic=statistic)
+    latency_model = calibrate_latency_model(layers, per_layer, fitted, statistic=statistic)
 
     def row(config: QuantConfig, timing: KernelTiming) -> ValidationRow:
         predicted = latency_model.predict(config)
