@@ -1,7 +1,7 @@
 """Latency-model fidelity on this machine, locally and through a loopback TVM RPC tracker.
 
     python benchmarks/latency_fidelity.py [--task digits-wide] [--validate 30]
-        [--profile hw_profiles/cpu-local.yaml] [--out /tmp/autoquant-fidelity] [--no-rpc]
+        [--profile hw_profiles/cpu-local.yaml] [--out /tmp/autoquant-fidelity] [--no-rpc | --no-local]
 
 Runs ``autoquant profile PROFILE --task T --validate N`` twice in one program: first on the
 local device, then on the same CPU reached as a remote board through a real TVM RPC tracker and
@@ -101,9 +101,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/autoquant-fidelity"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-rpc", action="store_true")
+    parser.add_argument("--no-local", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {"local": profile(args, args.out, "local", [])}
+    runs = {} if args.no_local else {"local": profile(args, args.out, "local", [])}
     if not args.no_rpc:
         procs, port, key = loopback_device(args.threads)
         try:
@@ -115,15 +116,17 @@ def main() -> None:
                 p.terminate()
     table = {name: figures(data) for name, data in runs.items()}
     names = list(table)
-    print(f"\n{'':26}" + "".join(f"{n:>16}" for n in names))
+    width = max(len(row) for n in names for row in table[n]) + 2
+    print(f"\n{'':{width}}" + "".join(f"{n:>16}" for n in names))
     for row in table[names[0]]:
         cells = []
         for n in names:
             v = table[n][row]
             cells.append(f"{v:>16.3f}" if isinstance(v, float) else f"{v!s:>16}")
-        print(f"{row:26}" + "".join(cells))
+        print(f"{row:{width}}" + "".join(cells))
     (args.out / "summary.json").write_text(json.dumps(table, indent=1))
-    print(f"\nreports: {args.out}/local.json" + ("" if args.no_rpc else f", {args.out}/rpc.json"))
+    reports = {"local": "local.json", "loopback rpc": "rpc.json"}
+    print("\nreports: " + ", ".join(f"{args.out}/{reports[n]}" for n in names))
 
 
 if __name__ == "__main__":

@@ -361,3 +361,60 @@ def test_calibration_spans_the_kernel_classes():
     assert not {c.hash for c in cal} & {c.hash for c in val}
     few, _ = draw_configs((A, B), options, n_calibrate=2, n_validate=0, seed=1)
     assert few == cal[:2]
+
+
+def test_session_batches_are_scaled_by_their_anchors(tmp_path):
+    """Nine configs, four per device session: the later batches re-time the first configs as
+    anchors and are scaled by how those moved, so a session where the whole device ran 1.3x
+    slower, or 0.8x, leaves every config at its first-session speed."""
+    from conftest import fast_profile
+
+    from autoquant.hw.backend import LatencyBackend, PreparedModel
+    from autoquant.hw.validation import measure_configs
+
+    class Model(PreparedModel):
+        def __init__(self, backend, us):
+            self.backend, self.us = backend, us
+
+        def time(self):
+            return [self.visit(0.01)]
+
+        def visit(self, seconds):
+            return self.us * self.backend.speed[self.backend.sessions - 1] * 1e-6
+
+    class Sessions(LatencyBackend):
+        def __init__(self, profile):
+            self.profile, self.sessions, self.speed = profile, 0, [1.0, 1.3, 0.8, 1.1]
+
+        def fingerprint(self):
+            return {"fake": 1}
+
+        def exclusion(self, layer, choice):
+            return None
+
+        def measure(self, layer, choice):
+            raise AssertionError("not used")
+
+        def prepare_model(self, model, input_shape, layers, config):
+            return Model(self, 100.0 + 10 * configs.index(config))
+
+        def models_per_session(self):
+            return 4
+
+        def renew_session(self):
+            self.sessions += 1
+
+    configs = [
+        QuantConfig.from_mapping({"a": QuantChoice(bits, 32, "per_channel"), "b": QuantChoice()})
+        for bits in (2, 3, 4, 8, 16)
+    ] + [
+        QuantConfig.from_mapping({"a": QuantChoice(), "b": QuantChoice(bits, 32, "per_channel")})
+        for bits in (2, 3, 4, 8)
+    ]
+    backend = Sessions(fast_profile(tmp_path))
+    timed = measure_configs(backend, None, (1, 4), (A, B), configs, rounds=2)
+    assert backend.sessions == 3  # 4 configs, then 3 new + 1 anchor, twice
+    for k, (timing, reused) in enumerate(timed):
+        assert not reused and timing.median_us == pytest.approx(100.0 + 10 * k)
+    assert timed[4][0].details["session_factor"] == pytest.approx(1 / 1.3)
+    assert timed[8][0].details["session_factor"] == pytest.approx(1 / 0.8)

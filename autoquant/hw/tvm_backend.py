@@ -146,9 +146,10 @@ class TvmBackend(LatencyBackend):
         visits = visits_per_round(spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
         # each visit: the visit itself, and a round trip for it and each warm-up call
         per_round = visits * (m.visit_ms / 1000.0 + 0.002 * (1 + m.warmup))
-        # build + upload, then the rounds; a remote round was seen taking 5x its sum over
-        # loopback with many models loaded, hence the wide margin
-        per_model = 10.0 + rounds * per_round * 5
+        # build + upload, then the rounds, with a 2x margin: over loopback a batch of seven
+        # models took 48 s of the 600 s session, its rounds about 0.6x this estimate (a round
+        # of 200 ms samples was once seen taking 5x its sum; visits return every 10 ms)
+        per_model = 10.0 + rounds * per_round * 2
         return max(1, int(0.5 * spec.device.session_timeout_s / per_model))
 
     def kernel_visitor(

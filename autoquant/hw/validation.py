@@ -17,6 +17,7 @@ hash) and reused.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -37,6 +38,9 @@ from autoquant.hw.latency_model import (
 )
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
+
+# configs re-timed in every later session batch to scale it to the first (at most)
+ANCHORS = 3
 
 
 @dataclass(frozen=True)
@@ -126,17 +130,20 @@ def measure_configs(
         todo.append(i)
     # A remote session ends after session_timeout_s and takes its loaded models with it: time
     # the configs in batches that fit one session, interleaved within each batch. Sessions
-    # differ (a fresh server process, another moment of the machine): a whole batch of one
-    # loopback profile ran 10-20% slower than the first. So every later batch times the first
-    # config again as an anchor, and its samples are scaled by how the anchor moved.
+    # differ (a fresh server process, another moment of the machine): whole batches of one
+    # loopback profile ran 10-40% apart. So every later batch times the first configs again as
+    # anchors (float32 and the class-uniform calibration configs come first: one of each kind of
+    # kernel, since a moment of the machine can slow one kind more than another), and its
+    # samples are scaled by the geometric mean of how the anchors moved.
     per_session = backend.models_per_session() or len(todo) or 1
-    anchor = todo[0] if 2 <= per_session < len(todo) else None
+    split = 2 <= per_session < len(todo)
+    anchors = todo[: max(1, min(ANCHORS, per_session // 4))] if split else []
     batches, rest = [], list(todo)
     while rest:
-        room = per_session if not batches or anchor is None else per_session - 1
+        room = per_session if not batches else per_session - len(anchors)
         batches.append(rest[:room])
         rest = rest[room:]
-    anchor_first_us = None  # the anchor's median in the first batch
+    anchor_first_us: dict[int, float] = {}  # each anchor's median in the first batch
     m = backend.profile.spec.measure
     visits = visits_per_round(backend.profile.spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
     lost: dict[int, str] = {}  # config -> why its timing stopped, in the current batch
@@ -148,7 +155,7 @@ def measure_configs(
         )
 
     for number, batch in enumerate(batches):
-        timed = [anchor, *batch] if number and anchor is not None else batch
+        timed = [*anchors, *batch] if number else batch
         backend.renew_session()  # a full session for each batch
         lost.clear()
         try:
@@ -156,7 +163,7 @@ def measure_configs(
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
                 handle = backend.prepare_model(model, input_shape, layers, configs[i])
                 if isinstance(handle, KernelTiming):
-                    if i in batch:  # a failed re-anchor leaves its batch unscaled
+                    if i in batch:  # a failed anchor leaves the scaling to the others
                         results[i] = (handle, False)
                     continue
                 prepared[i] = handle
@@ -175,15 +182,18 @@ def measure_configs(
             prepared.clear()
         for i, why in lost.items():  # lost device, timeout: this config failed
             batch_samples.pop(i, None)
-            if i in batch:  # a failed anchor leaves its batch unscaled
+            if i in batch:
                 results[i] = (KernelTiming.failed(f"run error: {why}", "model"), False)
-        factor = 1.0
-        if anchor is not None and anchor in batch_samples:
-            anchor_us = statistics.median(x for rnd in batch_samples[anchor] for x in rnd)
-            if number == 0:
-                anchor_first_us = anchor_us
-            elif anchor_first_us is not None:
-                factor = anchor_first_us / anchor_us
+        factor, moved = 1.0, []
+        for a in anchors:
+            if a in batch_samples:
+                us = statistics.median(x for rnd in batch_samples[a] for x in rnd)
+                if number == 0:
+                    anchor_first_us[a] = us
+                elif a in anchor_first_us:
+                    moved.append(math.log(anchor_first_us[a] / us))
+        if moved:  # no anchor timed in both batches: unscaled
+            factor = math.exp(statistics.fmean(moved))
         for i in batch:
             batch_of[i] = number
             if i in batch_samples:
