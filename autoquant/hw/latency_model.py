@@ -246,7 +246,8 @@ def fit_latency_model(
 # scale for all kernels ranks configs exactly as the plain sum does; class scales and kernel
 # corrections can rank them better, when the calibration configs show a difference between the
 # classes, and worse when what they fit is noise. On digits-wide here the float / integer scales
-# came out 1.03-1.04 / 0.97 in four profiles and 0.99 / 1.00 in a fifth.
+# came out 1.03-1.04 / 0.97 in four profiles, 0.98 / 1.01 in one, 0.99 / 1.00 in another: the
+# effect is real but follows the machine's state, so each calibration decides afresh.
 MODEL_FORMS: dict[str, dict[str, Any]] = {
     "one scale": {"shared_scale": True, "kernel_ridge": None},
     "class scales": {"shared_scale": False, "kernel_ridge": KERNEL_RIDGE},

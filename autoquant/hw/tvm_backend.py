@@ -66,7 +66,7 @@ class TvmBackend(LatencyBackend):
         self.tensorize = tensorize
         self._session: Any = None
         self._session_start = 0.0
-        # the kernels measured by this backend, kept loaded so ``retime`` can take more rounds
+        # the kernels measured by this backend, kept loaded for more rounds (``kernel_visitor``)
         self._timers: dict[KernelSpec, Any] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="autoquant-kernels-")
         self._tuning_refusal = tuning_refusal(profile) if profile.spec.tuning else None
@@ -235,7 +235,7 @@ class TvmBackend(LatencyBackend):
                 impl=f"tuned:{spec.impl}",
                 build_s=hand.build_s + info["tuning_s"],
                 details={**hand.details, **info},
-            )  # its timer, set by _run, is the one retime uses
+            )  # its visits, set by _run, are the ones kernel_visitor uses
         if hand_timer is not None:
             self._timers[spec] = hand_timer
         return replace(hand, details={**hand.details, **info})
