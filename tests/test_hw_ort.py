@@ -213,6 +213,12 @@ def test_profile_digits_mlp_twice_measures_nothing_the_second_time(backend, mlp_
     assert first.measured_now == 9 and first.count(status="measured") == 9, [
         e.timing.error for e in first.entries
     ]
+    # the one-layer sessions stay open for the later rounds, one visit each (3 x 2 ms < 10 ms)
+    rounds = backend.profile.spec.measure.rounds
+    for e in first.entries:
+        if e.timing.ok:
+            assert e.timing.details["rounds"] == rounds
+            assert len(e.timing.samples_us) == backend.profile.spec.measure.repeat + rounds - 1
     with LatencyTable(tmp_path / "lat.sqlite") as table:
         second = profile_layers(backend, work, table)
     assert second.measured_now == 0 and second.count(reused=True) == 9

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,8 @@ class OrtBackend(LatencyBackend):
 
         self.profile = profile
         self.ort_version = str(ort.__version__)
+        # the one-layer sessions measured here, kept open for more rounds (``kernel_visitor``)
+        self._loaded: dict[tuple[LayerInfo, str], tuple[Any, dict[str, np.ndarray], float]] = {}
 
     # --- contract ---------------------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class OrtBackend(LatencyBackend):
                 details=details,
             )
         details["calls_per_sample"] = calls
+        self._loaded[(layer, choice.label)] = (session, feed, float(np.median(samples)))
         return KernelTiming.from_samples(
             impl,
             samples,
@@ -271,6 +275,19 @@ class OrtBackend(LatencyBackend):
             measure_s=time.monotonic() - start - build_s,
             details=details,
         )
+
+    def kernel_visitor(
+        self, layer: LayerInfo, choice: QuantChoice, seconds: float
+    ) -> Callable[[], float] | None:
+        loaded = self._loaded.get((layer, choice.label))
+        if loaded is None:
+            return None
+        session, feed, per_call = loaded
+        warmup = self.profile.spec.measure.warmup
+        return lambda: _visit(session, feed, per_call, warmup, seconds)
+
+    def close(self) -> None:
+        self._loaded.clear()
 
     def prepare_model(
         self,
@@ -486,14 +503,23 @@ class _OrtModel(PreparedModel):
         return samples
 
     def visit(self, seconds: float) -> float:
-        run, feed = self.session.run, self.feed
-        for _ in range(self.backend.profile.spec.measure.warmup):
-            run(None, feed)
-        calls = max(1, math.ceil(seconds / max(self.once, 1e-9)))
-        begin = time.perf_counter()
-        for _ in range(calls):
-            run(None, feed)
-        return (time.perf_counter() - begin) / calls
+        warmup = self.backend.profile.spec.measure.warmup
+        return _visit(self.session, self.feed, self.once, warmup, seconds)
 
     def close(self) -> None:
         self.session = None
+
+
+def _visit(
+    session: Any, feed: dict[str, np.ndarray], per_call: float, warmup: int, seconds: float
+) -> float:
+    """One visit (``interleave``): ``warmup`` untimed runs, then runs for about ``seconds``;
+    the mean seconds per run."""
+    run = session.run
+    for _ in range(warmup):
+        run(None, feed)
+    calls = max(1, math.ceil(seconds / max(per_call, 1e-9)))
+    begin = time.perf_counter()
+    for _ in range(calls):
+        run(None, feed)
+    return (time.perf_counter() - begin) / calls
