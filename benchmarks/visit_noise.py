@@ -37,6 +37,7 @@ def main() -> None:
 
     from autoquant.hw.backend import backend_for
     from autoquant.hw.profile import load_profile
+    from autoquant.hw.timing import KernelTiming
     from autoquant.space.discovery import discover_layers
     from autoquant.space.values import QuantChoice, QuantConfig
     from autoquant.tasks import load_task
@@ -61,7 +62,7 @@ def main() -> None:
         prepared = {}
         for name, config in configs.items():
             handle = backend.prepare_model(task.model, task.input_shape, layers, config)
-            if not hasattr(handle, "visit"):
+            if isinstance(handle, KernelTiming):
                 raise SystemExit(f"{name}: {handle.error}")
             prepared[name] = handle
         ways = {

@@ -6,9 +6,9 @@ seconds. Timing one thing for 600 ms, then the next, lets each catch its own spe
 comparison between them (what a ranking of configs rests on) inherits all of it. Here every
 round is cut into short visits of about ``measure.visit_ms``; each cycle visits every timed thing
 once, so all of them sample the machine at the same moments and a spell moves them together.
-Measured on this machine, four digits-wide configs timed for 10 s four times over: the ratio of
-a config's median to float32's moved 2.6-5.8% (std over the four) timed as 200 ms samples in
-rounds, 0.2-1.1% timed as ~5 ms visits (``benchmarks/visit_noise.py`` repeats the comparison).
+Measured on this machine with ``benchmarks/visit_noise.py`` (four digits-wide configs, eight
+5 s windows each way, alternating): the std over the windows of a config's median over
+float32's was 6.5-12.5% timed as 200 ms samples in rounds, 2.0-4.4% timed as 10 ms visits.
 
 A visitor is a callable that runs one visit and returns its mean seconds per call; one that
 raises leaves the cycle (a lost device, a timeout) and the caller hears which and why.

@@ -67,7 +67,7 @@ class TvmBackend(LatencyBackend):
         self._session: Any = None
         self._session_start = 0.0
         # the kernels measured by this backend, kept loaded for more rounds (``kernel_visitor``)
-        self._timers: dict[KernelSpec, Any] = {}
+        self._kernel_visits: dict[KernelSpec, _Visits] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="autoquant-kernels-")
         self._tuning_refusal = tuning_refusal(profile) if profile.spec.tuning else None
         self._tuning_used_s = 0.0  # over the backend's lifetime, against tuning.budget_s
@@ -129,7 +129,7 @@ class TvmBackend(LatencyBackend):
         if not self.profile.is_local and self._session is not None:
             import gc
 
-            self._timers.clear()
+            self._kernel_visits.clear()
             self._session = None
             # The session closes when its last reference goes; a server under a key serves one
             # session at a time, so a lingering old one would make the tracker queue the new
@@ -158,11 +158,11 @@ class TvmBackend(LatencyBackend):
         """Visits of a kernel this backend measured, still loaded; None when it has none (not
         measured here, or failed)."""
         spec = self.spec_for(layer, choice)
-        visits = None if isinstance(spec, str) else self._timers.get(spec)
+        visits = None if isinstance(spec, str) else self._kernel_visits.get(spec)
         return None if visits is None else lambda: visits(seconds)
 
     def close(self) -> None:
-        self._timers.clear()
+        self._kernel_visits.clear()
         self._session = None
         if self._tuner is not None:
             self._tuner.close()
@@ -195,7 +195,7 @@ class TvmBackend(LatencyBackend):
         a tuned kernel that is missing, wrong or fails never replaces the hand timing."""
         tuning = self.profile.spec.tuning
         assert tuning is not None
-        hand_timer = self._timers.get(spec)
+        hand_visits = self._kernel_visits.get(spec)
         info: dict[str, Any] = {"hand_us": hand.median_us}
         reason = self.tuning_decision()
         tuned_timing: KernelTiming | None = None
@@ -236,8 +236,8 @@ class TvmBackend(LatencyBackend):
                 build_s=hand.build_s + info["tuning_s"],
                 details={**hand.details, **info},
             )  # its visits, set by _run, are the ones kernel_visitor uses
-        if hand_timer is not None:
-            self._timers[spec] = hand_timer
+        if hand_visits is not None:
+            self._kernel_visits[spec] = hand_visits
         return replace(hand, details={**hand.details, **info})
 
     def _time_tuned(
@@ -426,7 +426,9 @@ class TvmBackend(LatencyBackend):
             "main", dev, number=m.number, repeat=m.repeat, min_repeat_ms=int(m.min_repeat_ms)
         )
         samples = list(evaluator(*args).results)
-        self._timers[spec] = _Visits(mod, dev, args, float(np.median(samples)), m.warmup, func)
+        self._kernel_visits[spec] = _Visits(
+            mod, dev, args, float(np.median(samples)), m.warmup, func
+        )
         return KernelTiming.from_samples(
             spec.impl,
             samples,
