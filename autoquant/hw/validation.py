@@ -346,7 +346,10 @@ def check_latency_model(
     cal_rows = tuple(row(c, t) for c, (t, _) in zip(calibration, timings))
     val_rows = tuple(row(c, t) for c, (t, _) in zip(validation, timings[len(calibration) :]))
     reused = sum(1 for _, was_reused in timings if was_reused)
-    spread, drift = round_noise([t for t, _ in timings])
+    # rounds are shared only by timings taken together: a timing reused from the table came
+    # from another run, whose batch 0 is not this run's
+    fresh = [t for t, was_reused in timings if not was_reused]
+    spread, drift = round_noise(fresh or [t for t, _ in timings])
     return ModelCheck(
         latency_model,
         cal_rows,
