@@ -89,6 +89,8 @@ def figures(data: dict) -> dict:
         "plain sum Spearman": plain.get("spearman"),
         "e2e config vs others, round to round": s.get("end_to_end_round_spread"),
         "e2e machine drift, round to round": s.get("end_to_end_round_drift"),
+        "e2e split-half Spearman": s.get("end_to_end_repeat_spearman"),
+        "exact predictor's Spearman": s.get("spearman_ceiling"),
         "wall s": data["wall_s"],
     }
 

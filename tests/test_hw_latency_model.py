@@ -183,6 +183,36 @@ def test_round_noise_separates_configs_from_the_machine():
     assert "between rounds" not in fidelity_line({**summary, "end_to_end_round_spread": None})
 
 
+def test_repeatability_is_how_well_the_rounds_agree():
+    """Configs that keep their order in every round, whatever the machine's speed did, agree
+    with themselves perfectly; configs whose rounds cross rank less well against themselves,
+    and the ceiling (Spearman-Brown over the two halves) sits between that and 1."""
+    from autoquant.hw.command import fidelity_line
+    from autoquant.hw.validation import repeatability
+
+    def timed(medians: list[float], batch: int = 0) -> KernelTiming:
+        details = {"round_medians_us": medians, "batch": batch}
+        return KernelTiming.from_samples("model", [1e-4] * 3, details=details)
+
+    drift = [1.0, 1.3, 0.9, 1.1]  # the machine: every config with it
+    steady = [timed([base * d for d in drift]) for base in (100.0, 105.0, 110.0, 120.0, 130.0)]
+    assert repeatability(steady) == pytest.approx((1.0, 1.0))
+    rng = np.random.default_rng(0)
+    crossing = [timed([base * d * (1 + 0.05 * rng.standard_normal()) for d in drift])
+                for base in (100.0, 102.0, 104.0, 106.0, 108.0, 110.0)]
+    rho, ceiling = repeatability(crossing)
+    assert rho < 0.95 and rho < ceiling < 1.0
+    assert ceiling == pytest.approx(math.sqrt(2 * rho / (1 + rho)))
+    assert all(math.isnan(x) for x in repeatability(steady[:2]))  # two configs: no ranking
+    assert all(math.isnan(x) for x in repeatability([t(5.0)] * 4))  # one round each
+
+    summary = {"measured": 3, "within_10pct": 1.0, "mape": 0.01, "max_abs_rel_error": 0.02,
+               "spearman": 0.9, "end_to_end_repeat_spearman": 0.98, "spearman_ceiling": 0.995}
+    assert "rank with Spearman 0.980, so an exact predictor would reach about 0.995" in (
+        fidelity_line(summary))
+    assert "measured twice" not in fidelity_line({**summary, "end_to_end_repeat_spearman": None})
+
+
 def test_kernel_classes():
     assert kernel_class(QuantChoice()) == kernel_class(QuantChoice(16, 32)) == "float"
     assert kernel_class(QuantChoice(4, 32, "per_group", 32)) == "weight_only"

@@ -289,6 +289,19 @@ def fidelity_line(summary: dict) -> str:
             summary.get("end_to_end_round_spread", math.nan),
             summary.get("end_to_end_round_drift", math.nan),
         )
+        + ceiling_note(summary.get("end_to_end_repeat_spearman"), summary.get("spearman_ceiling"))
+    )
+
+
+def ceiling_note(repeat: float | None, ceiling: float | None) -> str:
+    """How well the measurement ranks the configs against itself, when known."""
+    if repeat is None or repeat != repeat:
+        return ""
+    known = ceiling is not None and ceiling == ceiling
+    best = f", so an exact predictor would reach about {ceiling:.3f}" if known else ""
+    return (
+        f"; measured twice (two halves of the rounds) the configs rank with Spearman "
+        f"{repeat:.3f}{best}"
     )
 
 

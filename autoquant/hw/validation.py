@@ -57,6 +57,10 @@ class ModelCheck:
     # (the machine's speed, every config with it); NaN with one round (``round_noise``)
     round_spread: float = float("nan")
     round_drift: float = float("nan")
+    # Spearman between two halves of the held-out configs' rounds, and the Spearman an exact
+    # predictor would reach against the full measurement (``repeatability``); NaN if unknown
+    repeat_spearman: float = float("nan")
+    spearman_ceiling: float = float("nan")
 
     @property
     def fp32_e2e_us(self) -> float:
@@ -68,6 +72,8 @@ class ModelCheck:
             **summarize(self.rows),
             "end_to_end_round_spread": self.round_spread,
             "end_to_end_round_drift": self.round_drift,
+            "end_to_end_repeat_spearman": self.repeat_spearman,
+            "spearman_ceiling": self.spearman_ceiling,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,6 +356,8 @@ def check_latency_model(
     # from another run, whose batch 0 is not this run's
     fresh = [t for t, was_reused in timings if not was_reused]
     spread, drift = round_noise(fresh or [t for t, _ in timings])
+    held_out = [t for t, was_reused in timings[len(calibration) :] if not was_reused]
+    repeat, ceiling = repeatability(held_out)
     return ModelCheck(
         latency_model,
         cal_rows,
@@ -360,7 +368,70 @@ def check_latency_model(
         elapsed_s=time.monotonic() - start,
         round_spread=spread,
         round_drift=drift,
+        repeat_spearman=repeat,
+        spearman_ceiling=ceiling,
     )
+
+
+def _rounds_by_batch(timings: Sequence[KernelTiming]) -> list[list[list[float]]]:
+    """The round medians of the timings taken together, one list per ``batch`` detail."""
+    groups: dict[Any, list[list[float]]] = {}
+    for timing in timings:
+        details = timing.details or {}
+        medians = details.get("round_medians_us") if timing.ok else None
+        if medians and len(medians) >= 2 and min(medians) > 0:
+            groups.setdefault(details.get("batch", 0), []).append(medians)
+    return list(groups.values())
+
+
+def _levels(group: list[list[float]], rounds: int) -> list[float]:
+    """Each round's level: the median over configs of a config's round median over its own
+    median (how fast the machine ran that round, every config with it)."""
+    own = [[x / statistics.median(m) for x in m[:rounds]] for m in group]
+    return [statistics.median(o[r] for o in own) for r in range(rounds)]
+
+
+# split halves averaged in ``repeatability`` (all of them up to 7 rounds: 35)
+MAX_SPLITS = 35
+
+
+def repeatability(timings: Sequence[KernelTiming]) -> tuple[float, float]:
+    """(split-half Spearman, ceiling) of configs timed in the same rounds: the rounds are cut
+    into two halves, each config's median over each half (every round divided by its level,
+    so the machine's drift moves no config against another), and the Spearman rank
+    correlation of the two halves, averaged over the ways to cut them. That is how well the
+    measurement agrees with itself: a predictor's Spearman against measured latency is
+    bounded by it, not by the predictor. The ceiling is the Spearman an exact predictor
+    would reach against the median over all the rounds, by the Spearman-Brown formula:
+    sqrt(2r / (1 + r)). NaN with fewer than two rounds or three configs."""
+    from itertools import combinations, islice
+
+    from autoquant.hw.latency_model import spearman_rho
+
+    nan = (math.nan, math.nan)
+    groups = _rounds_by_batch(timings)
+    if not groups:
+        return nan
+    rounds = min(len(m) for group in groups for m in group)
+    if rounds < 2 or sum(len(group) for group in groups) < 3:
+        return nan
+    scaled = []  # per config: its round medians over their rounds' levels
+    for group in groups:
+        levels = _levels(group, rounds)
+        scaled.extend([m[r] / levels[r] for r in range(rounds)] for m in group)
+    rhos = []
+    for half in islice(combinations(range(rounds), rounds // 2), MAX_SPLITS):
+        rest = [r for r in range(rounds) if r not in half]
+        rho = spearman_rho(
+            [statistics.median(v[r] for r in half) for v in scaled],
+            [statistics.median(v[r] for r in rest) for v in scaled],
+        )
+        if rho == rho:
+            rhos.append(rho)
+    if not rhos:
+        return nan
+    r = statistics.fmean(rhos)
+    return r, math.sqrt(2 * r / (1 + r)) if r > 0 else math.nan
 
 
 def round_noise(timings: Sequence[KernelTiming]) -> tuple[float, float]:
@@ -371,17 +442,11 @@ def round_noise(timings: Sequence[KernelTiming]) -> tuple[float, float]:
     ``spread`` the median over configs of the relative std of a config's rounds divided by
     their levels (how far it moved against the others: the noise a ranking sits on). NaN
     where no group has two rounds (spread: and two configs)."""
-    groups: dict[Any, list[list[float]]] = {}
-    for timing in timings:
-        details = timing.details or {}
-        medians = details.get("round_medians_us") if timing.ok else None
-        if medians and len(medians) >= 2 and min(medians) > 0:
-            groups.setdefault(details.get("batch", 0), []).append(medians)
     spreads, drifts = [], []
-    for group in groups.values():
+    for group in _rounds_by_batch(timings):
         rounds = min(len(m) for m in group)
         own = [[x / statistics.median(m) for x in m[:rounds]] for m in group]
-        levels = [statistics.median(o[r] for o in own) for r in range(rounds)]
+        levels = _levels(group, rounds)
         drifts.append(statistics.pstdev(levels) / statistics.fmean(levels))
         if len(group) >= 2:
             for o in own:
