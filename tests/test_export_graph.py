@@ -143,11 +143,7 @@ def test_int8_export_runs_integer_kernels_and_is_small(cnn, tmp_path):
     config = QuantConfig.from_mapping({n: INT8_KERNEL for n in ("conv1", "conv2", "fc1", "fc2")})
     steps, graph = _max_steps(task, cal, step, config, tmp_path)
     assert max(steps.values()) <= 1.0 + 1e-4
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    open_session(tmp_path / "m.onnx", "enable_all", optimized_path=tmp_path / "opt.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert {"QLinearConv", "QGemm"} <= ops, ops
     fp32 = tmp_path / "fp32.onnx"
@@ -346,10 +342,7 @@ def test_folded_weight_only_layers_leave_no_dequantize_in_the_optimized_graph(cn
         "int4-fold",
         "int8-fold",
     ]
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    open_session(tmp_path / "m.onnx", "enable_all", optimized_path=tmp_path / "opt.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert not ops & {"DequantizeLinear", "Cast", "Sub", "Mul"}, ops
     inits = {i.name: i for i in graph.model.graph.initializer}

@@ -129,6 +129,32 @@ def test_measure_linear(backend, mlp_layers, label, impl, kernel):
     assert timing.build_s > 0 and timing.details["calls_per_sample"] >= 1
 
 
+def test_sessions_share_one_thread_pool(backend, mlp_layers, tmp_path):
+    """The backend's sessions run on one process-wide pool of the profile's threads (a pool per
+    session let idle sessions' workers slow the visited one); sessions opened for exports then
+    get that pool too, and a profile asking another thread count fails as data."""
+    import onnx
+
+    from autoquant.export.validate import open_session, session_threads, share_thread_pool
+    from autoquant.hw.backend import backend_for
+
+    assert backend.measure(mlp_layers[0], QuantChoice()).ok
+    assert backend.fingerprint()["thread_pool"] == "shared"
+    assert session_threads(1) == 2  # the profile's, whatever a later session asks
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in "xy"]
+    graph = onnx.helper.make_graph([node], "g", io[:1], io[1:])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    session = open_session(model.SerializeToString(), "enable_all", threads=1)
+    assert session.run(None, {"x": -np.ones((1, 4), np.float32)})[0].max() == 0.0
+    share_thread_pool(2)  # the same size again: nothing to do
+    with pytest.raises(RuntimeError, match="already share a pool of 2 threads; 3 asked"):
+        share_thread_pool(3)
+    with backend_for(make_profile(tmp_path, name="one-thread", threads=1)) as other:
+        timing = other.measure(mlp_layers[0], QuantChoice())
+    assert timing.status == "failed" and "already share a pool of 2 threads" in timing.error
+
+
 @pytest.mark.parametrize(("label", "kernel"), [("f32-a32", "Conv"), ("w8cs-a8", "QLinearConv")])
 def test_measure_conv(backend, cnn_shapes, label, kernel):
     conv2 = next(layer for layer in cnn_shapes if layer.name == "conv2")

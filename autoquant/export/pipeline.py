@@ -16,7 +16,7 @@ import numpy as np
 
 from autoquant.errors import UserError
 from autoquant.export.pick import Pick, RunFront, choose, load_front
-from autoquant.export.validate import Tolerances, Validation
+from autoquant.export.validate import Tolerances, Validation, session_threads
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -202,7 +202,7 @@ def export_point(
         ort={
             "provider": "CPUExecutionProvider",
             "levels_checked": ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL"],
-            "intra_op_threads": options.threads,
+            "intra_op_threads": session_threads(options.threads),
             "quantized_kernels": validation.kernels,
             "optimized_ops": validation.optimized_ops,
             "session_config": {},

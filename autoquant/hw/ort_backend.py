@@ -5,7 +5,8 @@ random weights from a fixed seed) is calibrated on fixed-seed random inputs and 
 ``autoquant.export.graph.export_graph`` with its default options, so the graph ORT times is the
 one ``autoquant export`` would write for that layer (QDQ int8 with int32 bias, MatMulNBits,
 blocked INT4 ``DequantizeLinear``, fp16 weights...). An ORT CPU session (``ORT_ENABLE_ALL``,
-``intra_op`` = the profile's threads, ``inter_op`` 1, sequential) runs it once at the profile's
+sequential, on the process-wide pool of the profile's threads that every session shares:
+``export.validate.share_thread_pool``) runs it once at the profile's
 batch size, its output is checked against the torch simulation of the same choice, and then it
 is timed like TVM's ``time_evaluator``: ``warmup`` calls, then ``repeat`` samples, each the mean
 over enough calls (at least ``number``) to last ``min_repeat_ms``.
@@ -47,6 +48,7 @@ from autoquant.versions import cpu_name
 EXPORT_FORM_VERSION = 1
 PROVIDER = "CPUExecutionProvider"
 LEVEL = "enable_all"
+THREAD_POOL = "shared"
 LAYER_NAME = "layer"  # the attribute the one-layer module keeps its layer under
 SEED = 0
 CALIBRATION_SAMPLES = 32
@@ -176,6 +178,9 @@ class OrtBackend(LatencyBackend):
             "optimization": LEVEL,
             "timing": TIMING_METHOD,
             "threads": p.threads,
+            # every session on one process-wide pool (``share_thread_pool``): timings taken
+            # with a pool per session were inflated by the idle sessions' spinning workers
+            "thread_pool": THREAD_POOL,
             "batch": p.spec.batch_size,
             # the float graph comes from torch's exporter: its version is part of the form
             "kernels": f"export-form-{EXPORT_FORM_VERSION}/opset-{OPSET}/torch-{torch.__version__}",
@@ -374,8 +379,9 @@ class OrtBackend(LatencyBackend):
     def _options(self, optimized_path: str | None = None) -> Any:
         import onnxruntime as ort
 
-        from autoquant.export.validate import session_options
+        from autoquant.export.validate import session_options, share_thread_pool
 
+        share_thread_pool(self.profile.threads)
         so = session_options(LEVEL, threads=self.profile.threads)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if optimized_path is not None:
