@@ -47,11 +47,13 @@ def predictor_quality(run: RunData) -> dict[str, float] | None:
     from scipy.stats import kendalltau, spearmanr
 
     pred, meas = rows[col].astype(float), rows["accuracy"].astype(float)
+    # a constant side has no ranking: NaN, without scipy's warning
+    ranked = pred.nunique() > 1 and meas.nunique() > 1
     return {
         "n": float(len(rows)),
         "mae": float(np.mean(np.abs(pred - meas))),
-        "kendall_tau": float(kendalltau(pred, meas).statistic),
-        "spearman": float(spearmanr(pred, meas).statistic),
+        "kendall_tau": float(kendalltau(pred, meas).statistic) if ranked else float("nan"),
+        "spearman": float(spearmanr(pred, meas).statistic) if ranked else float("nan"),
     }
 
 
