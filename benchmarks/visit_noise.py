@@ -1,7 +1,7 @@
 """How much two ways of timing whole models move a comparison between configs, side by side.
 
     python benchmarks/visit_noise.py [--profile hw_profiles/cpu-local.yaml] [--task digits-wide]
-        [--window-s 5] [--windows 8] [--json PATH]
+        [--window-s 5] [--windows 8] [--also-visit-ms MS] [--json PATH]
 
 Compiles four configs of the task's model (float32, every layer w8a8, every layer w4 weight-only,
 and a mix) and times them ``--windows`` times over for ``--window-s`` seconds each way, the two
@@ -9,7 +9,8 @@ ways alternating window by window so both see the same machine:
 
 - ``rounds``: what autoquant did before ``interleave``: each config in turn takes one round,
   ``end_to_end.repeat`` samples of at least ``min_repeat_ms``, and the cycle repeats;
-- ``visits``: what it does now: each config in turn takes one short visit of ``visit_ms``.
+- ``visits``: what it does now: each config in turn takes one short visit of ``visit_ms``;
+- with ``--also-visit-ms``, a third way: visits of that many milliseconds instead.
 
 For each window and way, a config's figure is the median of its samples; the comparison is its
 ratio to float32's. The noise of a way is the std over the windows of that ratio (relative to
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--task", default="digits-wide")
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--also-visit-ms", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -69,6 +71,9 @@ def main() -> None:
             "rounds": lambda h: h.time(),
             "visits": lambda h: [h.visit(visit_s)],
         }
+        if args.also_visit_ms:
+            other_s = args.also_visit_ms / 1000.0
+            ways[f"{args.also_visit_ms:g} ms"] = lambda h: [h.visit(other_s)]
         medians: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
         for window in range(args.windows):
             for way, take in ways.items():
@@ -79,7 +84,7 @@ def main() -> None:
                         samples[name] += take(handle)
                 medians[way].append({n: statistics.median(s) * 1e6 for n, s in samples.items()})
                 print(
-                    f"window {window + 1}/{args.windows} {way:6s} "
+                    f"window {window + 1}/{args.windows} {way:7s} "
                     + " ".join(f"{n} {m:7.1f} us" for n, m in medians[way][-1].items()),
                     flush=True,
                 )
@@ -94,14 +99,18 @@ def main() -> None:
         f"\nstd over {args.windows} windows of a config's median / float32's ({profile.name}, "
         f"{args.task}, {args.window_s:g} s windows, visits of {visit_s * 1e3:g} ms)"
     )
-    print(f"{'config':8s} {'rounds':>8s} {'visits':>8s} {'rounds/visits':>14s}")
+    print(f"{'config':8s} " + " ".join(f"{w:>8s}" for w in ways) + f" {'rounds/visits':>14s}")
     result = {}
     for name in configs:
         if name == "fp32":
             continue
-        a, b = noise("rounds", name), noise("visits", name)
-        result[name] = {"rounds": a, "visits": b}
-        print(f"{name:8s} {a * 100:7.2f}% {b * 100:7.2f}% {a / b if b else float('inf'):13.1f}x")
+        result[name] = {way: noise(way, name) for way in ways}
+        a, b = result[name]["rounds"], result[name]["visits"]
+        print(
+            f"{name:8s} "
+            + " ".join(f"{v * 100:7.2f}%" for v in result[name].values())
+            + f" {a / b if b else float('inf'):13.1f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"medians_us": medians, "noise": result}, indent=1))
 

@@ -403,7 +403,9 @@ def repeatability(timings: Sequence[KernelTiming]) -> tuple[float, float]:
     measurement agrees with itself: a predictor's Spearman against measured latency is
     bounded by it, not by the predictor. The ceiling is the Spearman an exact predictor
     would reach against the median over all the rounds, by the Spearman-Brown formula:
-    sqrt(2r / (1 + r)). NaN with fewer than two rounds or three configs."""
+    sqrt(2r / (1 + r)). Over RPC the halves share each device session's offset, so the
+    anchors' error in scaling sessions to each other is not in it. NaN with fewer than two
+    rounds or three configs."""
     from itertools import combinations, islice
 
     from autoquant.hw.latency_model import spearman_rho
