@@ -394,9 +394,9 @@ def test_calibration_spans_the_kernel_classes():
 
 
 def test_session_batches_are_scaled_by_their_anchors(tmp_path):
-    """Nine configs, four per device session: the later batches re-time the first configs as
-    anchors and are scaled by how those moved, so a session where the whole device ran 1.3x
-    slower, or 0.8x, leaves every config at its first-session speed."""
+    """Nine configs, four in the first device session: the later batches re-time the first
+    configs as anchors and are scaled by how those moved, so a session where the whole device
+    ran 1.3x slower, or 0.8x, leaves every config at its first-session speed."""
     from conftest import fast_profile
 
     from autoquant.hw.backend import LatencyBackend, PreparedModel
@@ -441,10 +441,20 @@ def test_session_batches_are_scaled_by_their_anchors(tmp_path):
         QuantConfig.from_mapping({"a": QuantChoice(), "b": QuantChoice(bits, 32, "per_channel")})
         for bits in (2, 3, 4, 8)
     ]
-    backend = Sessions(fast_profile(tmp_path))
+    def sessions(seconds: float) -> Sessions:
+        return Sessions(fast_profile(tmp_path, device={"session_timeout_s": seconds}))
+
+    backend = sessions(1e-6)  # too short for any batch to look roomier than planned
     timed = measure_configs(backend, None, (1, 4), (A, B), configs, rounds=2)
     assert backend.sessions == 3  # 4 configs, then 3 new + 1 anchor, twice
     for k, (timing, reused) in enumerate(timed):
         assert not reused and timing.median_us == pytest.approx(100.0 + 10 * k)
     assert timed[4][0].details["session_factor"] == pytest.approx(1 / 1.3)
     assert timed[8][0].details["session_factor"] == pytest.approx(1 / 0.8)
+    # A device that timed its first four models in a sliver of its session takes all the
+    # rest in the next one: later batches are sized by the pace the earlier ones really had.
+    roomy = sessions(600.0)
+    again = measure_configs(roomy, None, (1, 4), (A, B), configs, rounds=2)
+    assert roomy.sessions == 2
+    assert [t.median_us for t, _ in again] == pytest.approx([t.median_us for t, _ in timed])
+    assert again[8][0].details["session_factor"] == pytest.approx(1 / 1.3)

@@ -141,14 +141,14 @@ def measure_configs(
     # anchors (float32 and the class-uniform calibration configs come first: one of each kind of
     # kernel, since a moment of the machine can slow one kind more than another), and its
     # samples are scaled by the geometric mean of how the anchors moved.
+    # The first batch is sized by the backend's estimate; every later one by how long the
+    # batches before it really took per model, with the same half-session margin (the estimate
+    # is cautious: over loopback a batch of 13 took 90 s of a 600 s session, and four
+    # sessions' anchor scaling left them up to 3% apart where two would do).
     per_session = backend.models_per_session() or len(todo) or 1
     split = 2 <= per_session < len(todo)
     anchors = todo[: max(1, min(ANCHORS, per_session // 4))] if split else []
-    batches, rest = [], list(todo)
-    while rest:
-        room = per_session if not batches else per_session - len(anchors)
-        batches.append(rest[:room])
-        rest = rest[room:]
+    session_s = backend.profile.spec.device.session_timeout_s
     anchor_first_us: dict[int, float] = {}  # each anchor's median in the first batch
     m = backend.profile.spec.measure
     visits = visits_per_round(backend.profile.spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
@@ -160,10 +160,14 @@ def measure_configs(
             f"visit {v + 1}/{visits}"
         )
 
-    for number, batch in enumerate(batches):
+    rest, number, spent_s, spent_models = list(todo), 0, 0.0, 0
+    while rest:
+        room = per_session if not number else max(1, per_session - len(anchors))
+        batch, rest = rest[:room], rest[room:]
         timed = [*anchors, *batch] if number else batch
         backend.renew_session()  # a full session for each batch
         lost.clear()
+        started = time.monotonic()
         try:
             for i in timed:
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
@@ -206,6 +210,11 @@ def measure_configs(
                 samples[i] = [[x * factor for x in rnd] for rnd in batch_samples[i]]
                 if factor != 1.0:
                     session_factor[i] = factor
+        if split and not lost:  # a batch cut short by a lost device says nothing of its pace
+            spent_s += time.monotonic() - started
+            spent_models += len(timed)
+            per_session = max(per_session, int(0.5 * session_s * spent_models / max(spent_s, 1e-9)))
+        number += 1
     measure = backend.profile.spec.measure.model_dump()
     for i in todo:
         if i in results:
