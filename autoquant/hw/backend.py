@@ -14,6 +14,10 @@ from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
+# The share of a remote session's time that whole-model batches are planned to fill: the rest
+# is margin for a round that runs slower than its estimate or than the batches before it.
+SESSION_SHARE = 0.5
+
 
 def short_error(exc: BaseException) -> str:
     """``Type: last line of the message``: TVM and ONNX Runtime errors end with the message, their

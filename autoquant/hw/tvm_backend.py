@@ -35,7 +35,7 @@ import numpy as np
 
 from autoquant.hw import tvm_kernels
 from autoquant.hw._tvm import load_tvm, set_threads
-from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
+from autoquant.hw.backend import SESSION_SHARE, LatencyBackend, PreparedModel, short_error
 from autoquant.hw.interleave import TIMING_METHOD, visits_per_round
 from autoquant.hw.kernels import (
     KERNEL_TEMPLATE_VERSION,
@@ -150,7 +150,7 @@ class TvmBackend(LatencyBackend):
         # models took 48 s of the 600 s session, its rounds about 0.6x this estimate (a round
         # of 200 ms samples was once seen taking 5x its sum; visits return every 10 ms)
         per_model = 10.0 + rounds * per_round * 2
-        return max(1, int(0.5 * spec.device.session_timeout_s / per_model))
+        return max(1, int(SESSION_SHARE * spec.device.session_timeout_s / per_model))
 
     def kernel_visitor(
         self, layer: LayerInfo, choice: QuantChoice, seconds: float

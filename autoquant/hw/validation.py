@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from autoquant.hw.backend import short_error
+from autoquant.hw.backend import SESSION_SHARE, short_error
 from autoquant.hw.interleave import visit_rounds, visits_per_round
 from autoquant.hw.latency_model import (
     KERNEL_CLASSES,
@@ -142,7 +142,7 @@ def measure_configs(
     # kernel, since a moment of the machine can slow one kind more than another), and its
     # samples are scaled by the geometric mean of how the anchors moved.
     # The first batch is sized by the backend's estimate; every later one by how long the
-    # batches before it really took per model, with the same half-session margin (the estimate
+    # batches before it really took per model, with the same ``SESSION_SHARE`` (the estimate
     # is cautious: over loopback a batch of 13 took 90 s of a 600 s session, and four
     # sessions' anchor scaling left them up to 3% apart where two would do).
     per_session = backend.models_per_session() or len(todo) or 1
@@ -213,7 +213,8 @@ def measure_configs(
         if split and not lost:  # a batch cut short by a lost device says nothing of its pace
             spent_s += time.monotonic() - started
             spent_models += len(timed)
-            per_session = max(per_session, int(0.5 * session_s * spent_models / max(spent_s, 1e-9)))
+            pace = spent_models / max(spent_s, 1e-9)  # models per second
+            per_session = max(per_session, int(SESSION_SHARE * session_s * pace))
         number += 1
     measure = backend.profile.spec.measure.model_dump()
     for i in todo:
@@ -393,11 +394,15 @@ def _rounds_by_batch(timings: Sequence[KernelTiming]) -> list[list[list[float]]]
     return list(groups.values())
 
 
-def _levels(group: list[list[float]], rounds: int) -> list[float]:
-    """Each round's level: the median over configs of a config's round median over its own
-    median (how fast the machine ran that round, every config with it)."""
-    own = [[x / statistics.median(m) for x in m[:rounds]] for m in group]
-    return [statistics.median(o[r] for o in own) for r in range(rounds)]
+def _own(group: list[list[float]], rounds: int) -> list[list[float]]:
+    """Each config's first ``rounds`` round medians over its own median."""
+    return [[x / statistics.median(m) for x in m[:rounds]] for m in group]
+
+
+def _levels(own: list[list[float]]) -> list[float]:
+    """Each round's level from ``_own``: the median over configs (how fast the machine ran
+    that round, every config with it)."""
+    return [statistics.median(o[r] for o in own) for r in range(len(own[0]))]
 
 
 # split halves averaged in ``repeatability`` (all of them up to 7 rounds: 35)
@@ -428,7 +433,7 @@ def repeatability(timings: Sequence[KernelTiming]) -> tuple[float, float]:
         return nan
     scaled = []  # per config: its round medians over their rounds' levels
     for group in groups:
-        levels = _levels(group, rounds)
+        levels = _levels(_own(group, rounds))
         scaled.extend([m[r] / levels[r] for r in range(rounds)] for m in group)
     rhos = []
     for half in islice(combinations(range(rounds), rounds // 2), MAX_SPLITS):
@@ -456,8 +461,8 @@ def round_noise(timings: Sequence[KernelTiming]) -> tuple[float, float]:
     spreads, drifts = [], []
     for group in _rounds_by_batch(timings):
         rounds = min(len(m) for m in group)
-        own = [[x / statistics.median(m) for x in m[:rounds]] for m in group]
-        levels = _levels(group, rounds)
+        own = _own(group, rounds)
+        levels = _levels(own)
         drifts.append(statistics.pstdev(levels) / statistics.fmean(levels))
         if len(group) >= 2:
             for o in own:
