@@ -31,6 +31,12 @@ def t(us: float) -> KernelTiming:
     return KernelTiming.from_samples("k", [us * 1e-6] * 3)
 
 
+def timed(medians: list[float], batch: int = 0) -> KernelTiming:
+    """A whole-model timing with these round medians, taken in device session ``batch``."""
+    details = {"round_medians_us": medians, "batch": batch}
+    return KernelTiming.from_samples("model", [1e-4] * 3, details=details)
+
+
 def test_one_calibration_point_gives_sum_plus_intercept():
     """With the float32 model alone, the ridge keeps every scale at 1: sum + intercept."""
     per_layer = {("a", "f32-a32"): t(10), ("b", "f32-a32"): t(5), ("a", W8.label): t(4)}
@@ -162,10 +168,6 @@ def test_round_noise_separates_configs_from_the_machine():
     from autoquant.hw.command import fidelity_line
     from autoquant.hw.validation import round_noise
 
-    def timed(medians: list[float], batch: int = 0) -> KernelTiming:
-        details = {"round_medians_us": medians, "batch": batch}
-        return KernelTiming.from_samples("model", [1e-4] * 3, details=details)
-
     together = [timed([100.0, 110.0]), timed([200.0, 220.0]), timed([50.0, 55.0])]
     spread, drift = round_noise(together)
     assert spread == pytest.approx(0.0) and drift == pytest.approx(0.05 / 1.05)
@@ -189,10 +191,6 @@ def test_repeatability_is_how_well_the_rounds_agree():
     and the ceiling (Spearman-Brown over the two halves) sits between that and 1."""
     from autoquant.hw.command import fidelity_line
     from autoquant.hw.validation import repeatability
-
-    def timed(medians: list[float], batch: int = 0) -> KernelTiming:
-        details = {"round_medians_us": medians, "batch": batch}
-        return KernelTiming.from_samples("model", [1e-4] * 3, details=details)
 
     drift = [1.0, 1.3, 0.9, 1.1]  # the machine: every config with it
     steady = [timed([base * d for d in drift]) for base in (100.0, 105.0, 110.0, 120.0, 130.0)]
