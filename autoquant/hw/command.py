@@ -28,7 +28,7 @@ def _task_layers(task: str):
 
     task_spec = UserTaskSpec(function=task) if ":" in task else task
     loaded = load_task(task_spec, file="command line", spec_dir=Path.cwd())
-    layers = discover_layers(loaded.model, loaded.input_shape)
+    layers = discover_layers(loaded.model, loaded.example_inputs())
     if not layers:
         raise UserError(f"task {task!r}: the model has no Linear or Conv2d layer", key="TASK")
     return loaded, layers

@@ -17,6 +17,7 @@ from autoquant.quant.fake import (
 )
 from autoquant.space.discovery import quantizable_modules
 from autoquant.space.values import QuantConfig
+from autoquant.tasks.inputs import Inputs
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,12 @@ class Calibration:
         }
 
 
-def calibrate(
-    model: torch.nn.Module, inputs: torch.Tensor, *, batch_size: int = 256
-) -> Calibration:
-    """Min/max observers on each Linear/Conv2d input and output."""
+def calibrate(model: torch.nn.Module, inputs: Inputs, *, batch_size: int = 256) -> Calibration:
+    """Min/max observers on each Linear/Conv2d input and output (``inputs``: one tensor or
+    named tensors, see ``autoquant.tasks.inputs``). A layer the forward never reaches has no
+    ranges."""
+    from autoquant.tasks.inputs import batches, run_model
+
     modules = quantizable_modules(model)
     lo_in: dict[str, float] = {}
     hi_in: dict[str, float] = {}
@@ -64,8 +67,8 @@ def calibrate(
     try:
         model.eval()
         with torch.no_grad():
-            for start in range(0, len(inputs), batch_size):
-                model(inputs[start : start + batch_size])
+            for batch in batches(inputs, batch_size):
+                run_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()

@@ -66,7 +66,7 @@ def prepare(
         )
         spec = spec.model_copy(update={"search": search})
     task = load_task(spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve())
-    layers = discover_layers(task.model, task.input_shape)
+    layers = discover_layers(task.model, task.example_inputs())
     if not layers:
         raise UserError(
             f"task {task.name!r}: the model has no Linear or Conv2d layer to quantize",
@@ -83,8 +83,9 @@ def prepare(
     if with_evaluator:
         from autoquant.quant import calibrate
         from autoquant.search.evaluator import Evaluator
+        from autoquant.tasks.inputs import take
 
-        calib = task.calibration_inputs[: spec.evaluation.calibration_samples]
+        calib = take(task.calibration_inputs, spec.evaluation.calibration_samples)
         evaluator = Evaluator(
             task=task,
             layers=layers,

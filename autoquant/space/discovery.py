@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autoquant.space.values import LayerInfo
 
@@ -21,11 +21,19 @@ def quantizable_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def discover_layers(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[LayerInfo, ...]:
-    """Run one probe sample of ``input_shape`` (batch included) through a copy-free forward
-    with hooks, and return the layers in execution order."""
+def discover_layers(model: torch.nn.Module, probe: Any) -> tuple[LayerInfo, ...]:
+    """Run one probe batch through a copy-free forward with hooks, and return the layers in
+    execution order. ``probe``: a batch-1 input shape (zeros of it are run), or the inputs
+    themselves (``Task.example_inputs()``: one tensor or named tensors).
+
+    Layers the forward never reaches (a pooler whose output the model does not return) are not
+    quantizable layers: nothing they compute reaches the output, so they stay float."""
     import torch
 
+    from autoquant.tasks.inputs import run_model
+
+    if isinstance(probe, tuple) and all(isinstance(d, int) for d in probe):
+        probe = torch.zeros(probe)
     modules = quantizable_modules(model)
     seen: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     order: list[str] = []
@@ -43,7 +51,7 @@ def discover_layers(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tup
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(input_shape))
+            run_model(model, probe)
         model.train(was_training)
     finally:
         for handle in handles:
@@ -57,10 +65,12 @@ def discover_layers(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tup
         batch = in_shape[0]
         if isinstance(module, torch.nn.Conv2d):
             kind = "conv"
+            # weight_shape is [out, in/groups, kh, kw]: grouped and depthwise convs included
             out_positions = math.prod(out_shape[2:])
             macs = out_positions * math.prod(weight_shape)
         else:
             kind = "linear"
+            # a Linear on [batch, tokens, features] runs once per token
             rows = math.prod(in_shape[:-1]) // batch
             macs = rows * math.prod(weight_shape)
         bias = module.bias is not None

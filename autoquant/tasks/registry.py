@@ -85,7 +85,7 @@ def load_task(task_spec, *, file: str = "spec", spec_dir: Path | None = None) ->
                 key="task",
             )
         function = _resolve(builtin.target, file=file, key="task", search_dir=None)
-        return function()
+        return with_batchnorm_folded(function())
     function = _resolve(task_spec.function, file=file, key="task.function", search_dir=spec_dir)
     try:
         task = function(**task_spec.args)
@@ -102,4 +102,19 @@ def load_task(task_spec, *, file: str = "spec", spec_dir: Path | None = None) ->
             file=file,
             key="task.function",
         )
-    return task
+    return with_batchnorm_folded(task)
+
+
+def with_batchnorm_folded(task: Task) -> Task:
+    """``task`` with its model replaced by a copy whose ``Conv2d -> BatchNorm2d`` pairs are
+    folded (``autoquant.quant.fold``): what every later stage quantizes, measures and exports."""
+    import dataclasses
+
+    from autoquant.quant.fold import fold_batchnorm
+
+    result = fold_batchnorm(task.model)
+    if not result.folded and not result.left:
+        return task
+    return dataclasses.replace(
+        task, model=result.model, folded_batchnorm=result.folded, unfolded_batchnorm=result.left
+    )
