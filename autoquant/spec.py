@@ -89,9 +89,22 @@ class SearchSpaceSpec(_Strict):
 # --- run specs -----------------------------------------------------------------------------------
 
 
+class TaskOrigin(_Strict):
+    """Where a search imported its task's module from, written by the search into the run's
+    spec.yaml: later commands (export, report, profile) import the module from the same place
+    and refuse when its source changed. Never written by users."""
+
+    search_dir: str | None = Field(
+        default=None, description="the spec's folder the module was found in; None: installed"
+    )
+    module_file: str = Field(description="the module's source file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class UserTaskSpec(_Strict):
     function: str = Field(description="package.module:function returning an autoquant Task")
     args: dict[str, Any] = Field(default_factory=dict)
+    origin: TaskOrigin | None = None
 
     @field_validator("function")
     @classmethod

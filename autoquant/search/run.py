@@ -55,7 +55,7 @@ def prepare(
     has no kernel for, and the evaluator predicts ``latency_ms@<profile>`` for every config.
     The spec's ``latency`` objective becomes one ``latency@<profile>`` objective per profile.
     ``status(text)`` is told what is going on (profiling can take minutes the first time)."""
-    from autoquant.space.discovery import discover_layers, other_param_bytes
+    from autoquant.space.discovery import other_param_bytes
     from autoquant.tasks import load_task
 
     spec_path = Path(spec_path)
@@ -65,8 +65,12 @@ def prepare(
             update={k: v for k, v in overrides.items() if v is not None}
         )
         spec = spec.model_copy(update={"search": search})
-    task = load_task(spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve())
-    layers = discover_layers(task.model, task.example_inputs())
+    task, origin = load_task(
+        spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve(), with_origin=True
+    )
+    if origin is not None:  # recorded in run/spec.yaml: later commands import from there
+        spec = spec.model_copy(update={"task": spec.task.model_copy(update={"origin": origin})})
+    layers = _discover(task, spec_path)
     if not layers:
         raise UserError(
             f"task {task.name!r}: the model has no Linear or Conv2d layer to quantize",
@@ -95,6 +99,25 @@ def prepare(
             latency=latency,
         )
     return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency)
+
+
+def _discover(task, spec_path: Path):
+    """The task's layers; a forward that fails on the task's own inputs is the task's fault."""
+    from autoquant.space.discovery import discover_layers
+    from autoquant.tasks.inputs import shapes
+
+    probe = task.example_inputs()
+    try:
+        return discover_layers(task.model, probe)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"task {task.name!r}: the model's forward fails on its example input "
+            f"{shapes(probe)} ({type(exc).__name__}: {message[:200]}); allowed: a model that "
+            "runs on the task's input_shape / calibration inputs",
+            file=str(spec_path),
+            key="task",
+        ) from None
 
 
 def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status):
