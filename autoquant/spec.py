@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from autoquant.errors import UserError
 
@@ -131,8 +138,28 @@ class SearchSettings(_Strict):
 
 
 class EvaluationSettings(_Strict):
+    """How configs are calibrated and measured.
+
+    ``eval_samples``: how many of the task's held-out samples the metric is measured on, the
+    first N; None (the default) is all of them. More than the task has is an error naming how
+    many it has (never silently clamped). A resolved spec leaves out ``eval_samples: null``, so
+    run directories written before the setting existed still resume.
+    """
+
     calibration_samples: int = Field(default=256, ge=1)
     batch_size: int = Field(default=512, ge=1)
+    eval_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="the first N held-out samples the metric is measured on; null = all",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_eval_samples(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("eval_samples", 0) is None:
+            del data["eval_samples"]
+        return data
 
 
 class RunSpec(_Strict):

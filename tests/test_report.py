@@ -54,6 +54,9 @@ def test_search_writes_report_and_run_info(two_runs):
     _self_contained(html)
     assert html.count("<svg") >= 2  # the front and the precision map
     assert "fp32 reference" in html and "knee" in html
+    # the accuracy's interval and the within-noise mark, in the table and on hover
+    assert "95% interval" in html and "within noise of fp32" in html
+    assert re.search(r"<title>trial \d+[^<]*accuracy [0-9.]+ \[[0-9.]+, [0-9.]+\] \(measured, 450 samples\)", html)
     info = json.loads((run / "run.json").read_text())
     assert info["measured"] == 10 and "torch" in info["versions"]
 
@@ -61,6 +64,32 @@ def test_search_writes_report_and_run_info(two_runs):
 def test_report_command_prints_front(two_runs, capsys):
     code, out, _ = run_cli(["report", two_runs[1]], capsys)
     assert code == 0 and "Pareto front" in out and "report.html" in out
+    assert "within noise of fp32" in out  # the caption explains the mark
+
+
+def test_front_table_marks_drops_within_noise():
+    import pandas as pd
+    from rich.console import Console
+
+    from autoquant.report.terminal import front_table
+
+    row = {"trial": 3, "reference": None, "accuracy": 0.97, "accuracy_lo": 0.955, "accuracy_hi": 0.984,
+           "size_bytes": 2048.0, "size_ratio": 4.0, "mean_weight_bits": 8.0, "bops": 1e6, "layer:fc": "w8cs-a32"}
+    frame = pd.DataFrame([
+        {**row, "accuracy_drop": 0.002, "accuracy_drop_lo": -0.004, "accuracy_drop_hi": 0.009,
+         "within_noise_of_fp32": True},
+        {**row, "trial": 4, "accuracy_drop": 0.05, "accuracy_drop_lo": 0.03, "accuracy_drop_hi": 0.07,
+         "within_noise_of_fp32": False},
+    ])
+    console = Console(width=200, record=True)
+    console.print(front_table(frame, title="front"))
+    lines = console.export_text().splitlines()
+    assert any("0.955-0.984" in line and "+0.20 ≈" in line for line in lines)
+    assert any("+5.00" in line and "≈" not in line for line in lines)
+    old = frame.drop(columns=["accuracy_lo", "accuracy_hi", "within_noise_of_fp32"])  # an older run
+    console = Console(width=200, record=True)
+    console.print(front_table(old, title="front"))
+    assert "≈" not in console.export_text() and "95%" not in console.export_text()
 
 
 def test_report_bad_run_dir(tmp_path, capsys):

@@ -54,6 +54,14 @@ def test_search_writes_run_directory(tmp_path, capsys):
         p for p in (64 * 256 + 256, 256 * 128 + 128, 128 * 10 + 10)
     )
     assert "Pareto front" in out and "accuracy" not in err
+    # every measured accuracy carries its interval on the 450 held-out digits; fp32 is within
+    # noise of itself, and the mark is the paired drop interval containing 0
+    done = trials[trials["state"] == "COMPLETE"]
+    assert ((done["accuracy_lo"] <= done["accuracy"]) & (done["accuracy"] <= done["accuracy_hi"])).all()
+    assert (done["eval_samples"] == 450).all()
+    assert fp32["within_noise_of_fp32"] and fp32["accuracy_drop_lo"] == fp32["accuracy_drop_hi"] == 0
+    contains_zero = (done["accuracy_drop_lo"] <= 0) & (done["accuracy_drop_hi"] >= 0)
+    assert (done["within_noise_of_fp32"].astype(bool) == contains_zero).all()
     resolved = (run_dir / "spec.yaml").read_text()
     assert "rules:" in resolved  # the space is stored inline, as run
 
@@ -150,6 +158,7 @@ def test_user_task_and_failed_trial_recorded(tmp_path, capsys):
     failed = trials[trials["state"] == "FAIL"]
     assert len(failed) == 1 and "non-finite" in failed.iloc[0]["fail_reason"]
     assert failed.iloc[0]["accuracy_source"] == "failed"
+    assert np.isnan(failed.iloc[0]["accuracy_lo"]) and failed.iloc[0]["within_noise_of_fp32"] is None
     assert trials[trials["state"] == "COMPLETE"].iloc[0]["accuracy"] == 1.0
     assert "1 failed" in out
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from autoquant.pareto import knee_index
 from autoquant.report.page import page, table
-from autoquant.report.rundata import RunData
+from autoquant.report.rundata import RunData, interval_of, within_noise
 from autoquant.report.svg import Axis, Point, Series, heatmap, scatter
 from autoquant.search.objectives import Objective
 from autoquant.space.values import QuantChoice
@@ -65,9 +65,39 @@ def _key(run: RunData, trial: int) -> str:
     return f"{run.name}#{int(trial)}"
 
 
+def _noise_word(row) -> str:
+    return {True: "yes", False: "no", None: "-"}[within_noise(row)]
+
+
+def _bounds(row, figure: str, scale: float = 1.0, fmt: str = ".4f") -> str:
+    bounds = interval_of(row, figure)
+    return "-" if bounds is None else f"[{bounds[0] * scale:{fmt}}, {bounds[1] * scale:{fmt}}]"
+
+
+def _accuracy_text(row, *, drop: bool = True) -> str:
+    """``accuracy 0.9822 [0.9689, 0.9911] (measured, 450 samples); drop +0.22 points
+    [-0.44, +0.89], within noise of fp32``, as much of it as the row has (the drop only with
+    ``drop``)."""
+    text = f"accuracy {row['accuracy']:.4f}"
+    if interval_of(row, "accuracy") is not None:
+        text += " " + _bounds(row, "accuracy")
+    samples = row.get("eval_samples")
+    has_n = isinstance(samples, (int, float, np.integer, np.floating)) and math.isfinite(float(samples))
+    text += f" (measured{f', {int(samples)} samples' if has_n else ''})"
+    value = row.get("accuracy_drop")
+    if drop and isinstance(value, (int, float, np.floating)) and math.isfinite(float(value)):
+        text += f"; drop {float(value) * 100:+.2f} points"
+        if interval_of(row, "accuracy_drop") is not None:
+            text += " " + _bounds(row, "accuracy_drop", 100, "+.2f")
+        noise = within_noise(row)
+        if noise is not None:
+            text += ", within noise of fp32" if noise else ", beyond noise of fp32"
+    return text
+
+
 def _tooltip(run: RunData, row) -> str:
     parts = [f"trial {int(row['trial'])}" + (f" ({row['reference']})" if isinstance(row.get("reference"), str) else "")]
-    parts.append(f"accuracy {row['accuracy']:.4f} (measured)")
+    parts.append(_accuracy_text(row))
     for o in run.cost_objectives:
         label, scale = UNITS.get(o.figure, (o.figure, 1.0))
         parts.append(f"{o.figure} {row[o.figure] * scale:.4g} ({row.get(o.figure + '_source', 'measured')})")
@@ -127,9 +157,29 @@ def precision_map(run: RunData) -> str:
     return heatmap(layers, cols, cells, title="per-layer precision of the front", plot_id="precision-map")
 
 
+def _has_intervals(run: RunData) -> bool:
+    return "accuracy_lo" in run.trials.columns
+
+
+def interval_note(run: RunData) -> str:
+    """What the intervals are, or that the run has none."""
+    if not _has_intervals(run):
+        return ("<p class='note'>This run was recorded without accuracy intervals: the accuracies "
+                "carry no uncertainty on the evaluation set.</p>")
+    samples = run.complete.get("eval_samples")
+    counts = sorted({int(v) for v in samples.dropna()}) if samples is not None else []
+    n = "/".join(str(c) for c in counts) or "?"
+    return ("<p class='note'>Accuracy intervals: 95% percentile intervals of a seeded bootstrap over the "
+            f"{n} evaluation samples (the same resamples for every config and for fp32). The drop's "
+            "interval is paired against fp32; a drop is <b>within noise of fp32</b> when that interval "
+            "contains 0: the evaluation set cannot tell the config from fp32.</p>")
+
+
 def _front_table(data: ReportData) -> str:
     run = data.run
-    headers = ["trial", "ref", "accuracy (measured)", "drop, points", *[
+    noise = _has_intervals(run)
+    headers = ["trial", "ref", "accuracy (measured)", *(["95% interval"] if noise else []), "drop, points",
+               *(["drop 95% interval", "within noise of fp32"] if noise else []), *[
         UNITS.get(o.figure, (o.figure,))[0] for o in run.cost_objectives], "x smaller", "mean bits", *[
         c.removeprefix("layer:") for c in run.layer_columns]]
     rows, keys = [], []
@@ -139,7 +189,13 @@ def _front_table(data: ReportData) -> str:
         if data.knee_trial is not None and int(r["trial"]) == data.knee_trial:
             ref = (ref + " knee").strip()
         costs = [f"{r[o.figure] * UNITS.get(o.figure, ('', 1.0))[1]:.4g}" for o in run.cost_objectives]
-        rows.append([int(r["trial"]), ref, f"{r['accuracy']:.4f}", f"{r['accuracy_drop'] * 100:+.2f}", *costs,
+        drop = f"{r['accuracy_drop'] * 100:+.2f}"
+        if noise:
+            accuracy = [f"{r['accuracy']:.4f}", _bounds(r, "accuracy")]
+            drop_cells = [drop, _bounds(r, "accuracy_drop", 100, "+.2f"), _noise_word(r)]
+        else:
+            accuracy, drop_cells = [f"{r['accuracy']:.4f}"], [drop]
+        rows.append([int(r["trial"]), ref, *accuracy, *drop_cells, *costs,
                      f"{r['size_ratio']:.2f}", f"{r['mean_weight_bits']:.2f}", *[r[c] for c in run.layer_columns]])
         keys.append(_key(run, r["trial"]))
     return table(headers, rows, left=2, keys=keys)
@@ -265,6 +321,9 @@ def configs_payload(run: RunData) -> dict[str, Any]:
             "run": run.name,
             "trial": int(r["trial"]),
             "accuracy (measured)": float(r["accuracy"]),
+            **({"accuracy 95% interval": list(interval_of(r, "accuracy"))} if interval_of(r, "accuracy") else {}),
+            **({"drop against fp32, 95% interval": list(interval_of(r, "accuracy_drop")),
+                "within noise of fp32": within_noise(r)} if interval_of(r, "accuracy_drop") else {}),
             **{f"{o.figure} ({r.get(o.figure + '_source', '')})": float(r[o.figure]) for o in run.cost_objectives},
             "layers": {c.removeprefix("layer:"): r[c] for c in run.layer_columns if isinstance(r.get(c), str)},
         }
@@ -281,7 +340,7 @@ def render_report(data: ReportData) -> str:
     refs = []
     for name, row in (("fp32", data.fp32), ("uniform int8", data.int8)):
         if row is not None:
-            refs.append(f"{name}: accuracy {row['accuracy']:.4f} (measured), "
+            refs.append(f"{name}: {_accuracy_text(row, drop=name != 'fp32')}, "
                         f"{row['size_bytes'] / 1024:.1f} KiB (exact), {'on' if row['on_front'] else 'not on'} the front")
     body = [
         f"<h1>autoquant run <code>{escape(run.name)}</code></h1>",
@@ -294,7 +353,8 @@ def render_report(data: ReportData) -> str:
         "<h2>Pareto fronts</h2><p class='note'>Grey: every measured config. Blue: the front. Black square: fp32. "
         "Black triangle: uniform int8. Red ring: the knee. Hover a point for its config, click for details.</p>",
         "<div class='plots'>" + "".join(front_plots(data)) + "</div>",
-        f"<h2>Front points ({len(run.front)} of {n_done} measured configs)</h2>", _front_table(data),
+        f"<h2>Front points ({len(run.front)} of {n_done} measured configs)</h2>", interval_note(run),
+        _front_table(data),
         "<h2>Per-layer precision of the front</h2>", precision_map(run),
         "<h2>Accuracy predictor</h2>", _predictor_section(data),
         "<h2>Latency model</h2>", _latency_section(run),

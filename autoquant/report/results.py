@@ -3,6 +3,12 @@
 ``trials.parquet`` has one row per measured or failed config (a trial that re-proposed a measured
 config is bookkeeping of the sampler and is not a row). ``pareto.csv`` holds the non-dominated
 rows among the complete, feasible ones.
+
+A figure with an interval adds ``<figure>_lo`` / ``<figure>_hi`` (``accuracy_lo``,
+``accuracy_drop_lo``, ...). ``eval_samples`` is how many samples the accuracy was measured on,
+and ``within_noise_of_fp32`` says whether the drop against fp32 is within the evaluation set's
+noise (its paired interval contains 0): True / False, or None where the ledger has no interval
+(runs recorded before intervals existed).
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ def trial_rows(
         for name, figure in entry.figures.items():
             row[name] = figure.value
             row[f"{name}_source"] = figure.source
+            if figure.interval is not None:
+                row[f"{name}_lo"] = figure.interval.lo
+                row[f"{name}_hi"] = figure.interval.hi
+        row.update(_noise_columns(entry))
         if entry.predicted is not None:
             row.update(predicted_columns(entry.predicted))
         if entry.constraints is not None:
@@ -65,12 +75,29 @@ def trial_rows(
     fp32 = _fp32_reference(rows)
     for row in rows:
         ok = fp32 is not None and row["state"] == "COMPLETE"
-        row["accuracy_drop"] = fp32["accuracy"] - row["accuracy"] if ok else math.nan
+        # The drop against the fp32 trial. A run without one (a space that does not allow
+        # fp32 everywhere) keeps the evaluator's drop against the float32 model, which is the
+        # same number where both exist.
+        if ok:
+            row["accuracy_drop"] = fp32["accuracy"] - row["accuracy"]
+        elif row["state"] != "COMPLETE" or "accuracy_drop" not in row:
+            row["accuracy_drop"] = math.nan
         row["size_ratio"] = fp32["size_bytes"] / row["size_bytes"] if ok else math.nan
     front = front_mask(rows, objectives)
     for row, on in zip(rows, front):
         row["on_front"] = bool(on)
     return rows
+
+
+def _noise_columns(entry: LedgerEntry) -> dict[str, Any]:
+    accuracy = entry.figures.get("accuracy")
+    drop = entry.figures.get("accuracy_drop")
+    out: dict[str, Any] = {"within_noise_of_fp32": None}
+    if accuracy is not None and accuracy.interval is not None:
+        out["eval_samples"] = accuracy.interval.samples
+    if drop is not None and drop.interval is not None and drop.source == "measured":
+        out["within_noise_of_fp32"] = drop.interval.contains(0.0)
+    return out
 
 
 def front_mask(rows: list[dict[str, Any]], objectives: tuple[Objective, ...]) -> np.ndarray:
@@ -97,7 +124,13 @@ def trials_frame(rows: list[dict[str, Any]]):
         "config_hash",
         "accuracy",
         "accuracy_source",
+        "accuracy_lo",
+        "accuracy_hi",
         "accuracy_drop",
+        "accuracy_drop_lo",
+        "accuracy_drop_hi",
+        "within_noise_of_fp32",
+        "eval_samples",
         "size_bytes",
         "size_bytes_source",
         "size_ratio",

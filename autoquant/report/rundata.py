@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,30 @@ class RunData:
     def reference(self, name: str):
         rows = self.complete[self.complete["reference"] == name]
         return None if rows.empty else rows.iloc[0]
+
+
+def interval_of(row: Any, figure: str) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a figure's interval in a trials / pareto row, or None where the row has
+    none (a failed figure, or a run recorded before intervals existed)."""
+    try:
+        lo, hi = float(row.get(f"{figure}_lo")), float(row.get(f"{figure}_hi"))
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def within_noise(row: Any) -> bool | None:
+    """The row's ``within_noise_of_fp32`` as True / False, or None when unknown (pareto.csv
+    reads it back as a bool, a string or NaN)."""
+    value = row.get("within_noise_of_fp32")
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower())
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return bool(value)
+    except TypeError:  # pandas.NA
+        return None
 
 
 def load_run(path: Path) -> RunData:

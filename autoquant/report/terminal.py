@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from autoquant.report.rundata import interval_of, within_noise
+
 
 def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -14,19 +16,43 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+NOISE_MARK = "≈"
+
+
+def _interval(row, figure: str) -> str:
+    bounds = interval_of(row, figure)
+    return "-" if bounds is None else f"{bounds[0]:.3f}-{bounds[1]:.3f}"
+
+
+def _drop(row) -> str:
+    text = _fmt(row["accuracy_drop"] * 100, "+.2f")
+    return f"{text} {NOISE_MARK}" if within_noise(row) else text
+
+
 def front_table(front, *, title: str) -> Table:
-    """One row per config; accuracy is measured on the task's held-out data, sizes and bits are
-    exact for the config."""
+    """One row per config; accuracy is measured on the task's held-out data (with its 95%
+    bootstrap interval where the run has one), sizes and bits are exact for the config. A drop
+    within the evaluation set's noise of fp32 is marked ``≈``."""
+    has_interval = "accuracy_lo" in front.columns
+    noise = (
+        f"; 95%: bootstrap interval on the eval set; {NOISE_MARK}: within noise of fp32 "
+        "(the paired interval of the drop contains 0)"
+        if has_interval
+        else ""
+    )
     table = Table(
         title=title,
         title_justify="left",
-        caption="acc: measured; drop: points below fp32; KiB, x (smaller than fp32), bits, MBOPs: exact",
+        caption="acc: measured; drop: points below fp32; KiB, x (smaller than fp32), bits, "
+        f"MBOPs: exact{noise}",
         caption_justify="left",
     )
     table.add_column("trial", justify="right")
     table.add_column("ref")
     table.add_column("acc", justify="right")
-    table.add_column("drop", justify="right")
+    if has_interval:
+        table.add_column("95%", justify="right")
+    table.add_column("drop", justify="right", no_wrap=True)
     table.add_column("KiB", justify="right")
     table.add_column("x", justify="right")
     table.add_column("bits", justify="right")
@@ -43,7 +69,8 @@ def front_table(front, *, title: str) -> Table:
             str(row["trial"]),
             row["reference"] if isinstance(row["reference"], str) else "",
             _fmt(row["accuracy"], ".4f"),
-            _fmt(row["accuracy_drop"] * 100, "+.2f"),
+            *([_interval(row, "accuracy")] if has_interval else []),
+            _drop(row),
             _fmt(row["size_bytes"] / 1024, ".1f"),
             _fmt(row["size_ratio"], ".2f"),
             _fmt(row["mean_weight_bits"], ".2f"),

@@ -57,6 +57,7 @@ def prepare(
     ``status(text)`` is told what is going on (profiling can take minutes the first time)."""
     from autoquant.space.discovery import other_param_bytes
     from autoquant.tasks import load_task
+    from autoquant.tasks.base import with_eval_samples
 
     spec_path = Path(spec_path)
     spec, space_spec = load_spec(spec_path)
@@ -68,6 +69,7 @@ def prepare(
     task, origin = load_task(
         spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve(), with_origin=True
     )
+    task = with_eval_samples(task, spec.evaluation.eval_samples, file=str(spec_path))
     if origin is not None:  # recorded in run/spec.yaml: later commands import from there
         spec = spec.model_copy(update={"task": spec.task.model_copy(update={"origin": origin})})
     layers = _discover(task, spec_path)
