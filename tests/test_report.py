@@ -155,3 +155,21 @@ def test_compare_renders_in_chromium(two_runs, tmp_path, capsys):
     assert rendered.console == [], rendered.console
     assert rendered.dom.count('class="pt"') >= 2
     assert rendered.screenshot.exists() and rendered.screenshot.stat().st_size > 10_000
+
+
+def test_terminal_table_summarises_the_choices_of_many_layers():
+    import pandas as pd
+    from rich.console import Console
+
+    from autoquant.report.terminal import front_table
+
+    layers = {f"layer:l{i}": ("w8cs-a8" if i % 3 else "f32-a32") for i in range(36)}
+    row = {
+        "trial": 3, "reference": None, "accuracy": 0.95, "accuracy_drop": 0.01,
+        "size_bytes": 4096.0, "size_ratio": 3.0, "mean_weight_bits": 12.0, "bops": 1e6, **layers,
+    }
+    console = Console(width=120, record=True)
+    console.print(front_table(pd.DataFrame([row]), title="front"))
+    text = console.export_text()
+    assert "24x w8cs-a8 12x f32-a32" in text
+    assert "l35" not in text  # no per-layer header of 36 names

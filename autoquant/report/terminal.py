@@ -63,7 +63,12 @@ def front_table(front, *, title: str) -> Table:
         kind = "/".join(sorted(set(source.dropna()))) if source is not None else "measured"
         table.add_column(f"ms {col.removeprefix('latency_ms@')} ({kind})", justify="right")
     layer_cols = [c for c in front.columns if c.startswith("layer:")]
-    table.add_column("layers: " + " ".join(c.removeprefix("layer:") for c in layer_cols))
+    listed = len(layer_cols) <= MAX_LISTED_LAYERS
+    table.add_column(
+        "layers: " + " ".join(c.removeprefix("layer:") for c in layer_cols)
+        if listed
+        else f"choices of the {len(layer_cols)} layers (count x label)"
+    )
     for _, row in front.iterrows():
         table.add_row(
             str(row["trial"]),
@@ -76,9 +81,22 @@ def front_table(front, *, title: str) -> Table:
             _fmt(row["mean_weight_bits"], ".2f"),
             _fmt(row["bops"] / 1e6, ".1f"),
             *[_fmt(row[c], ".4g") for c in latency_cols],
-            " ".join(str(row[c]) for c in layer_cols),
+            " ".join(str(row[c]) for c in layer_cols) if listed else choice_counts(row, layer_cols),
         )
     return table
+
+
+# Above this many layers a row lists how many layers took each choice instead of every layer's
+# (36 labels wrap a transformer's row over dozens of lines); report.html has the per-layer map.
+MAX_LISTED_LAYERS = 8
+
+
+def choice_counts(row, layer_cols: list[str]) -> str:
+    """``24x w8cs-a8 12x f32-a32``: the choices of a row, most frequent first."""
+    from collections import Counter
+
+    counts = Counter(str(row[c]) for c in layer_cols)
+    return " ".join(f"{n}x {label}" for label, n in counts.most_common())
 
 
 def compare_tables(comp) -> list[Table]:
