@@ -111,12 +111,16 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, s
     model.eval()
 
 
-def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
+def _cached_model(
+    name: str, factory, x, y, *, epochs: int, train=_train, recipe: str = ""
+) -> nn.Module:
+    """``factory()`` trained by ``train(model, x, y, epochs=, seed=0)``, or loaded from the cache.
+    ``recipe`` names what else the weights depend on (data preprocessing, a training recipe
+    other than ``_train``): a changed recipe retrains."""
     model = factory()
-    key = hashlib.sha256(
-        # The architecture's repr (every layer's shape) is in the key: a changed net retrains.
-        f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}-{model!r}".encode()
-    ).hexdigest()
+    # The architecture's repr (every layer's shape) is in the key: a changed net retrains.
+    material = f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}-{model!r}"
+    key = hashlib.sha256((material + (f"-{recipe}" if recipe else "")).encode()).hexdigest()
     path = cache_dir() / "tasks" / f"{name}-{key[:12]}.pt"
     if path.exists():
         try:
@@ -126,7 +130,7 @@ def _cached_model(name: str, factory, x, y, *, epochs: int) -> nn.Module:
             path.unlink(missing_ok=True)
     torch.manual_seed(0)
     model = factory()
-    _train(model, x, y, epochs=epochs, seed=0)
+    train(model, x, y, epochs=epochs, seed=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
