@@ -108,19 +108,20 @@ def search(
         + (f" / {run.spec.search.timeout_s:g} s" if run.spec.search.timeout_s else "")
     )
     with Progress(
-        TextColumn("measuring configs"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
         disable=quiet,
     ) as progress:
-        bar = progress.add_task("search", total=run.spec.search.trials)
+        bar = progress.add_task("measuring configs", total=run.spec.search.trials)
         outcome = run_search(
             run,
             run_dir,
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             after_trial=refresh,
+            on_status=lambda text: progress.update(bar, description=text),
         )
     frame, front = write_tables(
         run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives
@@ -186,9 +187,11 @@ def space(
         bool, typer.Option(help="list every excluded choice with its reason")
     ] = False,
 ) -> None:
-    """Show the layers a spec's task has, the choices its search space gives each, and the size."""
+    """Show the layers a spec's task has, the choices its search space gives each, the size,
+    and a dry run of the ONNX export (each layer's node, or why it stays float)."""
     from rich.table import Table
 
+    from autoquant.export.command import export_dry_run_lines
     from autoquant.search.run import prepare
 
     with console.status("loading the task"):
@@ -225,7 +228,10 @@ def space(
         "labels: w<bits><c|t|g<size>><s|a> = integer weights per-channel/tensor/group, "
         "symmetric/asymmetric; f16/f32 = float weights; -a<bits> = activations"
     )
-
+    with console.status("exporting the fp32 ONNX graph (dry run of autoquant export)"):
+        lines = export_dry_run_lines(run, spec)
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -110,7 +110,7 @@ def test_group_quantized_conv_weight_has_blocked_scale_in_torch_layout(cnn):
     config = QuantConfig.from_mapping(
         {"conv1": FP32, "conv2": C(4, 32, "per_group", 16, False), "fc1": FP32, "fc2": FP32}
     )
-    graph = export_graph(task.model, task.input_shape, config, cal)
+    graph = export_graph(task.model, task.input_shape, config, cal, weight_only="dq")
     inits = {i.name: i for i in graph.model.graph.initializer}
     dq = next(n for n in graph.model.graph.node if n.name == "conv2/w_DQ")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
@@ -128,7 +128,9 @@ def test_transposed_blocked_scale_is_caught(cnn, tmp_path):
     config = QuantConfig.from_mapping(
         {"conv1": FP32, "conv2": FP32, "fc1": C(4, 32, "per_group", 16, True), "fc2": FP32}
     )
-    graph = export_graph(task.model, task.input_shape, config, cal, int4_kernel="dq")
+    graph = export_graph(
+        task.model, task.input_shape, config, cal, int4_kernel="dq", weight_only="dq"
+    )
     scale = next(i for i in graph.model.graph.initializer if i.name == "fc1.w_scale")
     arr = onnx.numpy_helper.to_array(scale).T.copy()  # [K/B, N] instead of [N, K/B]
     scale.CopyFrom(onnx.numpy_helper.from_array(arr, "fc1.w_scale"))
@@ -152,7 +154,14 @@ def test_int8_export_runs_integer_kernels_and_is_small(cnn, tmp_path):
     assert ratio <= 0.35, ratio
 
 
-def test_four_bit_heavy_export_is_under_a_fifth_of_fp32(cnn, tmp_path):
+@pytest.mark.parametrize(
+    ("weight_only", "forms"),
+    [
+        ("dq", ["int8-qdq", "int4-dq", "matmulnbits", "int8-qdq"]),
+        ("fold", ["int8-fold", "int4-fold", "matmulnbits", "int8-fold"]),
+    ],
+)
+def test_four_bit_heavy_export_is_under_a_fifth_of_fp32(cnn, tmp_path, weight_only, forms):
     task, cal, step = cnn
     config = QuantConfig.from_mapping(
         {
@@ -162,18 +171,13 @@ def test_four_bit_heavy_export_is_under_a_fifth_of_fp32(cnn, tmp_path):
             "fc2": C(8, 32, "per_channel", None, True),
         }
     )
-    steps, graph = _max_steps(task, cal, step, config, tmp_path)
+    steps, graph = _max_steps(task, cal, step, config, tmp_path, weight_only=weight_only)
     assert max(steps.values()) <= 1e-3  # no int8 activations: float math only
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(float_graph(task.model, task.input_shape), str(fp32))
     ratio = (tmp_path / "m.onnx").stat().st_size / fp32.stat().st_size
     assert ratio <= 0.20, ratio
-    assert [layer.form for layer in graph.layers] == [
-        "int8-qdq",
-        "int4-dq",
-        "matmulnbits",
-        "int8-qdq",
-    ]
+    assert [layer.form for layer in graph.layers] == forms
 
 
 def test_every_quantize_node_has_an_explicit_zero_point_of_the_right_type(cnn):
@@ -350,6 +354,26 @@ def test_folded_weight_only_layers_leave_no_dequantize_in_the_optimized_graph(cn
 
 
 @pytest.mark.parametrize(
+    "conv2", [C(2, 32, "per_channel", None, False), C(2, 32, "per_group", 16, True)]
+)
+def test_two_bit_weights_are_stored_four_per_byte_and_unpacked_once_at_load(cnn, tmp_path, conv2):
+    """No fast 2-bit MatMulNBits in ORT (it dequantizes on every call, ~20x fp32 at M=1): 2-bit
+    weight-only layers, Linear included, fold from four-per-byte storage into float weights."""
+    task, cal, step = cnn
+    fc1 = C(2, 32, "per_group", 16, False)
+    config = QuantConfig.from_mapping({"conv1": FP32, "conv2": conv2, "fc1": fc1, "fc2": FP32})
+    steps, graph = _max_steps(task, cal, step, config, tmp_path)
+    assert max(steps.values()) <= 1e-3
+    assert [(e.form, e.storage_bits) for e in graph.layers[1:3]] == [("int2-fold", 2)] * 2
+    inits = {i.name: i for i in graph.model.graph.initializer}
+    assert len(inits["conv2.w_q2"].raw_data) == 32 * 16 * 9 // 4
+    assert len(inits["fc1.w_q2"].raw_data) == 512 * 128 // 4
+    open_session(tmp_path / "m.onnx", "enable_all", optimized_path=tmp_path / "opt.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"BitShift", "BitwiseAnd", "Cast", "Sub", "Mul", "MatMulNBits"}, ops
+
+
+@pytest.mark.parametrize(
     "choice_a",
     [C(32, 8), C(16, 8), C(3, 8, "per_channel", None, False), C(8, 8, "per_group", 8, True)],
 )
@@ -376,33 +400,56 @@ def test_ort_does_not_requantize_float_or_weight_only_layers_with_int8_activatio
             assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max(), (weight_only, level)
 
 
-def test_unsupported_models_are_a_user_error_naming_the_problem():
-    from autoquant.errors import UserError
+def test_ops_that_are_not_layers_stay_float_and_a_3d_linear_exports():
+    """LayerNormalization is no quantizable layer: it stays float, never a refusal. A Linear on
+    3-D input (MatMul on a transposed copy + Add) is written as Reshape -> Gemm -> Reshape."""
 
     class WithNorm(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)
             self.a = torch.nn.Linear(8, 8)
             self.norm = torch.nn.LayerNorm(8)
 
         def forward(self, x):
             return self.norm(self.a(x))
 
-    class Seq(torch.nn.Module):  # a 3-D Linear exports as MatMul on a transposed copy
+    model = WithNorm().eval()
+    x = torch.randn(64, 5, 8)
+    cal = calibrate(model, x)
+    config = QuantConfig.from_mapping({"a": INT8_KERNEL})
+    graph = export_graph(model, (1, 5, 8), config, cal)
+    ops = [n.op_type for n in graph.model.graph.node]
+    assert "LayerNormalization" in ops and "MatMul" not in ops and ops.count("Reshape") == 2
+    assert graph.layers[0].op == "Gemm" and graph.layers[0].form == "int8-qdq"
+    with torch.no_grad():
+        sim = apply(model, config, cal)(x).numpy()
+    for level in LEVELS:
+        out = open_session(graph.model.SerializeToString(), level).run(None, {"input": x.numpy()})
+        assert np.abs(out[0] - sim).max() <= 1e-3, level
+
+
+def test_a_layer_the_export_cannot_write_stays_float_or_is_a_user_error():
+    from autoquant.errors import UserError
+
+    class Twice(torch.nn.Module):  # one module called twice: one weight, two nodes
         def __init__(self) -> None:
             super().__init__()
             self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 2)
 
         def forward(self, x):
-            return self.a(x)
+            return self.b(self.a(torch.relu(self.a(x))))
 
-    config = QuantConfig.from_mapping({"a": C(8, 32, "per_channel", None, True)})
-    with pytest.raises(UserError, match="LayerNormalization"):
-        export_graph(WithNorm().eval(), (1, 8), config, None)
-    with pytest.raises(
-        UserError, match="expected one Conv or Gemm node reading initializer 'a.weight'"
-    ):
-        export_graph(Seq().eval(), (1, 4, 8), config, None)
+    model = Twice().eval()
+    cal = calibrate(model, torch.randn(32, 8))
+    graph = export_graph(
+        model, (1, 8), QuantConfig.from_mapping({"a": FP32, "b": INT8_KERNEL}), cal
+    )
+    assert "more than once" in graph.float_layers["a"]
+    assert graph.layers[0].to_dict()["reason"] == graph.float_layers["a"]
+    with pytest.raises(UserError, match="'a' is w8cs-a8 in the config, but the export cannot"):
+        export_graph(model, (1, 8), QuantConfig.from_mapping({"a": INT8_KERNEL, "b": FP32}), cal)
 
 
 class Mixed(torch.nn.Module):
@@ -444,7 +491,7 @@ def test_grouped_biasless_and_strided_layers_match_the_simulation(choice, weight
         mapping.update(c1=INT8_KERNEL, dw=C(4, 32, "per_channel", None, True))
     config = QuantConfig.from_mapping(mapping)
     graph = export_graph(model, (1, 3, 8, 8), config, cal, weight_only=weight_only)
-    assert all(layer.op == "Conv" or layer.op == "Gemm" for layer in graph.layers)
+    assert all(layer.op in ("Conv", "Gemm", "MatMulNBits") for layer in graph.layers)
     with torch.no_grad():
         sim = apply(model, config, cal)(x).numpy()
         ref = model(x)

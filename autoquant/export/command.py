@@ -17,13 +17,19 @@ class Int4Kernel(str, enum.Enum):
 
 
 class WeightOnly(str, enum.Enum):
-    dq = "dq"
     fold = "fold"
+    dq = "dq"
 
 
 class KernelWeights(str, enum.Enum):
+    auto = "auto"
     uint8 = "uint8"
     int8 = "int8"
+
+
+class NbitsAccuracy(str, enum.Enum):
+    exact = "0"
+    int8 = "4"
 
 
 def export(
@@ -48,21 +54,31 @@ def export(
     ] = 200,
     int4_kernel: Annotated[
         Int4Kernel,
-        typer.Option(help="Linear per-group <=4-bit: MatMulNBits or standard blocked DQ"),
+        typer.Option(help="weight-only Linear per-group 3/4-bit: MatMulNBits, or never"),
     ] = Int4Kernel.matmulnbits,
     kernel_weights: Annotated[
         KernelWeights,
         typer.Option(
-            help="int8 weights of integer-kernel layers stored as uint8 (+128, exact on any CPU) or int8 (VNNI CPUs)"
+            help="int8 weights of integer-kernel layers: int8 (U8S8, exact and fast with VNNI), "
+            "uint8 (+128: U8U8, exact on any CPU), auto: int8 if this CPU has VNNI"
         ),
-    ] = KernelWeights.uint8,
+    ] = KernelWeights.auto,
     weight_only: Annotated[
         WeightOnly,
         typer.Option(
-            help="weight-only integer layers: DequantizeLinear (standard QDQ, re-run every call) "
-            "or Cast/Sub/Mul that ORT folds once at load (same numbers and file size)"
+            help="other weight-only integer layers: Cast/Sub/Mul that ORT folds into a float "
+            "weight once at load (same numbers and file size, float speed), or "
+            "DequantizeLinear (standard QDQ, re-run on every call)"
         ),
-    ] = WeightOnly.dq,
+    ] = WeightOnly.fold,
+    nbits_accuracy_level: Annotated[
+        NbitsAccuracy,
+        typer.Option(
+            help="MatMulNBits accuracy_level: 0 = exact (what the search measured), "
+            "4 = int8 activations inside the kernel (faster, not what the search measured: "
+            "validation may fail)"
+        ),
+    ] = NbitsAccuracy.exact,
     tolerance_steps: Annotated[
         float, typer.Option(min=0, help="max |ORT - simulation| in output steps")
     ] = 3.0,
@@ -83,6 +99,7 @@ def export(
         int4_kernel=int4_kernel.value,
         kernel_weights=kernel_weights.value,
         weight_only=weight_only.value,
+        nbits_accuracy_level=int(nbits_accuracy_level.value),
         tolerances=Tolerances(output_steps=tolerance_steps, accuracy=tolerance_accuracy),
     )
     with console.status("exporting and validating in ONNX Runtime"):
@@ -93,6 +110,8 @@ def export(
         console.print(
             f"trial {r.trial}: {status}: {r.out_dir / 'model.onnx'}, {r.out_dir / 'manifest.json'}"
         )
+    for line in slower_than_fp32_warnings(results):
+        typer.echo(line, err=True)
     if all_ and results:
         console.print(f"summary: {results[0].out_dir.parent / 'summary.csv'}")
     failed = [r for r in results if not r.ok]
@@ -103,6 +122,24 @@ def export(
                 err=True,
             )
         raise typer.Exit(1)
+
+
+def slower_than_fp32_warnings(results) -> list[str]:
+    """One line per export measured slower than the fp32 graph: slower in every round of the
+    validation's timing, where the two were timed interleaved (batch 1)."""
+    lines = []
+    for r in results:
+        lat = r.validation.latency
+        if lat and lat.get("slower_than_fp32"):
+            export, fp32 = lat["export"], lat["fp32"]
+            lines.append(
+                f"warning: trial {r.trial} runs slower than the fp32 graph in ONNX Runtime: "
+                f"{export['median_ms']:.3f} ms vs {fp32['median_ms']:.3f} ms median "
+                f"({lat['speedup_vs_fp32']:.2f}x; slower in all {len(export['round_medians_ms'])} "
+                f"interleaved rounds; batch {export['batch']}, {export['threads']} thread(s)); "
+                f"kernels: {', '.join(r.validation.kernels) or 'none quantized'}"
+            )
+    return lines
 
 
 def render_table(results):
@@ -147,3 +184,43 @@ def render_table(results):
         "and ratio to the fp32 graph, ms (median at batch 1, beside the fp32 graph)"
     )
     return table
+
+
+def export_dry_run_lines(run, spec: Path) -> list[str]:
+    """``autoquant space``'s dry run of the export: the (BatchNorm-folded) model's fp32 ONNX
+    graph, and per layer the node ``autoquant export`` will rewrite or why the layer can only
+    stay float (with a warning when the space still gives it quantized choices).
+
+    Raises:
+        UserError: the fp32 export fails (the cause, on one line).
+    """
+    from autoquant.errors import UserError
+    from autoquant.export.mapping import LayerNode, dry_run
+
+    try:
+        nodes, mapped = dry_run(
+            run.task.model, run.task.example_inputs(), [ls.layer.name for ls in run.space.layers]
+        )
+    except UserError as exc:
+        raise UserError(str(exc).removeprefix("task: "), file=str(spec), key="task") from None
+    mapped_count = sum(isinstance(v, LayerNode) for v in mapped.values())
+    lines = [
+        f"ONNX export (dry run): fp32 graph of {nodes} nodes; "
+        f"{mapped_count} of {len(mapped)} layers map to their node"
+    ]
+    choices = {ls.layer.name: ls.choices for ls in run.space.layers}
+    for name, where in mapped.items():
+        if isinstance(where, LayerNode):
+            lines.append(f"  {name}: {where.describe()}")
+            continue
+        quantized = sum(not c.is_fp32 for c in choices[name])
+        lines.append(
+            f"  {name}: stays float: {where.reason}"
+            + (
+                f"; warning: the space gives it {quantized} quantized choice(s), which "
+                "autoquant export refuses: restrict it to weight_bits [32], act_bits [32]"
+                if quantized
+                else ""
+            )
+        )
+    return lines

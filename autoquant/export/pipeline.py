@@ -28,8 +28,9 @@ class ExportOptions:
     threads: int = 1
     latency_repeats: int = 200
     int4_kernel: str = "matmulnbits"
-    kernel_weights: str = "uint8"
-    weight_only: str = "dq"
+    kernel_weights: str = "auto"
+    weight_only: str = "fold"
+    nbits_accuracy_level: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
 
 
@@ -57,9 +58,10 @@ class ExportContext:
         import onnx
         import torch
 
-        from autoquant.export.graph import float_graph
+        from autoquant.export.graph import INPUT_NAME, float_graph
         from autoquant.quant.fake import ActivationParams
         from autoquant.search.run import prepare
+        from autoquant.tasks.inputs import is_named, run_model, take, to_feeds
 
         self.front = front
         self.spec_path = front.run_dir / "spec.yaml"
@@ -69,13 +71,17 @@ class ExportContext:
         self.calibration = run.evaluator.calibration
         self.layers = run.evaluator.layers
         self.batch_size = run.evaluator.batch_size
-        self.eval_inputs = self.task.eval_inputs.detach().float().numpy()
+        # The probe batch the graph is exported with (its input names, dtypes, dynamic axes).
+        self.example = self.task.example_inputs()
+        # ORT feeds: float inputs as float32, token ids as int64 (never cast to float). One
+        # array for a one-tensor task, named arrays otherwise.
+        feeds = to_feeds(self.task.eval_inputs)
+        self.eval_inputs = feeds if is_named(self.task.eval_inputs) else feeds[INPUT_NAME]
         self.fp32_path = work_dir / "fp32.onnx"
-        onnx.save(float_graph(self.task.model, self.task.input_shape), str(self.fp32_path))
+        onnx.save(float_graph(self.task.model, self.example), str(self.fp32_path))
+        calib = take(self.task.calibration_inputs, run.spec.evaluation.calibration_samples)
         with torch.no_grad():
-            ref = self.task.model.eval()(
-                self.task.calibration_inputs[: run.spec.evaluation.calibration_samples]
-            )
+            ref = run_model(self.task.model.eval(), calib)
         # The agreement unit: one step of the output's uint8 grid over its calibrated range.
         self.output_step = ActivationParams.from_range(float(ref.min()), float(ref.max())).scale
 
@@ -83,12 +89,11 @@ class ExportContext:
         import torch
 
         from autoquant.quant import apply
+        from autoquant.tasks.inputs import batches, run_model
 
         model = apply(self.task.model, config, self.calibration)
-        outs = []
         with torch.no_grad():
-            for start in range(0, len(self.task.eval_inputs), self.batch_size):
-                outs.append(model(self.task.eval_inputs[start : start + self.batch_size]))
+            outs = [run_model(model, b) for b in batches(self.task.eval_inputs, self.batch_size)]
         return torch.cat(outs).numpy()
 
 
@@ -113,7 +118,7 @@ def export_point(
         sha256_file,
         write_manifest,
     )
-    from autoquant.export.validate import validate_export
+    from autoquant.export.validate import feed_count, feed_slice, validate_export
     from autoquant.quant.fake import runs_integer_kernel
     from autoquant.space.values import QuantConfig
 
@@ -126,12 +131,13 @@ def export_point(
     check_out_dir(out_dir)
     graph = export_graph(
         ctx.task.model,
-        ctx.task.input_shape,
+        ctx.example,
         config,
         ctx.calibration,
         int4_kernel=options.int4_kernel,
         kernel_weights=options.kernel_weights,
         weight_only=options.weight_only,
+        nbits_accuracy_level=options.nbits_accuracy_level,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
@@ -146,11 +152,15 @@ def export_point(
         sim_outputs=sim,
         output_step=ctx.output_step,
         promised_accuracy=float(row["accuracy"]),
-        expected_int_kernels=any(runs_integer_kernel(c) for _, c in config.choices),
+        expected_int_kernels=sum(runs_integer_kernel(c) for _, c in config.choices)
+        + sum(e.form == "int8-dynamic" for e in graph.layers),
+        weight_dq_allowed=options.weight_only == "dq",
         tolerances=options.tolerances,
         threads=options.threads,
         latency_repeats=options.latency_repeats,
-        sample=ctx.eval_inputs[:1],
+        sample=feed_slice(ctx.eval_inputs, 0, 1),
+        # dynamic activations take their range per call, which the simulation takes per sample
+        batch_size=1 if any(getattr(c, "act_dynamic", False) for _, c in config.choices) else 512,
     )
     file_bytes = model_path.stat().st_size
     fp32_bytes = ctx.fp32_path.stat().st_size
@@ -174,6 +184,11 @@ def export_point(
             "value": validation.latency["speedup_vs_fp32"],
             "source": "measured",
         }
+        measured["slower_than_fp32"] = {
+            "value": validation.latency["slower_than_fp32"],
+            "source": "measured",
+            "rule": "slower than the fp32 graph in every interleaved round",
+        }
     manifest = build_manifest(
         ok=validation.ok,
         failures=[c.message for c in validation.failures],
@@ -185,12 +200,13 @@ def export_point(
         config_hash=config.hash,
         config=config.to_dict(),
         layers=[layer.to_dict() for layer in graph.layers],
+        float_layers=graph.float_layers,
         promised=promised_figures(row),
         measured=measured,
         agreement={
             "unit": "output steps: the output's calibrated float32 range / 255",
             "step": ctx.output_step,
-            "eval_samples": int(len(ctx.eval_inputs)),
+            "eval_samples": feed_count(ctx.eval_inputs),
             **validation.agreement,
         },
         checks=[c.to_dict() for c in validation.checks],
@@ -205,12 +221,16 @@ def export_point(
             "intra_op_threads": session_threads(options.threads),
             "quantized_kernels": validation.kernels,
             "optimized_ops": validation.optimized_ops,
+            "optimized_op_counts": validation.optimized_op_counts,
+            "weight_dequantize_per_call": validation.weight_dequantize,
             "session_config": {},
         },
         export_options={
             "int4_kernel": options.int4_kernel,
-            "kernel_weights": options.kernel_weights,
+            "kernel_weights": graph.options.kernel_weights,  # "auto" resolved on this CPU
+            "kernel_weights_asked": options.kernel_weights,
             "weight_only": options.weight_only,
+            "nbits_accuracy_level": options.nbits_accuracy_level,
         },
         files={MODEL_FILE: {"bytes": file_bytes, "sha256": sha256_file(model_path)}},
     )

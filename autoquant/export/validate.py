@@ -8,9 +8,11 @@ a session that does not load is a failed check with its reason.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,9 +79,14 @@ class Timing:
     warmup: int
     threads: int
     batch: int
+    round_medians_ms: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "source": "measured"}
+        return {
+            **asdict(self),
+            "round_medians_ms": list(self.round_medians_ms),
+            "source": "measured",
+        }
 
 
 @dataclass
@@ -89,6 +96,8 @@ class Validation:
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
     kernels: list[str] = field(default_factory=list)
     optimized_ops: list[str] = field(default_factory=list)
+    optimized_op_counts: dict[str, int] = field(default_factory=dict)
+    weight_dequantize: list[str] = field(default_factory=list)
     latency: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -107,6 +116,8 @@ class Validation:
             "agreement": self.agreement,
             "quantized_kernels": self.kernels,
             "optimized_ops": self.optimized_ops,
+            "optimized_op_counts": self.optimized_op_counts,
+            "weight_dequantize_per_call": self.weight_dequantize,
             "latency": self.latency,
         }
 
@@ -186,11 +197,38 @@ def open_session(
     )
 
 
-def run_batched(session, inputs: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    name = session.get_inputs()[0].name
+Feeds = np.ndarray | Mapping[str, np.ndarray]
+
+
+def session_feeds(session, inputs: Feeds) -> dict[str, np.ndarray]:
+    """``inputs`` as a feed of ``session``: one array goes to its first input; named arrays to
+    the inputs of those names (a name the graph does not have, an input the model's forward
+    never reads, is left out)."""
+    if isinstance(inputs, Mapping):
+        names = {i.name for i in session.get_inputs()}
+        return {k: v for k, v in inputs.items() if k in names}
+    return {session.get_inputs()[0].name: inputs}
+
+
+def feed_count(inputs: Feeds) -> int:
+    """Samples in ``inputs`` (first axis)."""
+    if isinstance(inputs, Mapping):
+        return len(next(iter(inputs.values())))
+    return len(inputs)
+
+
+def feed_slice(inputs: Feeds, start: int, stop: int) -> Feeds:
+    if isinstance(inputs, Mapping):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    return inputs[start:stop]
+
+
+def run_batched(session, inputs: Feeds, *, batch_size: int = 512) -> np.ndarray:
+    """The session's first output on every sample of ``inputs`` (one array, or named arrays as
+    ``autoquant.tasks.inputs.to_feeds`` makes them), run in batches."""
     outs = [
-        session.run(None, {name: inputs[i : i + batch_size]})[0]
-        for i in range(0, len(inputs), batch_size)
+        session.run(None, session_feeds(session, feed_slice(inputs, i, i + batch_size)))[0]
+        for i in range(0, feed_count(inputs), batch_size)
     ]
     return np.concatenate(outs)
 
@@ -255,28 +293,37 @@ def agreement(ort_out: np.ndarray, sim_out: np.ndarray, step: float) -> dict[str
 
 def time_sessions(
     sessions: dict[str, Any],
-    sample: np.ndarray,
+    sample: Feeds,
     *,
     warmup: int = 20,
     repeats: int = 200,
     rounds: int = 5,
     threads: int = 1,
+    min_visit_ms: float = 25.0,
 ) -> dict[str, Timing]:
-    """Latency of several sessions on the same input, interleaved in rounds so that load on the
-    machine hits all of them alike."""
-    for sess in sessions.values():
-        feed = {sess.get_inputs()[0].name: sample}
+    """Latency of several sessions on the same input, interleaved in rounds (the order turning
+    from round to round) so that load on the machine hits all of them alike; every round's
+    median is kept (``slower_in_every_round`` compares two sessions round by round). A visit
+    (one session's share of a round) is ``repeats / rounds`` runs and at least
+    ``min_visit_ms``: 40 runs of a 20 µs graph would otherwise fit the whole measurement in a
+    few milliseconds, inside a single burst of another process's load."""
+    feeds = {key: session_feeds(sess, sample) for key, sess in sessions.items()}
+    for key, sess in sessions.items():
         for _ in range(warmup):
-            sess.run(None, feed)
+            sess.run(None, feeds[key])
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    by_round: dict[str, list[float]] = {k: [] for k in sessions}
     per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            feed = {sess.get_inputs()[0].name: sample}
-            for _ in range(per_round):
+    keys = list(sessions)
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            sess, feed, these = sessions[key], feeds[key], []
+            while len(these) < per_round or sum(these) < min_visit_ms:
                 start = time.perf_counter()
                 sess.run(None, feed)
-                times[key].append((time.perf_counter() - start) * 1e3)
+                these.append((time.perf_counter() - start) * 1e3)
+            times[key] += these
+            by_round[key].append(statistics.median(these))
     out = {}
     for key, ts in times.items():
         q = np.quantile(ts, [0.1, 0.9])
@@ -287,95 +334,79 @@ def time_sessions(
             len(ts),
             warmup,
             threads,
-            int(sample.shape[0]),
+            feed_count(sample),
+            tuple(by_round[key]),
         )
     return out
+
+
+def slower_in_every_round(a: Timing, b: Timing) -> bool:
+    """Whether ``a`` was slower than ``b`` in every round they were timed in together (each
+    round sees both at the same moments of the machine's speed); False without rounds."""
+    pairs = list(zip(a.round_medians_ms, b.round_medians_ms))
+    return bool(pairs) and all(x > y for x, y in pairs)
 
 
 def validate_export(
     model_path: Path,
     fp32_path: Path,
     *,
-    eval_inputs: np.ndarray,
+    eval_inputs: Feeds,
     eval_targets: Any,
     metric: Any,
     sim_outputs: np.ndarray,
     output_step: float,
     promised_accuracy: float | None,
-    expected_int_kernels: bool,
+    expected_int_kernels: int | bool,
+    weight_dq_allowed: bool = False,
     tolerances: Tolerances = Tolerances(),
-    sample: np.ndarray | None = None,
+    sample: Feeds | None = None,
     threads: int = 1,
     latency_repeats: int = 200,
     work_dir: Path | None = None,
+    batch_size: int = 512,
 ) -> Validation:
     """Run every check on the graph at ``model_path``; ``fp32_path`` is the float graph of the
-    same model (latency baseline). ``sim_outputs`` are the torch simulation's outputs on
-    ``eval_inputs``."""
-    import torch
+    same model (latency baseline).
 
+    Args:
+        eval_inputs: one array or named arrays (ORT feeds, see
+            ``autoquant.tasks.inputs.to_feeds``); ``sim_outputs`` are the torch simulation's
+            outputs on them.
+        expected_int_kernels: how many layers must run an integer kernel (int8 weights and
+            activations); ``True`` means at least one.
+        weight_dq_allowed: whether the optimized graph may dequantize weights on every call
+            (``weight_only="dq"`` asked for it); otherwise a weight ``DequantizeLinear`` left
+            after ORT's optimizations fails the ``weight_dequantize`` check.
+        sample: the latency input (default: the first eval sample).
+        batch_size: samples per ORT run on the eval data; 1 for graphs with dynamic
+            activations, whose ranges ORT takes over the whole tensor it gets and the
+            simulation per sample.
+    """
     v = Validation()
     v.checks.extend(check_structure(model_path))
     sessions = {}
     work_dir = work_dir or model_path.parent
     for level in LEVELS:
         opt_path = work_dir / f".optimized_{level}.onnx" if level == "enable_all" else None
-        try:
-            sessions[level] = open_session(
-                model_path, level, threads=threads, optimized_path=opt_path
-            )
-            v.checks.append(
-                Check(f"ort_session_{level}", True, None, None, "", f"ORT session loads at {level}")
-            )
-        except Exception as exc:  # noqa: BLE001
-            v.checks.append(
-                Check(
-                    f"ort_session_{level}",
-                    False,
-                    None,
-                    None,
-                    "",
-                    f"ORT session at {level} failed: {_one_line(exc)}",
-                )
-            )
+        session = _open_checked(v, model_path, level, threads, opt_path)
+        if session is None:
             continue
+        sessions[level] = session
         if opt_path is not None and opt_path.exists():
-            import onnx
-
-            ops = sorted({n.op_type for n in onnx.load(str(opt_path)).graph.node})
-            opt_path.unlink()
-            v.optimized_ops = ops
-            v.kernels = [op for op in ops if op in QUANTIZED_KERNELS]
-        try:
-            out = run_batched(sessions[level], eval_inputs)
-        except Exception as exc:  # noqa: BLE001
-            v.checks.append(
-                Check(
-                    f"ort_run_{level}",
-                    False,
-                    None,
-                    None,
-                    "",
-                    f"ORT run at {level} failed: {_one_line(exc)}",
-                )
-            )
-            continue
-        ag = agreement(out, sim_outputs, output_step)
-        v.agreement[level] = ag
-        ok = bool(np.isfinite(out).all()) and ag["max_steps"] <= tolerances.output_steps
-        v.checks.append(
-            Check(
-                f"agreement_{level}",
-                ok,
-                ag["max_steps"],
-                tolerances.output_steps,
-                "output steps",
-                f"ORT ({level}) vs torch simulation: max |diff| {ag['max_abs']:.4g} = {ag['max_steps']:.2f} "
-                f"output steps (limit {tolerances.output_steps:g}; step {output_step:.4g})",
-            )
+            _read_optimized(v, opt_path)
+        _check_outputs(
+            v,
+            session,
+            level,
+            eval_inputs,
+            eval_targets,
+            metric,
+            sim_outputs,
+            output_step,
+            tolerances,
+            batch_size=batch_size,
         )
-        acc = float(metric(torch.from_numpy(out), eval_targets))
-        v.accuracy[level] = acc
     if "enable_all" in v.accuracy and promised_accuracy is not None:
         acc = v.accuracy["enable_all"]
         delta = acc - promised_accuracy
@@ -390,48 +421,18 @@ def validate_export(
                 f"{100 * delta:+.2f} points (limit ±{100 * tolerances.accuracy:g})",
             )
         )
-    if expected_int_kernels and "enable_all" in sessions:
-        ok = any(k in INTEGER_KERNELS for k in v.kernels)
-        v.checks.append(
-            Check(
-                "integer_kernels",
-                ok,
-                None,
-                None,
-                "",
-                f"optimized graph runs {', '.join(v.kernels) or 'no integer kernel'}"
-                + ("" if ok else " although the config has int8 weight+activation layers"),
-            )
-        )
-    size = os.path.getsize(model_path)
-    import onnx
-
-    from autoquant.export.graph import weight_bytes
-
-    loaded = onnx.load(str(model_path))
-    stored = weight_bytes(loaded)
-    # graph structure: a fixed allowance plus some per node and per initializer (names, attrs)
-    overhead = tolerances.file_overhead_bytes + 256 * (
-        len(loaded.graph.node) + len(loaded.graph.initializer)
-    )
-    limit = stored + overhead
-    v.checks.append(
-        Check(
-            "file_size",
-            size <= limit,
-            float(size),
-            float(limit),
-            "bytes",
-            f"file {size} bytes vs {stored} bytes of initializers as stored "
-            f"(limit {limit}: weights must be stored packed)",
-        )
-    )
+    if "enable_all" in sessions:
+        v.checks.extend(_kernel_checks(v, int(expected_int_kernels), weight_dq_allowed))
+    v.checks.append(_file_size_check(model_path, tolerances))
     if "enable_all" in sessions and latency_repeats > 0:
         if sample is None:
-            sample = eval_inputs[:1]
+            sample = feed_slice(eval_inputs, 0, 1)
+        # Fresh sessions for both: one that has run the eval data in batches of 512 keeps its
+        # large arena blocks and ran batch 1 ~19% slower (a tiny transformer, measured).
+        export = open_session(model_path, "enable_all", threads=threads)
         fp32 = open_session(fp32_path, "enable_all", threads=threads)
         timing = time_sessions(
-            {"export": sessions["enable_all"], "fp32": fp32},
+            {"export": export, "fp32": fp32},
             sample,
             repeats=latency_repeats,
             threads=threads,
@@ -440,6 +441,163 @@ def validate_export(
             "export": timing["export"].to_dict(),
             "fp32": timing["fp32"].to_dict(),
             "speedup_vs_fp32": timing["fp32"].median_ms / timing["export"].median_ms,
+            "slower_than_fp32": slower_in_every_round(timing["export"], timing["fp32"]),
             "level": "enable_all",
         }
     return v
+
+
+def _open_checked(v: Validation, model_path: Path, level: str, threads: int, opt_path):
+    """The session at ``level`` (None when it does not load), its check recorded in ``v``."""
+    try:
+        session = open_session(model_path, level, threads=threads, optimized_path=opt_path)
+    except Exception as exc:  # noqa: BLE001
+        v.checks.append(
+            Check(
+                f"ort_session_{level}",
+                False,
+                None,
+                None,
+                "",
+                f"ORT session at {level} failed: {_one_line(exc)}",
+            )
+        )
+        return None
+    v.checks.append(
+        Check(f"ort_session_{level}", True, None, None, "", f"ORT session loads at {level}")
+    )
+    return session
+
+
+def _read_optimized(v: Validation, opt_path: Path) -> None:
+    """The op types of the graph ORT runs (saved at ``opt_path``, then deleted), its quantized
+    kernels, and the weights it still dequantizes on every call."""
+    import onnx
+
+    graph = onnx.load(str(opt_path)).graph
+    opt_path.unlink()
+    inits = {i.name: i for i in graph.initializer}
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    v.optimized_ops = sorted(counts)
+    v.optimized_op_counts = dict(sorted(counts.items()))
+    v.kernels = [op for op in v.optimized_ops if op in QUANTIZED_KERNELS]
+    v.weight_dequantize = [
+        n.name or n.output[0]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and math.prod(inits[n.input[0]].dims) > 1
+        and inits[n.input[0]].data_type != onnx.TensorProto.INT32  # int32 bias of a kernel
+    ]
+
+
+def _check_outputs(
+    v,
+    session,
+    level,
+    eval_inputs,
+    eval_targets,
+    metric,
+    sim_outputs,
+    output_step,
+    tolerances,
+    *,
+    batch_size: int,
+) -> None:
+    """Run the eval data at ``level``: agreement with the simulation, and the metric."""
+    import torch
+
+    try:
+        out = run_batched(session, eval_inputs, batch_size=batch_size)
+    except Exception as exc:  # noqa: BLE001
+        v.checks.append(
+            Check(
+                f"ort_run_{level}",
+                False,
+                None,
+                None,
+                "",
+                f"ORT run at {level} failed: {_one_line(exc)}",
+            )
+        )
+        return
+    ag = agreement(out, sim_outputs, output_step)
+    v.agreement[level] = ag
+    ok = bool(np.isfinite(out).all()) and ag["max_steps"] <= tolerances.output_steps
+    v.checks.append(
+        Check(
+            f"agreement_{level}",
+            ok,
+            ag["max_steps"],
+            tolerances.output_steps,
+            "output steps",
+            f"ORT ({level}) vs torch simulation: max |diff| {ag['max_abs']:.4g} = "
+            f"{ag['max_steps']:.2f} output steps (limit {tolerances.output_steps:g}; "
+            f"step {output_step:.4g})",
+        )
+    )
+    v.accuracy[level] = float(metric(torch.from_numpy(out), eval_targets))
+
+
+def _kernel_checks(v: Validation, expected: int, weight_dq_allowed: bool) -> list[Check]:
+    """Every int8 weight+activation layer runs an integer kernel; no weight is dequantized on
+    every call unless asked for."""
+    checks = []
+    if expected:
+        found = sum(v.optimized_op_counts.get(k, 0) for k in INTEGER_KERNELS)
+        ok = found >= expected
+        ran = ", ".join(
+            f"{v.optimized_op_counts[k]} {k}" for k in v.kernels if k in INTEGER_KERNELS
+        )
+        checks.append(
+            Check(
+                "integer_kernels",
+                ok,
+                float(found),
+                float(expected),
+                "kernels",
+                f"optimized graph runs {ran or 'no integer kernel'} for {expected} int8 "
+                "weight+activation layer(s)" + ("" if ok else ": ORT did not fuse them all"),
+            )
+        )
+    n = len(v.weight_dequantize)
+    ok = weight_dq_allowed or n == 0
+    checks.append(
+        Check(
+            "weight_dequantize",
+            ok,
+            float(n),
+            None if weight_dq_allowed else 0.0,
+            "nodes",
+            f"optimized graph dequantizes {n} weight(s) on every call"
+            + (f" ({', '.join(v.weight_dequantize[:4])})" if n else "")
+            + ("" if ok else ": --weight-only fold dequantizes them once at load"),
+        )
+    )
+    return checks
+
+
+def _file_size_check(model_path: Path, tolerances: Tolerances) -> Check:
+    import onnx
+
+    from autoquant.export.graph import weight_bytes
+
+    size = os.path.getsize(model_path)
+    loaded = onnx.load(str(model_path))
+    stored = weight_bytes(loaded)
+    # graph structure: a fixed allowance plus some per node and per initializer (names, attrs)
+    overhead = tolerances.file_overhead_bytes + 256 * (
+        len(loaded.graph.node) + len(loaded.graph.initializer)
+    )
+    limit = stored + overhead
+    return Check(
+        "file_size",
+        size <= limit,
+        float(size),
+        float(limit),
+        "bytes",
+        f"file {size} bytes vs {stored} bytes of initializers as stored "
+        f"(limit {limit}: weights must be stored packed)",
+    )
