@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
@@ -66,17 +68,75 @@ class LayerMatch(_Strict):
         return value
 
 
+LABEL_EXAMPLES = (
+    "labels such as f32-a32, f16-a32, w8cs-a32, w8cs-a8, w8cs-a8d, w8ts-a8, w4g32s-a32, w4ca-a8 "
+    "(w<bits 2|3|4|8><t per tensor|c per channel|g<group size>><s|a>-a<8|8d|16|32>, or "
+    "f<16|32>-a<16|32>; a8d: dynamic int8 activations)"
+)
+
+
+def _choice_label(value: str) -> str:
+    from autoquant.space.values import LABEL_PATTERN
+
+    match = LABEL_PATTERN.match(value)
+    if match is None or (match["dynamic"] and match["abits"] != "8"):
+        raise ValueError(f"not a choice label; allowed: {LABEL_EXAMPLES}")
+    gran = match["gran"] or ""
+    if gran.startswith("g") and int(gran[1:]) < 2:
+        raise ValueError(f"group size {gran[1:]} is below 2; allowed: {LABEL_EXAMPLES}")
+    return value
+
+
+ChoiceLabel = Annotated[str, AfterValidator(_choice_label)]
+
+
+def _needs_int8_acts(dynamic: bool, act_bits: Any) -> None:
+    if dynamic and act_bits is not None and 8 not in act_bits:
+        shown = act_bits[0] if len(act_bits) == 1 else list(act_bits)
+        raise ValueError(
+            f"dynamic activations are int8 ones, but act_bits is {shown}; allowed: "
+            "act_bits with 8, or dynamic_activations false"
+        )
+
+
 class PinnedChoice(_Strict):
     weight_bits: WeightBits
     act_bits: ActBits = 32
     granularity: GranularityName = "per_channel"
     group_size: int | None = Field(default=None, ge=2)
     symmetric: bool = True
+    dynamic_activations: bool = False
+
+    @field_validator("dynamic_activations")
+    @classmethod
+    def _dynamic_needs_int8(cls, value: bool, info: ValidationInfo) -> bool:
+        _needs_int8_acts(value, [info.data["act_bits"]] if "act_bits" in info.data else None)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_static(self, handler: Any) -> dict[str, Any]:
+        # pins written before dynamic activations existed resolve (and resume) unchanged
+        data = handler(self)
+        if data.get("dynamic_activations") is False:
+            del data["dynamic_activations"]
+        return data
+
+
+_PRODUCT_KEYS = (
+    "weight_bits",
+    "act_bits",
+    "granularity",
+    "group_sizes",
+    "symmetric",
+    "dynamic_activations",
+    "pin",
+)
 
 
 class SpaceRule(_Strict):
-    """Sets the allowed values for the layers it matches. Later rules override the fields they
-    set; ``pin`` fixes one choice."""
+    """Sets the allowed values for the layers it matches: the product of its fields, or the
+    explicit ``choices`` (labels). Later rules override what they set; ``pin`` fixes one
+    choice."""
 
     match: LayerMatch = LayerMatch()
     weight_bits: list[WeightBits] | None = Field(default=None, min_length=1)
@@ -84,7 +144,47 @@ class SpaceRule(_Strict):
     granularity: list[GranularityName] | None = Field(default=None, min_length=1)
     group_sizes: list[Annotated[int, Field(ge=2)]] | None = Field(default=None, min_length=1)
     symmetric: list[bool] | None = Field(default=None, min_length=1)
+    dynamic_activations: list[bool] | None = Field(
+        default=None,
+        min_length=1,
+        description="int8 activations calibrated (false) or quantized at run time (true)",
+    )
     pin: PinnedChoice | None = None
+    choices: list[ChoiceLabel] | None = Field(
+        default=None,
+        min_length=1,
+        description="choice labels (w8cs-a8d, w4g32s-a32, f32-a32...): instead of the product",
+    )
+
+    @field_validator("dynamic_activations")
+    @classmethod
+    def _dynamic_needs_int8(cls, value: list[bool] | None, info: ValidationInfo):
+        if value is not None:
+            _needs_int8_acts(True in value, info.data.get("act_bits"))
+        return value
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_alone(cls, value: list[str] | None, info: ValidationInfo):
+        if value is not None:
+            also = [key for key in _PRODUCT_KEYS if info.data.get(key) is not None]
+            if also:
+                raise ValueError(
+                    f"choices lists the layer's choices outright, but this rule also sets "
+                    f"{', '.join(also)}; allowed: choices alone, or the product keys "
+                    f"({', '.join(_PRODUCT_KEYS)}) without choices"
+                )
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_new_keys(self, handler: Any) -> dict[str, Any]:
+        # a resolved space leaves out the keys added later when unset, so the spec.yaml of a
+        # run directory written before them still matches its resolved space (and resumes)
+        data = handler(self)
+        for key in ("dynamic_activations", "choices"):
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
 
 class SearchSpaceSpec(_Strict):

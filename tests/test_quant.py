@@ -158,3 +158,130 @@ def test_apply_weights_equal_fake_quantized_weights(cnn_task, cnn_layers):
         qmodel = apply(cnn_task.model, QuantConfig.uniform(cnn_layers, choice))
         expected = fake_quantize_weight(cnn_task.model.fc1.weight, choice)
         assert torch.equal(qmodel.fc1.weight, expected)
+
+
+# --- dynamic int8 activations (-a8d) --------------------------------------------------------------
+
+
+def test_dynamic_params_are_per_sample():
+    from autoquant.quant.fake import dynamic_activation_params, fake_quantize_dynamic
+
+    x = torch.stack([torch.linspace(-1.0, 3.0, 40), torch.linspace(0.5, 100.0, 40)]).reshape(
+        2, 4, 10
+    )
+    scale, zero = dynamic_activation_params(x)
+    assert scale.shape == (2, 1, 1) and zero.shape == (2, 1, 1)
+    # sample 0 spans [-1, 3]; sample 1 spans [0, 100] (zero is always inside the range)
+    assert scale[0].item() == torch.tensor(4.0 / 255.0).item()
+    assert scale[1].item() == torch.tensor(100.0 / 255.0).item()
+    assert zero[0].item() == round(1.0 / (4.0 / 255.0)) and zero[1].item() == 0
+    y = fake_quantize_dynamic(x)
+    assert torch.all((y - x).abs() <= scale / 2 + 1e-6)
+    # each sample is quantized alone: the same as running it as a batch of one
+    assert torch.equal(y[1:], fake_quantize_dynamic(x[1:]))
+    assert torch.equal(y[:1], fake_quantize_dynamic(x[:1]))
+
+
+def test_dynamic_params_match_ort_rules():
+    from autoquant.quant.fake import dynamic_activation_params, fake_quantize_dynamic
+
+    negative = -torch.rand(1, 8) - 0.5
+    scale, zero = dynamic_activation_params(negative)
+    assert zero.item() == 255  # max clamped up to 0
+    assert scale.item() == ((torch.zeros(()) - negative.min()) / 255.0).item()  # float32
+    zeros = torch.zeros(1, 5)
+    scale, zero = dynamic_activation_params(zeros)
+    assert scale.item() == 1.0 and zero.item() == 0
+    assert torch.equal(fake_quantize_dynamic(zeros), zeros)
+    # round half to even: 0.5 and 1.5 steps land on 0 and 2
+    x = torch.tensor([[0.0, 0.5, 1.5, 255.0]])
+    assert fake_quantize_dynamic(x).tolist() == [[0.0, 0.0, 2.0, 255.0]]
+
+
+def test_apply_dynamic_quantizes_only_the_input_and_keeps_a_float_bias(cnn_task, cnn_layers):
+    from autoquant.quant.fake import fake_quantize_dynamic
+
+    dynamic = QuantChoice(8, 8, "per_channel", None, True, act_dynamic=True)
+    fc = [layer for layer in cnn_layers if layer.kind == "linear"]
+    config = QuantConfig(
+        tuple(
+            (layer.name, dynamic if layer.kind == "linear" else QuantChoice())
+            for layer in cnn_layers
+        )
+    )
+    qmodel = apply(cnn_task.model, config)  # no calibration needed
+    first = fc[0].name
+    module = dict(qmodel.named_modules())[first]
+    original = dict(cnn_task.model.named_modules())[first]
+    assert torch.equal(module.bias, original.bias)  # float32 bias, not rounded to int32
+    assert torch.equal(module.weight, fake_quantize_weight(original.weight, dynamic))
+    x = torch.randn(3, original.in_features) * torch.tensor([[0.1], [1.0], [10.0]])
+    with torch.no_grad():
+        got = module(x)
+        expected = torch.nn.functional.linear(fake_quantize_dynamic(x), module.weight, module.bias)
+    assert torch.equal(got, expected)  # the output is not quantized
+    # static int8 still needs calibration; dynamic does not
+    with pytest.raises(ValueError, match="no calibration"):
+        apply(cnn_task.model, QuantConfig.uniform(cnn_layers, QuantChoice(8, 8, "per_channel")))
+
+
+def test_apply_dynamic_results_do_not_depend_on_the_batch(cnn_task, cnn_layers):
+    dynamic = QuantChoice(8, 8, "per_channel", None, True, act_dynamic=True)
+    config = QuantConfig(
+        tuple(
+            (layer.name, dynamic if layer.kind == "linear" else QuantChoice())
+            for layer in cnn_layers
+        )
+    )
+    qmodel = apply(cnn_task.model, config)
+    x = cnn_task.eval_inputs[:16]
+    with torch.no_grad():
+        whole = qmodel(x)
+        alone = torch.cat([qmodel(x[i : i + 1]) for i in range(len(x))])
+        ref = cnn_task.model(x)
+    assert torch.allclose(whole, alone, atol=1e-5, rtol=0)
+    assert (whole.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def test_static_forms_unchanged_by_dynamic_support(cnn_task, cnn_layers):
+    from autoquant.quant.fake import quantize_bias, runs_integer_kernel
+
+    assert runs_integer_kernel(QuantChoice(8, 8, "per_channel"))
+    assert not runs_integer_kernel(QuantChoice(8, 8, "per_channel", act_dynamic=True))
+    calib = calibrate(cnn_task.model, cnn_task.calibration_inputs)
+    config = QuantConfig.uniform(cnn_layers, QuantChoice(8, 8, "per_channel"))
+    qmodel = apply(cnn_task.model, config, calib)
+    fc1 = cnn_task.model.fc1
+    params = quantize_weight(fc1.weight, QuantChoice(8, 8, "per_channel"))
+    q, scale = quantize_bias(fc1.bias, calib.input_params("fc1").scale, params.scale)
+    assert torch.equal(qmodel.fc1.bias, (q * scale).to(fc1.bias.dtype))
+
+
+def test_dynamic_params_are_bit_exact_with_ort_dynamic_quantize_linear():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from autoquant.quant.fake import dynamic_activation_params
+
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
+        "dql",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+        [
+            helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 6, 32]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("z", TensorProto.UINT8, []),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        x = torch.randn(1, 6, 32, generator=gen) * 10.0 ** (i % 7 - 3)
+        x = x.abs() + 0.1 if i % 5 == 1 else (-x.abs() if i % 5 == 2 else x)
+        q, s, z = session.run(None, {"x": x.numpy()})
+        scale, zero = dynamic_activation_params(x)
+        codes = torch.clamp(torch.round(x / scale) + zero, 0, 255).to(torch.uint8).numpy()
+        assert np.float32(scale.item()) == s and int(zero.item()) == int(z)
+        assert np.array_equal(codes, q)

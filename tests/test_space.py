@@ -167,10 +167,168 @@ def test_config_hash_is_stable_and_order_free():
 
 
 def test_labels_round_trip_through_from_label():
-    choices = [QuantChoice(), QuantChoice(16, 32), QuantChoice(16, 16), QuantChoice(8, 8, "per_channel"),
-               QuantChoice(4, 8, "per_group", 32, False), QuantChoice(2, 32, "per_tensor"),
-               QuantChoice(3, 16, "per_channel", None, False)]
+    choices = [
+        QuantChoice(),
+        QuantChoice(16, 32),
+        QuantChoice(16, 16),
+        QuantChoice(8, 8, "per_channel"),
+        QuantChoice(4, 8, "per_group", 32, False),
+        QuantChoice(2, 32, "per_tensor"),
+        QuantChoice(3, 16, "per_channel", None, False),
+    ]
     for choice in choices:
         assert QuantChoice.from_label(choice.label) == choice
     with pytest.raises(ValueError, match="not a choice label"):
         QuantChoice.from_label("w5cs-a8")
+
+
+# --- dynamic int8 activations (-a8d) and explicit ``choices`` rules -------------------------------
+
+A8D = QuantChoice(8, 8, "per_channel", None, True, act_dynamic=True)
+
+
+def test_dynamic_label_round_trips_and_orders():
+    assert A8D.label == "w8cs-a8d"
+    for label in ["w8cs-a8d", "w8ts-a8d", "w4g32a-a8d", "f32-a8d"]:
+        assert QuantChoice.from_label(label).label == label
+    assert QuantChoice.from_label("w8cs-a8d") == A8D
+    assert QuantChoice.from_label("w8cs-a8") == QuantChoice(8, 8, "per_channel")
+    for bad in ["w8cs-a16d", "w8cs-a32d", "w8cs-ad", "w8cs-a8dd"]:
+        with pytest.raises(ValueError, match="not a choice label"):
+            QuantChoice.from_label(bad)
+    with pytest.raises(ValueError, match="act_dynamic needs act_bits 8"):
+        QuantChoice(8, 32, "per_channel", act_dynamic=True)
+    assert sorted([A8D, QuantChoice(8, 8, "per_channel"), QuantChoice()]) == [
+        QuantChoice(8, 8, "per_channel"),
+        A8D,
+        QuantChoice(),
+    ]
+
+
+def test_dynamic_choice_dict_and_old_hashes_unchanged():
+    # hashes written by autoquant before dynamic activations existed
+    a = QuantConfig.from_mapping({"fc": QuantChoice(4, 8, "per_channel"), "out": QuantChoice()})
+    b = QuantConfig.from_mapping(
+        {
+            "a": QuantChoice(8, 8, "per_channel"),
+            "b": QuantChoice(4, 32, "per_group", 32, False),
+            "c": QuantChoice(16, 16),
+            "d": QuantChoice(8, 32, "per_tensor"),
+        }
+    )
+    assert (a.hash, b.hash) == ("0ec365140e46b362", "8eaa96073743f7aa")
+    assert "act_dynamic" not in QuantChoice(8, 8, "per_channel").to_dict()
+    assert A8D.to_dict()["act_dynamic"] is True
+    assert QuantChoice.from_dict(A8D.to_dict()) == A8D
+    assert QuantChoice.from_dict(QuantChoice(8, 8).to_dict()) == QuantChoice(8, 8)
+    dyn = QuantConfig.from_mapping({"fc": A8D, "out": QuantChoice()})
+    static = QuantConfig.from_mapping(
+        {"fc": QuantChoice(8, 8, "per_channel"), "out": QuantChoice()}
+    )
+    assert dyn.hash != static.hash and QuantConfig.from_json(dyn.to_json()) == dyn
+
+
+def test_dynamic_validity_reasons():
+    from autoquant.space import why_invalid
+
+    assert why_invalid(FC, A8D) is None
+    assert why_invalid(FC, QuantChoice(8, 8, "per_tensor", act_dynamic=True)) is None
+    assert "only on linear layers" in why_invalid(CONV, A8D)
+    assert "ConvInteger" in why_invalid(CONV, A8D)
+    assert "8-bit integer weights" in why_invalid(
+        FC, QuantChoice(4, 8, "per_channel", act_dynamic=True)
+    )
+    grouped = QuantChoice(8, 8, "per_group", 32, True, act_dynamic=True)
+    assert "per_tensor or per_channel" in why_invalid(FC, grouped)
+    asym = QuantChoice(8, 8, "per_channel", None, False, act_dynamic=True)
+    assert "symmetric weights" in why_invalid(FC, asym)
+    assert "integer weights" in why_invalid(FC, QuantChoice(32, 8, act_dynamic=True))
+
+
+def test_dynamic_activations_rule_expands_int8_only():
+    s = space(
+        [
+            {
+                "match": {},
+                "weight_bits": [8, 32],
+                "act_bits": [8, 32],
+                "granularity": ["per_channel"],
+                "dynamic_activations": [False, True],
+            }
+        ]
+    )
+    assert [c.label for c in s.layer("fc").choices] == [
+        "f32-a32",
+        "w8cs-a32",
+        "w8cs-a8",
+        "w8cs-a8d",
+    ]
+    assert "w8cs-a8d" not in s.layer("conv").by_label()
+    reasons = {(e.layer, e.choice): e.reason for e in s.exclusions}
+    assert "only on linear layers" in reasons[("conv", "w8cs-a8d")]
+    only = space(
+        [
+            {"match": {}, "weight_bits": [8], "act_bits": [8], "dynamic_activations": [True]},
+            {"match": {"kind": ["conv"]}, "dynamic_activations": [False]},
+        ]
+    )
+    assert [c.label for c in only.layer("out").choices] == ["w8cs-a8d"]
+    assert [c.label for c in only.layer("conv").choices] == ["w8cs-a8"]
+    pinned = space(
+        [
+            {"match": {}, "pin": {"weight_bits": 8, "act_bits": 8, "dynamic_activations": True}},
+            {"match": {"kind": ["conv"]}, "pin": {"weight_bits": 8, "act_bits": 8}},
+        ]
+    )
+    assert [c.label for c in pinned.layer("fc").choices] == ["w8cs-a8d"]
+    assert pinned.layer("fc").pinned
+
+
+def test_dynamic_on_conv_only_is_a_user_error():
+    with pytest.raises(UserError, match="'conv'.*no valid choice.*only on linear layers"):
+        space([{"match": {}, "weight_bits": [8], "act_bits": [8], "dynamic_activations": [True]}])
+
+
+def test_choices_rule_lists_choices_outright():
+    s = space(
+        [
+            {"match": {}, "weight_bits": [4], "act_bits": [8]},
+            {
+                "match": {"kind": ["linear"]},
+                "choices": ["w8cs-a8d", "w4g32s-a32", "f32-a32", "f32-a32"],
+            },
+        ]
+    )
+    assert [c.label for c in s.layer("fc").choices] == ["f32-a32", "w8cs-a8d", "w4g32s-a32"]
+    assert [c.label for c in s.layer("conv").choices] == ["w4cs-a8"]
+    assert s.layer("out").choices == s.layer("fc").choices and not s.exclusions
+    # a later rule that sets fields goes back to the product; a later choices rule unpins
+    later = space(
+        [
+            {"match": {}, "choices": ["w8cs-a8d", "f32-a32"]},
+            {"match": {"position": ["last"]}, "weight_bits": [8]},
+            {"match": {"kind": ["conv"]}, "pin": {"weight_bits": 32}},
+            {"match": {"name": "^conv$"}, "choices": ["w8cs-a8", "w8ts-a8"]},
+        ]
+    )
+    assert [c.label for c in later.layer("out").choices] == ["w8cs-a32"]
+    assert [c.label for c in later.layer("conv").choices] == ["w8cs-a8", "w8ts-a8"]
+    assert not later.layer("conv").pinned
+    ref = later.reference(A8D)
+    assert ref["fc"] == A8D and ref["out"] == QuantChoice(8, 32, "per_channel")
+
+
+def test_choices_rule_exclusions_and_empty_layer():
+    s = space([{"match": {}, "choices": ["w8cs-a8d", "w8cs-a8"]}])
+    assert [c.label for c in s.layer("conv").choices] == ["w8cs-a8"]
+    assert {(e.layer, e.choice) for e in s.exclusions} == {("conv", "w8cs-a8d")}
+    with pytest.raises(UserError, match="'conv'.*no valid choice.*only on linear layers"):
+        space([{"match": {}, "choices": ["w8cs-a8d"]}])
+
+
+def test_dynamic_costs():
+    static = QuantChoice(8, 8, "per_channel")
+    assert layer_weight_bytes(FC, A8D) == layer_weight_bytes(FC, static) - 10
+    assert layer_weight_bytes(FC, A8D) == layer_weight_bytes(FC, QuantChoice(8, 32, "per_channel"))
+    config = QuantConfig.from_mapping({"fc": A8D, "conv": QuantChoice(), "out": static})
+    assert config_cost(LAYERS, config).bops == 65536 * 8 * 8 + 9216 * 32 * 32 + 1280 * 8 * 8

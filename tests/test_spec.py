@@ -125,3 +125,52 @@ def test_shipped_spaces_parse(path):
     from autoquant.spec import load_space
 
     load_space(path)
+
+
+def test_choices_rule_bad_label_names_key_value_and_examples(tmp_path, capsys):
+    space = "version: 1\nrules:\n  - match: {}\n    choices: [w8cs-a8d, w9cs-a8, f32-a32]\n"
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "space.yaml" in line and "rules[0].choices[1]" in line and "'w9cs-a8'" in line
+    assert "not a choice label" in line and "w8cs-a8d" in line and "w4g32s-a32" in line
+
+
+def test_choices_rule_with_product_keys_is_refused(tmp_path, capsys):
+    space = "version: 1\nrules:\n  - match: {}\n    weight_bits: [8]\n    choices: [w8cs-a8d]\n"
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "rules[0].choices" in line and "also sets weight_bits" in line
+    assert "allowed: choices alone" in line
+
+
+def test_dynamic_activations_bad_value_and_without_int8(tmp_path, capsys):
+    space = SMALL_SPACE + "    dynamic_activations: [maybe]\n"
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "rules[0].dynamic_activations[0]" in line and "'maybe'" in line and "boolean" in line
+    space = SMALL_SPACE.replace("[8, 32]", "[32]") + "    dynamic_activations: [true]\n"
+    line = _error_line(tmp_path, capsys, GOOD, space)
+    assert "rules[0].dynamic_activations" in line and "act_bits is 32" in line
+    assert "allowed" in line
+
+
+def test_dynamic_activations_on_the_mlp_space(tmp_path, capsys):
+    from conftest import run_cli, write
+
+    write(tmp_path / "space.yaml", SMALL_SPACE + "    dynamic_activations: [false, true]\n")
+    spec = write(tmp_path / "spec.yaml", GOOD)
+    code, out, err = run_cli(["space", spec, "--exclusions"], capsys)
+    assert code == 0, err
+    assert "hidden.0: f32-a32 w8cs-a32 w8cs-a8 w8cs-a8d w4cs-a32 w4cs-a8\n" in out
+    assert "hidden.0 w4cs-a8d: dynamic int8 activations need 8-bit" in out
+
+
+def test_new_space_keys_left_out_of_resolved_spaces_when_unset():
+    from autoquant.spec import SearchSpaceSpec
+
+    rule = {"match": {}, "weight_bits": [8], "pin": {"weight_bits": 8, "act_bits": 8}}
+    dumped = SearchSpaceSpec.model_validate({"rules": [rule]}).model_dump(mode="json")
+    assert "dynamic_activations" not in dumped["rules"][0]
+    assert "choices" not in dumped["rules"][0]
+    assert "dynamic_activations" not in dumped["rules"][0]["pin"]
+    listed = {"rules": [{"match": {}, "choices": ["w8cs-a8d"]}]}
+    dumped = SearchSpaceSpec.model_validate(listed).model_dump(mode="json")
+    assert dumped["rules"][0]["choices"] == ["w8cs-a8d"]
+    assert SearchSpaceSpec.model_validate(dumped) == SearchSpaceSpec.model_validate(listed)

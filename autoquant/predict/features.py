@@ -4,13 +4,17 @@ A config is encoded as one row of floats. Per layer ``<layer>`` (in the space's 
 
 =============================  ====================================================================
 ``<layer>:w_bits``             weight bits (2/3/4/8 integer, 16 float16, 32 float32)
-``<layer>:a_bits``             activation bits (8 uint8, 16 float16, 32 float32)
+``<layer>:a_bits``             activation bits (8 uint8, static or dynamic; 16 float16; 32 float32)
+``<layer>:a_dynamic``          1 when the uint8 activations are dynamic (ranges per call), else 0
 ``<layer>:granularity``        0 per-tensor, 1 per-channel, 2 per-group (integer weights only)
 ``<layer>:group_size``         the group size, 0 when not per-group
 ``<layer>:symmetric``          1 symmetric integer weights, 0 asymmetric
 ``<layer>:kl``                 KL(fp32 || quantized) of the outputs with only this layer at this
                                choice (``sensitivity.ChoiceSensitivity.kl``)
-``<layer>:hawq``               Hessian-trace per weight x squared weight quantization error
+``<layer>:hawq``               curvature-weighted squared weight quantization error (0 where the
+                               sensitivity pass computed no curvature)
+``<layer>:distortion``         relative squared output error with only this layer at this choice
+                               (``ChoiceSensitivity.distortion``; task-agnostic)
 =============================  ====================================================================
 
 and for the whole config:
@@ -19,12 +23,19 @@ and for the whole config:
 ``sum_kl``, ``max_kl``         sum and maximum of the per-layer ``kl`` (sensitivity-weighted error:
                                the first-order additive estimate of the output change)
 ``sum_disagreement``           sum of per-layer top-1 disagreement with the float32 model
+``sum_distortion``,            sum and maximum of the per-layer ``distortion`` (the same additive
+``max_distortion``             estimate for outputs that are not logits: embeddings, regression)
 ``sum_hawq``                   sum of per-layer ``hawq`` (HAWQ's second-order loss estimate)
 ``mean_weight_bits``           parameter-weighted mean weight bits (exact)
 ``log_size_bytes``             log of the stored model size in bytes (exact)
 ``log_bops``                   log of the bit-operations per sample (exact)
-``n_act8``                     how many layers take uint8 activations
+``n_act8``                     how many layers take static (calibrated) uint8 activations
+``n_act8_dynamic``             how many layers take dynamic uint8 activations
 =============================  ====================================================================
+
+Both the logit-minded (``kl``, ``disagreement``) and the task-agnostic (``distortion``) figures
+are always there: which one tracks the task's metric is left to the predictor. Most per-layer
+figures are interpolated from one or two measured passes per layer (``sensitivity``).
 
 Every per-layer quantity is a lookup by choice, so encoding is vectorized over integer index
 arrays ``idx[n, layer] = position of the choice in that layer's ``LayerSpace.choices``.
@@ -41,20 +52,39 @@ from autoquant.predict.sensitivity import LayerSensitivity
 from autoquant.space import QuantConfig, SearchSpace
 from autoquant.space.cost import layer_weight_bytes
 
-PER_LAYER = ("w_bits", "a_bits", "granularity", "group_size", "symmetric", "kl", "hawq")
+PER_LAYER = (
+    "w_bits",
+    "a_bits",
+    "a_dynamic",
+    "granularity",
+    "group_size",
+    "symmetric",
+    "kl",
+    "hawq",
+    "distortion",
+)
 GLOBAL = (
     "sum_kl",
     "max_kl",
     "sum_disagreement",
+    "sum_distortion",
+    "max_distortion",
     "sum_hawq",
     "mean_weight_bits",
     "log_size_bytes",
     "log_bops",
     "n_act8",
+    "n_act8_dynamic",
 )
 EXACT_FIGURES = ("size_bytes", "mean_weight_bits", "bops")
 _GRANULARITY_CODE = {"per_tensor": 0, "per_channel": 1, "per_group": 2}
-_BIG = 1e3  # stands in for an infinite KL (a choice whose single-layer run was non-finite)
+_BIG = 1e3  # stands in for an infinite figure (a choice whose single-layer run was non-finite)
+
+
+def _finite(value: float | None) -> float:
+    if value is None:
+        return 0.0
+    return value if math.isfinite(value) else _BIG
 
 
 class FeatureEncoder:
@@ -91,17 +121,17 @@ class FeatureEncoder:
                 s = sensitivity.choices[name].get(choice.label)
                 if s is None:
                     raise ValueError(f"sensitivity has no figures for {name!r} at {choice.label}")
-                kl = s.kl if math.isfinite(s.kl) else _BIG
-                hawq = sensitivity.hawq(name, choice.label)
                 rows.append(
                     (
                         choice.weight_bits,
                         choice.act_bits,
+                        1.0 if choice.act_dynamic else 0.0,
                         _GRANULARITY_CODE[choice.granularity] if choice.weight_is_int else 1,
                         choice.group_size or 0,
                         1.0 if choice.symmetric else 0.0,
-                        kl,
-                        hawq if math.isfinite(hawq) else _BIG,
+                        _finite(s.kl),
+                        _finite(s.hawq),
+                        _finite(s.distortion),
                     )
                 )
                 disagree.append(s.disagreement)
@@ -162,6 +192,8 @@ class FeatureEncoder:
         kl = stacked[:, :, PER_LAYER.index("kl")]
         hawq = stacked[:, :, PER_LAYER.index("hawq")]
         a_bits = stacked[:, :, PER_LAYER.index("a_bits")]
+        a_dynamic = stacked[:, :, PER_LAYER.index("a_dynamic")] > 0
+        distortion = stacked[:, :, PER_LAYER.index("distortion")]
         disagree = sum(t[idx[:, j]] for j, t in enumerate(self._disagree))
         exact = self.exact(idx)
         glob = np.stack(
@@ -169,11 +201,14 @@ class FeatureEncoder:
                 kl.sum(axis=1),
                 kl.max(axis=1),
                 np.asarray(disagree, dtype=float),
+                distortion.sum(axis=1),
+                distortion.max(axis=1),
                 hawq.sum(axis=1),
                 exact["mean_weight_bits"],
                 np.log(exact["size_bytes"]),
                 np.log(np.maximum(exact["bops"], 1.0)),
-                (a_bits == 8).sum(axis=1).astype(float),
+                ((a_bits == 8) & ~a_dynamic).sum(axis=1).astype(float),
+                ((a_bits == 8) & a_dynamic).sum(axis=1).astype(float),
             ],
             axis=1,
         )

@@ -10,6 +10,7 @@ import torch
 from autoquant.quant.fake import (
     ActivationParams,
     fake_quantize_activation,
+    fake_quantize_dynamic,
     fake_quantize_weight,
     quantize_bias,
     quantize_weight,
@@ -85,6 +86,10 @@ def _input_hook(act_bits: int, params: ActivationParams | None):
     return hook
 
 
+def _dynamic_input_hook(_module, args):
+    return (fake_quantize_dynamic(args[0]), *args[1:])
+
+
 def _output_hook(act_bits: int, params: ActivationParams | None):
     def hook(_module, _args, output):
         return fake_quantize_activation(output, act_bits, params)
@@ -98,10 +103,12 @@ def apply(
     """A deep copy of ``model`` computing as ``config`` says; ``model`` itself is not touched.
 
     Weights are replaced by their fake-quantized values once; activations are fake-quantized by
-    hooks on the layer's input and output. int8 activations need ``calibration``. A layer that
-    runs as an integer kernel once exported (int8 weights per-tensor/per-channel and int8
-    activations, see ``runs_integer_kernel``) also gets its bias rounded to int32 with scale
-    input scale x weight scale, as the exported graph stores it.
+    hooks on the layer's input and output. Static int8 activations need ``calibration``. A
+    layer that runs as an integer kernel once exported (int8 weights per-tensor/per-channel and
+    static int8 activations, see ``runs_integer_kernel``) also gets its bias rounded to int32
+    with scale input scale x weight scale, as the exported graph stores it. Dynamic int8
+    activations (``act_dynamic``) quantize only the input, each sample from its own range
+    (``fake_quantize_dynamic``); output and bias stay float32.
     """
     qmodel = copy.deepcopy(model)
     modules = quantizable_modules(qmodel)
@@ -109,7 +116,7 @@ def apply(
         if name not in modules:
             raise KeyError(f"config names layer {name!r}, which the model does not have")
         module = modules[name]
-        if choice.act_bits == 8 and calibration is None:
+        if choice.act_static_int8 and calibration is None:
             raise ValueError(f"layer {name!r} has int8 activations but no calibration was given")
         with torch.no_grad():
             if runs_integer_kernel(choice) and module.bias is not None:
@@ -121,8 +128,9 @@ def apply(
             module.weight.copy_(fake_quantize_weight(module.weight, choice))
         if choice.act_bits == 32:
             continue
-        if choice.act_bits == 8 and calibration is None:
-            raise ValueError(f"layer {name!r} has int8 activations but no calibration was given")
+        if choice.act_dynamic:
+            module.register_forward_pre_hook(_dynamic_input_hook)
+            continue
         in_params = calibration.input_params(name) if choice.act_bits == 8 else None
         out_params = calibration.output_params(name) if choice.act_bits == 8 else None
         module.register_forward_pre_hook(_input_hook(choice.act_bits, in_params))

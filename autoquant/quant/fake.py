@@ -4,7 +4,8 @@ The integer grid, scales, zero points and rounding here are the ones the ONNX ex
 so an exported graph computes what the search measured. Integers are signed: a ``b``-bit value
 lies in ``[-2^(b-1), 2^(b-1)-1]``; asymmetric weights add an integer zero point in that range.
 Rounding is round-half-to-even (``torch.round``), as ONNX ``QuantizeLinear`` does.
-Activations use uint8 ``[0, 255]`` with a zero point, per tensor.
+Activations use uint8 ``[0, 255]`` with a zero point, per tensor: calibrated once (static), or
+computed from each sample's own range at run time (dynamic, ``fake_quantize_dynamic``).
 """
 
 from __future__ import annotations
@@ -105,11 +106,14 @@ def fake_quantize_weight(w: torch.Tensor, choice: QuantChoice) -> torch.Tensor:
 
 def runs_integer_kernel(choice: QuantChoice) -> bool:
     """True when the layer's weight and activations are both int8 with per-tensor or per-channel
-    weight scales: the form ONNX Runtime fuses into integer kernels (QLinearConv, QGemm,
-    QLinearMatMul). Such a layer also has its bias stored as int32 (see ``quantize_bias``)."""
+    weight scales and static activation ranges: the form ONNX Runtime fuses into integer kernels
+    (QLinearConv, QGemm, QLinearMatMul). Such a layer also has its bias stored as int32 (see
+    ``quantize_bias``). Dynamic activations (``act_dynamic``) run integer kernels too
+    (DynamicQuantizeMatMul) but keep a float32 bias, added after the int32 result is scaled:
+    False for them."""
     return (
         choice.weight_bits == 8
-        and choice.act_bits == 8
+        and choice.act_static_int8
         and choice.granularity in ("per_tensor", "per_channel")
     )
 
@@ -154,3 +158,28 @@ def fake_quantize_activation(x: torch.Tensor, act_bits: int, params: ActivationP
     scale = torch.tensor(params.scale, dtype=x.dtype)
     q = torch.clamp(torch.round(x / scale) + params.zero_point, 0, 255)
     return (q - params.zero_point) * scale
+
+
+def dynamic_activation_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample uint8 parameters of ``x`` as ONNX Runtime's ``DynamicQuantizeLinear`` computes
+    them for a tensor it is fed: the range spans ``[min(x, 0), max(x, 0)]``, ``scale = (max -
+    min) / 255`` in float32 (1 when the range is empty), ``zero_point = round(-min / scale)``
+    clamped to ``[0, 255]``, rounding half to even. One pair per sample (first axis), each of
+    shape ``[N, 1, ...]``: a deployment runs one sample per call, and the operator takes the
+    range of the whole tensor it gets."""
+    flat = x.detach().float().reshape(x.shape[0], -1)
+    lo = torch.clamp(flat.amin(dim=1), max=0.0)
+    hi = torch.clamp(flat.amax(dim=1), min=0.0)
+    span = hi - lo
+    scale = torch.where(span == 0, torch.ones_like(span), span / 255.0)
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+def fake_quantize_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through dynamic uint8 quantization, one range per sample (``dynamic_activation_
+    params``): ``(clamp(round(x / scale) + zero_point, 0, 255) - zero_point) * scale``."""
+    scale, zero = dynamic_activation_params(x)
+    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255)
+    return ((q - zero) * scale).to(x.dtype)

@@ -3,8 +3,9 @@
 These are computed, not measured: they follow from the config and the layer shapes alone, so
 their source is ``exact``. Storage follows the export format: integer weights packed at their
 bit width, float32 scales, zero points (asymmetric only) packed at the weight's bit width, float32
-biases, and for int8 activations one float32 scale and one uint8 zero point for the layer's input
-and one pair for its output.
+biases, and for static int8 activations one float32 scale and one uint8 zero point for the
+layer's input and one pair for its output (dynamic int8 activations store none: their parameters
+are computed at run time). BOPs count dynamic int8 activations as 8 bits, like static ones.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def layer_weight_bytes(layer: LayerInfo, choice: QuantChoice) -> int:
         weight = math.ceil(layer.weight_numel * choice.weight_bits / 8) + scales * SCALE_BYTES
         if not choice.symmetric:
             weight += math.ceil(scales * choice.weight_bits / 8)
-    act = ACT_QPARAM_BYTES if choice.act_bits == 8 else 0
+    act = ACT_QPARAM_BYTES if choice.act_static_int8 else 0
     return weight + bias + act
 
 

@@ -11,13 +11,23 @@ from typing import Any
 from autoquant.errors import UserError
 from autoquant.space.values import FP32, LayerInfo, QuantChoice, QuantConfig
 
-_FIELDS = ("weight_bits", "act_bits", "granularity", "group_sizes", "symmetric")
+_FIELDS = (
+    "weight_bits",
+    "act_bits",
+    "granularity",
+    "group_sizes",
+    "symmetric",
+    "dynamic_activations",
+)
+# a later rule that sets one of these replaces an earlier pin (the others refine it)
+_UNPINNING = ("weight_bits", "act_bits", "dynamic_activations")
 _UNSET: dict[str, Any] = {
     "weight_bits": [32],
     "act_bits": [32],
     "granularity": ["per_channel"],
     "group_sizes": [],
     "symmetric": [True],
+    "dynamic_activations": [False],
 }
 
 
@@ -87,6 +97,7 @@ def _closest(choices: tuple[QuantChoice, ...], target: QuantChoice) -> QuantChoi
         key=lambda c: (
             abs(c.weight_bits - target.weight_bits),
             abs(c.act_bits - target.act_bits),
+            c.act_dynamic != target.act_dynamic,
             c.granularity != target.granularity,
         ),
     )
@@ -113,6 +124,10 @@ def why_invalid(layer: LayerInfo, choice: QuantChoice) -> str | None:
     """None if ``choice`` can be applied to ``layer`` and exported; otherwise the reason."""
     if choice.act_bits == 8 and not choice.weight_is_int:
         return "int8 activations need integer weights (integer kernels take both)"
+    if choice.act_dynamic:
+        reason = _why_not_dynamic(layer, choice)
+        if reason is not None:
+            return reason
     if choice.weight_bits == 32 and choice.act_bits == 16:
         return "float16 activations with float32 weights have no deployable kernel"
     if choice.granularity == "per_group":
@@ -127,20 +142,57 @@ def why_invalid(layer: LayerInfo, choice: QuantChoice) -> str | None:
     return None
 
 
+def _why_not_dynamic(layer: LayerInfo, choice: QuantChoice) -> str | None:
+    """Dynamic int8 activations run as ONNX Runtime's DynamicQuantizeLinear -> MatMulInteger
+    (fused into DynamicQuantizeMatMul): int8 weights with one scale per tensor or per output
+    column and no weight zero point, on a MatMul."""
+    if layer.kind != "linear":
+        return (
+            "dynamic int8 activations only on linear layers: ONNX Runtime runs a dynamic conv "
+            "as unfused ConvInteger + casts, several times slower than float32"
+        )
+    if choice.weight_bits != 8:
+        return "dynamic int8 activations need 8-bit integer weights (MatMulInteger takes int8)"
+    if choice.granularity not in ("per_tensor", "per_channel"):
+        return "dynamic int8 activations need per_tensor or per_channel weight scales"
+    if not choice.symmetric:
+        return "dynamic int8 activations need symmetric weights (no weight zero point)"
+    return None
+
+
+def _act_options(act_bits: list[int], dynamic: list[bool]) -> list[tuple[int, bool]]:
+    """(act_bits, act_dynamic) pairs: ``dynamic`` only varies int8 activations."""
+    out: list[tuple[int, bool]] = []
+    for ab in act_bits:
+        for dyn in dynamic if ab == 8 else [False]:
+            if (ab, dyn) not in out:
+                out.append((ab, dyn))
+    return out
+
+
 def _expand(values: dict[str, Any]) -> list[QuantChoice]:
     out = []
-    for wb, ab, gran, sym in itertools.product(
-        values["weight_bits"], values["act_bits"], values["granularity"], values["symmetric"]
+    acts = _act_options(values["act_bits"], values["dynamic_activations"])
+    for wb, (ab, dyn), gran, sym in itertools.product(
+        values["weight_bits"], acts, values["granularity"], values["symmetric"]
     ):
         if wb in (16, 32):
-            out.append(QuantChoice(weight_bits=wb, act_bits=ab))
+            out.append(QuantChoice(weight_bits=wb, act_bits=ab, act_dynamic=dyn))
             continue
         if gran == "per_group":
             for gs in values["group_sizes"] or [None]:
-                out.append(QuantChoice(wb, ab, "per_group", gs, sym))
+                out.append(QuantChoice(wb, ab, "per_group", gs, sym, dyn))
         else:
-            out.append(QuantChoice(wb, ab, gran, None, sym))
+            out.append(QuantChoice(wb, ab, gran, None, sym, dyn))
     return out
+
+
+def _pinned(p) -> QuantChoice:
+    if p.weight_bits in (16, 32):
+        return QuantChoice(p.weight_bits, p.act_bits, act_dynamic=p.dynamic_activations)
+    return QuantChoice(
+        p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric, p.dynamic_activations
+    )
 
 
 def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search space") -> SearchSpace:
@@ -153,6 +205,7 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
     for layer in layers:
         values = dict(_UNSET)
         pin = None
+        listed: list[QuantChoice] | None = None  # a rule's explicit ``choices``
         matched = []
         for index, rule in enumerate(spec.rules):
             if not _matches(rule, layer, len(layers)):
@@ -161,18 +214,20 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
             if rule.pin is not None:
                 pin = (index, rule.pin)
                 continue
+            if rule.choices is not None:
+                listed = [QuantChoice.from_label(label) for label in rule.choices]
+                pin = None
+                continue
             for field in _FIELDS:
                 value = getattr(rule, field)
                 if value is not None:
                     values[field] = list(value)
-                    pin = None if field in ("weight_bits", "act_bits") else pin
+                    listed = None
+                    pin = None if field in _UNPINNING else pin
         if pin is not None:
-            index, p = pin
-            candidates = [
-                QuantChoice(p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric)
-            ]
-            if p.weight_bits in (16, 32):
-                candidates = [QuantChoice(weight_bits=p.weight_bits, act_bits=p.act_bits)]
+            candidates = [_pinned(pin[1])]
+        elif listed is not None:
+            candidates = listed
         else:
             candidates = _expand(values)
         valid: list[QuantChoice] = []
@@ -192,7 +247,7 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
                 file=file,
                 key=rule_keys,
             )
-        valid.sort(key=lambda c: (-c.weight_bits, -c.act_bits, c.label))
+        valid.sort(key=lambda c: (-c.weight_bits, -c.act_bits, c.act_dynamic, c.label))
         resolved.append(
             LayerSpace(
                 layer,

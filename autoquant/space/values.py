@@ -23,7 +23,7 @@ GRANULARITIES: tuple[Granularity, ...] = ("per_tensor", "per_channel", "per_grou
 CONFIG_FORMAT_VERSION = 1
 LABEL_PATTERN = re.compile(
     r"^(?:f(?P<fbits>16|32)|w(?P<wbits>[2348])(?P<gran>t|c|g\d+)(?P<sym>[sa]))"
-    r"-a(?P<abits>8|16|32)$"
+    r"-a(?P<abits>8|16|32)(?P<dynamic>d?)$"
 )
 
 
@@ -83,10 +83,15 @@ class QuantChoice:
 
     ``weight_bits`` 2/3/4/8 are integer formats; 16 is float16 and 32 is float32 (not quantized).
     ``act_bits`` 8 is asymmetric per-tensor uint8 with calibrated ranges on the layer's input and
-    output; 16 rounds activations to float16; 32 leaves them alone. Granularity and symmetry only
-    mean something for integer weights; float choices are normalised to per-tensor, symmetric.
-    Per-group blocks run along weight axis 1 (the input/reduction axis) with ``group_size``
-    elements each.
+    output; 16 rounds activations to float16; 32 leaves them alone. ``act_dynamic`` (only with
+    ``act_bits`` 8) makes the int8 activations dynamic instead: the layer's input is quantized
+    at run time from its own min/max (ONNX Runtime's ``DynamicQuantizeLinear``, one range per
+    sample) and the output stays float. Granularity and symmetry only mean something for
+    integer weights; float choices are normalised to per-tensor, symmetric. Per-group blocks run
+    along weight axis 1 (the input/reduction axis) with ``group_size`` elements each.
+
+    ``act_dynamic`` is written to ``to_dict`` only when true, so every choice that existed before
+    it keeps its dict and every config its hash.
     """
 
     weight_bits: int = 32
@@ -94,6 +99,19 @@ class QuantChoice:
     granularity: Granularity = "per_tensor"
     group_size: int | None = None
     symmetric: bool = True
+    act_dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.act_dynamic and self.act_bits != 8:
+            raise ValueError(
+                f"act_dynamic needs act_bits 8, got act_bits {self.act_bits}: dynamic activations "
+                "are uint8"
+            )
+
+    @property
+    def act_static_int8(self) -> bool:
+        """int8 activations with calibrated ranges on the input and output (not dynamic)."""
+        return self.act_bits == 8 and not self.act_dynamic
 
     @property
     def weight_is_int(self) -> bool:
@@ -105,7 +123,8 @@ class QuantChoice:
 
     @property
     def label(self) -> str:
-        """A short, unique, human-readable name: ``w4g32a-a8`` = 4-bit, groups of 32, asymmetric."""
+        """A short, unique, human-readable name: ``w4g32a-a8`` = 4-bit, groups of 32, asymmetric,
+        int8 activations; ``w8cs-a8d`` = 8-bit per-channel symmetric, dynamic int8 activations."""
         if not self.weight_is_int:
             w = f"f{self.weight_bits}"
         else:
@@ -113,31 +132,35 @@ class QuantChoice:
             if gran is None:
                 gran = f"g{self.group_size}"
             w = f"w{self.weight_bits}{gran}{'s' if self.symmetric else 'a'}"
-        return f"{w}-a{self.act_bits}"
+        return f"{w}-a{self.act_bits}{'d' if self.act_dynamic else ''}"
 
     @classmethod
     def from_label(cls, label: str) -> QuantChoice:
-        """The inverse of ``label``: ``w4g32s-a32``, ``w8cs-a8``, ``f16-a32``... ValueError if
-        ``label`` is not one."""
+        """The inverse of ``label``: ``w4g32s-a32``, ``w8cs-a8``, ``w8cs-a8d``, ``f16-a32``...
+        ValueError if ``label`` is not one."""
         match = LABEL_PATTERN.match(label.strip())
-        if match is None:
+        if match is None or (match["dynamic"] and match["abits"] != "8"):
             raise ValueError(f"not a choice label: {label!r}")
         abits = int(match["abits"])
+        dynamic = bool(match["dynamic"])
         if match["fbits"]:
-            return cls(int(match["fbits"]), abits)
+            return cls(int(match["fbits"]), abits, act_dynamic=dynamic)
         gran = match["gran"]
         granularity = {"t": "per_tensor", "c": "per_channel"}.get(gran, "per_group")
         group = int(gran[1:]) if granularity == "per_group" else None
-        return cls(int(match["wbits"]), abits, granularity, group, match["sym"] == "s")
+        return cls(int(match["wbits"]), abits, granularity, group, match["sym"] == "s", dynamic)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "weight_bits": self.weight_bits,
             "act_bits": self.act_bits,
             "granularity": self.granularity,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
         }
+        if self.act_dynamic:  # absent otherwise: the dicts (and hashes) of older choices stand
+            out["act_dynamic"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantChoice:
@@ -147,6 +170,7 @@ class QuantChoice:
             granularity=data["granularity"],
             group_size=None if data.get("group_size") is None else int(data["group_size"]),
             symmetric=bool(data["symmetric"]),
+            act_dynamic=bool(data.get("act_dynamic", False)),
         )
 
 
