@@ -34,8 +34,12 @@ Per layer (``form`` in ``LayerExport``); what ONNX Runtime (ORT_ENABLE_ALL) runs
 
 Activations: int8 = uint8 ``QuantizeLinear``/``DequantizeLinear`` on the layer's input and output
 with the calibrated scale and zero point; 16 = ``Cast`` float16 and back; 32 = nothing. Between
-two int8 layers ORT keeps ``DQ -> Q`` (a requantization the numbers need) and drops a Relu whose
-Q clamps the same. An activation dequantization that reaches input 0 of a float Conv/Gemm is
+two int8 layers ORT keeps ``DQ -> Q`` where the parameters differ (a requantization the numbers
+need) and drops a Relu whose Q clamps the same. A layer read only by a ReLU is quantized on the
+ReLU's range (``Calibration.relu_outputs``, zero point 0), so the next layer reads the same
+parameters: ``_skip_exact_requantization`` then drops that Relu and the ``DQ -> Q`` pair (exact),
+and ORT runs ``QLinearConv -> QLinearConv`` and residual Adds as ``QLinearAdd`` (both inputs
+dequantized, the output quantized by the next layers' shared Q). An activation dequantization that reaches input 0 of a float Conv/Gemm is
 written as ``Cast(q) [- zp] * scale`` instead of ``DequantizeLinear``: same numbers, but ORT's
 ``WeightBiasQuantization`` no longer re-quantizes that float layer's weight and bias.
 
@@ -293,6 +297,7 @@ def export_graph(
         e.node for e, (_, c) in zip(exported, config.choices) if runs_integer_kernel(c)
     }
     _share_quantization(proto.graph)
+    _skip_exact_requantization(proto.graph)
     _protect_float_consumers(proto.graph, integer_nodes)
     _finalize(proto, uses_ms=any(e.form in ("matmulnbits", "int8-dynamic") for e in exported))
     return ExportedGraph(proto, tuple(exported), options)
@@ -934,6 +939,61 @@ def _share_quantization(graph) -> None:
                         other.input[i] = kept
             graph.node.remove(node)
             changed = True
+
+
+def _skip_exact_requantization(graph) -> None:
+    """Drop ops that cannot change a number, so ONNX Runtime sees integer tensors flow from one
+    integer kernel to the next (fusing ``QLinearConv -> QLinearConv`` and ``QLinearAdd``
+    without float ops or requantizations between them):
+
+    - a ``Relu`` reading a uint8 ``DequantizeLinear`` with zero point 0 (every value is >= 0;
+      the layer's output was quantized on its ReLU's range, ``Calibration.relu_outputs``);
+    - a per-tensor ``QuantizeLinear`` reading a ``DequantizeLinear`` with the same scale and
+      zero point (``Q(DQ(q)) == q``): its readers read ``q``.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def per_tensor_params(node):
+        if len(node.input) < 3 or any(n not in inits for n in node.input[1:3]):
+            return None
+        scale, zero = inits[node.input[1]], inits[node.input[2]]
+        if scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
+            return None
+        return np.float32(scale.reshape(())), int(zero.reshape(()))
+
+    def rewire(old: str, new: str) -> None:
+        for other in graph.node:
+            for i, name in enumerate(other.input):
+                if name == old:
+                    other.input[i] = new
+
+    changed = True
+    while changed:
+        changed = False
+        producer = {o: n for n in graph.node for o in n.output}
+        for node in list(graph.node):
+            src = producer.get(node.input[0]) if node.input else None
+            if src is None or src.op_type != "DequantizeLinear" or node.output[0] in outputs:
+                continue
+            params = per_tensor_params(src)
+            if params is None:
+                continue
+            if node.op_type == "Relu" and params[1] == 0:
+                rewire(node.output[0], src.output[0])
+            elif node.op_type == "QuantizeLinear" and per_tensor_params(node) == params:
+                rewire(node.output[0], src.input[0])
+            else:
+                continue
+            graph.node.remove(node)
+            changed = True
+        read = {name for n in graph.node for name in n.input} | outputs
+        for node in list(graph.node):
+            if node.op_type == "DequantizeLinear" and node.output[0] not in read:
+                graph.node.remove(node)
+                changed = True
 
 
 def _clone_node(node, inputs: list[str], outputs: list[str]):

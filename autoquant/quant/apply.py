@@ -28,18 +28,64 @@ class Calibration:
 
     input_ranges: dict[str, tuple[float, float]]
     output_ranges: dict[str, tuple[float, float]]
+    # Layers whose output is read only by a ReLU (``relu_fed_layers``): their int8 output is
+    # quantized on the ReLU's range ``[0, hi]`` (zero point 0), as ONNX Runtime's static
+    # quantization does; the ReLU is then exact on the grid and the exported graph needs no
+    # requantization between the layer and the next one.
+    relu_outputs: frozenset[str] = frozenset()
 
     def input_params(self, layer: str) -> ActivationParams:
         return ActivationParams.from_range(*self.input_ranges[layer])
 
     def output_params(self, layer: str) -> ActivationParams:
-        return ActivationParams.from_range(*self.output_ranges[layer])
+        lo, hi = self.output_ranges[layer]
+        if layer in self.relu_outputs:
+            lo = 0.0
+        return ActivationParams.from_range(lo, hi)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "input_ranges": {k: list(v) for k, v in self.input_ranges.items()},
             "output_ranges": {k: list(v) for k, v in self.output_ranges.items()},
         }
+        if self.relu_outputs:
+            out["relu_outputs"] = sorted(self.relu_outputs)
+        return out
+
+
+def relu_fed_layers(model: torch.nn.Module, names) -> frozenset[str]:
+    """Quantizable layers (``names``) whose output is read by one ReLU and nothing else
+    (through ``nn.Identity``, e.g. a folded BatchNorm), found by tracing ``model`` with
+    ``torch.fx``; none when the model does not trace."""
+    import torch.fx
+
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any untraceable model: no fused ReLUs
+        return frozenset()
+    mods = dict(traced.named_modules())
+
+    def is_identity(node) -> bool:
+        return node.op == "call_module" and isinstance(mods.get(node.target), torch.nn.Identity)
+
+    def is_relu(node) -> bool:
+        if node.op == "call_module":
+            return isinstance(mods.get(node.target), torch.nn.ReLU)
+        if node.op == "call_function":
+            return node.target in (torch.relu, torch.nn.functional.relu)
+        return node.op == "call_method" and node.target == "relu"
+
+    wanted = set(names)
+    fused = set()
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or node.target not in wanted:
+            continue
+        cur = node
+        while len(cur.users) == 1 and is_identity(next(iter(cur.users))):
+            cur = next(iter(cur.users))
+        if len(cur.users) == 1 and is_relu(next(iter(cur.users))):
+            fused.add(node.target)
+    return frozenset(fused)
 
 
 def calibrate(model: torch.nn.Module, inputs: Inputs, *, batch_size: int = 256) -> Calibration:
@@ -76,6 +122,7 @@ def calibrate(model: torch.nn.Module, inputs: Inputs, *, batch_size: int = 256) 
     return Calibration(
         input_ranges={n: (lo_in[n], hi_in[n]) for n in lo_in},
         output_ranges={n: (lo_out[n], hi_out[n]) for n in lo_out},
+        relu_outputs=relu_fed_layers(model, lo_out),
     )
 
 
