@@ -15,9 +15,12 @@ lookup into the table of real measurements, for several seeds. Printed:
 - the accuracy predictor's Kendall tau (and Spearman, MAE, front recall) on held-out configs
   after 16, 32, 64 and 128 random training configs.
 
-The guided sampler also uses per-layer sensitivity (one forward pass per layer and choice on
-calibration inputs, never on the evaluation data); its cost is printed beside the counts, and the
-ratios are also given with those passes added to guided's count as if each were a measurement.
+The guided sampler also uses per-layer sensitivity (on calibration inputs, never on the
+evaluation data): O(layers) model passes, a float32 reference, a curvature pass (forward + a few
+backward probes) and one or two single-layer quantized passes per layer, the other choices'
+figures interpolated. Its cost (passes by kind, seconds, and how many figures were measured,
+interpolated or estimated) is printed beside the counts, and the ratios are also given with the
+single-layer quantized passes added to guided's count as if each were a measurement.
 
     python benchmarks/search_efficiency.py --quick             # < 10 minutes on 2 cores
     python benchmarks/search_efficiency.py --space small --json results.json
@@ -102,11 +105,31 @@ class TableEvaluator:
         return Measurement(config.hash, figures, duration_s=row["duration_s"])
 
 
+def _ground_truth_key(run: Any) -> str:
+    """Changes when the model's weights, the calibration inputs or the space's choices change
+    (the digest the table has been cached under since its first version)."""
+    import hashlib
+
+    from autoquant.tasks.inputs import fingerprint_bytes, is_named
+
+    digest = hashlib.sha256(b"v1")
+    for name, tensor in sorted(run.task.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    inputs = run.task.calibration_inputs
+    if is_named(inputs):
+        digest.update(fingerprint_bytes(inputs))
+    else:
+        digest.update(inputs.detach().float().cpu().contiguous().numpy().tobytes())
+    for ls in run.space.layers:
+        digest.update(ls.layer.name.encode())
+        digest.update(",".join(c.label for c in ls.choices).encode())
+    return digest.hexdigest()[:16]
+
+
 def ground_truth(run: Any, cache: Path) -> tuple[dict[str, dict[str, Any]], float]:
     """Every config's real measurement, from the cache when its fingerprint matches."""
-    from autoquant.predict.sensitivity import fingerprint
-
-    key = fingerprint(run.task, run.space, run.task.calibration_inputs)
+    key = _ground_truth_key(run)
     key += f"-cal{run.spec.evaluation.calibration_samples}-bs{run.spec.evaluation.batch_size}"
     path = cache / f"search_efficiency-{key}.json"
     if path.exists():
@@ -273,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     sensitivity = compute_sensitivity(base.task, base.space, base.evaluator.calibration)
-    sens_passes = sum(
-        1 for ls in base.space.layers for c in ls.choices if not c.is_fp32
-    )  # single-layer quantized forward passes
+    sens_passes = sensitivity.probe_passes  # single-layer quantized forward passes
+    single_layer_configs = sum(1 for ls in base.space.layers for c in ls.choices if not c.is_fp32)
     with tempfile.TemporaryDirectory(prefix="se-sens-") as tmp:
         sens_file = Path(tmp) / "sensitivity.json"
         sens_file.write_text(json.dumps(sensitivity.to_dict()))
@@ -359,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{s}/guided {r:.2f}x" for s, r in ratios_sens.items())
             )
     print(
-        f"\nsensitivity: {sensitivity.forward_passes} forward/Hessian-vector passes on "
-        f"{min(256, len(base.task.calibration_inputs))} calibration inputs, "
-        f"{sensitivity.seconds:.2f} s, computed once per task and space"
+        f"\nsensitivity: {sensitivity.forward_passes} model passes on {sensitivity.samples} "
+        f"calibration inputs ({', '.join(f'{k} {v}' for k, v in sensitivity.passes.items())}), "
+        f"{sensitivity.seconds:.2f} s, computed once per task and space; figures of the "
+        f"{single_layer_configs} single-layer configs: "
+        + ", ".join(f"{k} {v}" for k, v in sensitivity.sources().items() if v)
     )
 
     sizes = [16, 32, 64, 128]
@@ -406,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "sensitivity": {
                 "forward_passes": sensitivity.forward_passes,
-                "single_layer_configs": sens_passes,
+                "passes": sensitivity.passes,
+                "measurements": sens_passes,
+                "single_layer_configs": single_layer_configs,
+                "samples": sensitivity.samples,
+                "sources": sensitivity.sources(),
                 "seconds": sensitivity.seconds,
             },
             "predictor_quality": {str(k): v for k, v in tau.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -108,6 +109,36 @@ def test_settings_are_validated():
         GuidedSettings(batch=0)
     with pytest.raises(ValueError, match="kappa"):
         GuidedSettings(kappa=-1.0)
+    with pytest.raises(ValueError, match=r"sensitivity_share must be in \(0, 1\], got 0"):
+        GuidedSettings(sensitivity_share=0)
+
+
+def test_sensitivity_pass_keeps_to_its_share_of_the_time_budget(tmp_path):
+    """The sensitivity pass gets a deadline from timeout_s; out of time, the layers it did not
+    probe get estimated figures, the search goes on, and the status callback hears it all. The
+    next invocation completes the cached record."""
+    from autoquant.predict.sensitivity import FILE_NAME, LayerSensitivity
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines: list[str] = []
+    run = _prepare(tmp_path, 8)
+    search = run.spec.search.model_copy(update={"timeout_s": 600.0})
+    run = dataclasses.replace(run, spec=run.spec.model_copy(update={"search": search}))
+    tiny = GuidedSettings(initial=4, batch=2, n_members=2, sensitivity_share=1e-6)
+    out = run_guided(run, run_dir, guided=tiny, on_status=lines.append)
+    assert out.measured == 8 and out.stopped_because == "trial budget reached"
+    record = LayerSensitivity.from_dict(json.loads((run_dir / "predictor" / FILE_NAME).read_text()))
+    assert not record.complete and record.probe_passes == 0
+    assert record.sources()["estimated"] > 0 and record.sources()["measured"] == 0
+    assert lines[0].startswith("layer sensitivity:") and lines[-1] == "measuring configs"
+
+    lines.clear()
+    again = _prepare(tmp_path, 10)  # no timeout_s: no deadline
+    assert run_guided(again, run_dir, guided=tiny, on_status=lines.append).measured == 10
+    record = LayerSensitivity.from_dict(json.loads((run_dir / "predictor" / FILE_NAME).read_text()))
+    assert record.complete and record.passes["weight_probe"] == len(again.space.layers)
+    assert any("probing layer" in line for line in lines)
 
 
 def test_hypervolume_improvement_matches_optuna():

@@ -160,12 +160,14 @@ def run_search(
     *,
     on_progress: Any = None,
     after_trial: Any = None,
+    on_status: Any = None,
 ) -> SearchOutcome:
     """Measure configs until the spec's trial budget (measured + failed configs in the ledger,
     this invocation and earlier ones together) or its time budget (this invocation) is spent.
 
     ``on_progress(done, total)`` is called after each trial; ``after_trial()`` lets the caller
-    rewrite result files as the run goes.
+    rewrite result files as the run goes; ``on_status(text)`` hears what a long step before
+    the trials is doing (the guided sampler's sensitivity pass).
     """
     import optuna
 
@@ -173,7 +175,9 @@ def run_search(
     if settings.sampler == "guided":
         from autoquant.search.guided import run_guided
 
-        return run_guided(run, run_dir, on_progress=on_progress, after_trial=after_trial)
+        return run_guided(
+            run, run_dir, on_progress=on_progress, after_trial=after_trial, on_status=on_status
+        )
     objectives = objectives_for(run.spec.objectives)
     start = time.monotonic()
     storage = sqlite_url(run_dir)

@@ -20,8 +20,13 @@ Each round:
 The study stays the ledger: the predictor is refit from it each round, so a resumed run carries on
 from what the study holds. The first ``GuidedSettings.initial`` configs are measured before any
 predictor exists: the fp32 and int8 references (as every sampler), then configs chosen by the
-sensitivity prior alone (greedy hypervolume in summed single-layer KL x exact costs); their
-``predicted`` attribute carries no accuracy.
+sensitivity prior alone (greedy hypervolume in summed single-layer output distortion x exact
+costs); their ``predicted`` attribute carries no accuracy.
+
+Before all that, the per-layer sensitivity pass (``autoquant.predict.sensitivity``: O(layers)
+model passes on calibration inputs) runs once per task and space, within
+``GuidedSettings.sensitivity_share`` of the spec's ``timeout_s``; layers it could not probe in
+that time get estimated figures and the search goes on. ``on_status(text)`` hears its progress.
 
 ``run_dir/predictor/`` holds the sensitivity cache (``sensitivity.json``), the latest predictor
 (``model/``), ``quality.json``: Kendall tau, Spearman, MAE and front recall of the predictions
@@ -74,6 +79,8 @@ class GuidedSettings:
         pool: candidates scored per round when the space is too large to enumerate.
         enumerate_limit: spaces up to this many configs are scored whole.
         n_members: ensemble size of the predictor.
+        sensitivity_share: the share of the spec's ``timeout_s`` the sensitivity pass may take
+            (its deadline; the pass is not limited when the spec has no ``timeout_s``).
     """
 
     initial: int = 12
@@ -82,6 +89,7 @@ class GuidedSettings:
     pool: int = 4096
     enumerate_limit: int = 200_000
     n_members: int = 5
+    sensitivity_share: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("initial", "batch", "pool", "enumerate_limit", "n_members"):
@@ -92,6 +100,8 @@ class GuidedSettings:
             raise ValueError(f"initial must be at least 3 to fit a predictor, got {self.initial}")
         if not (math.isfinite(self.kappa) and self.kappa >= 0):
             raise ValueError(f"kappa must be a finite number >= 0, got {self.kappa!r}")
+        if not (0 < self.sensitivity_share <= 1):
+            raise ValueError(f"sensitivity_share must be in (0, 1], got {self.sensitivity_share!r}")
 
 
 # --- acquisition (pure functions on arrays, in loss space: every column minimized) -------------
@@ -305,11 +315,14 @@ def run_guided(
     *,
     on_progress: Any = None,
     after_trial: Any = None,
+    on_status: Any = None,
     guided: GuidedSettings | None = None,
 ) -> SearchOutcome:
     """``driver.run_search``'s contract with the predictor-guided loop as the sampler: measure
     until the spec's trial budget (measured + failed configs in the ledger) or its time budget
-    (this invocation) is spent, or the space is exhausted."""
+    (this invocation, the sensitivity pass included) is spent, or the space is exhausted.
+    ``on_status(text)`` is told what the loop is doing (the sensitivity pass's progress, then
+    "measuring configs")."""
     from autoquant.predict.features import FeatureEncoder
     from autoquant.predict.model import AccuracyPredictor, require_xgboost
     from autoquant.predict.sensitivity import load_or_compute
@@ -328,7 +341,19 @@ def run_guided(
     loop = _Loop(run, Path(run_dir), gs)
     settings = loop.settings
     evaluator: Any = run.evaluator
-    sensitivity = load_or_compute(loop.predictor_dir, run.task, run.space, evaluator.calibration)
+    deadline = None
+    if settings.timeout_s is not None:
+        deadline = start + gs.sensitivity_share * settings.timeout_s
+    sensitivity = load_or_compute(
+        loop.predictor_dir,
+        run.task,
+        run.space,
+        evaluator.calibration,
+        deadline=deadline,
+        status=on_status,
+    )
+    if on_status:
+        on_status("measuring configs")
     encoder = FeatureEncoder(
         run.space, sensitivity, other_param_bytes=getattr(evaluator, "other_param_bytes", 0)
     )
@@ -609,17 +634,18 @@ def _prior_picks(
     loop: _Loop, encoder: Any, pool: np.ndarray, k: int
 ) -> list[tuple[np.ndarray, float]]:
     """Before any accuracy is known: up to ``k`` pool rows chosen greedily by the hypervolume they
-    add in (summed single-layer KL, exact costs), i.e. with the sensitivity as the accuracy
-    estimate. The first lands on the knee of that prior front, the next ones fill its gaps."""
+    add in (summed single-layer output distortion, exact costs), i.e. with the sensitivity as the
+    accuracy estimate. The first lands on the knee of that prior front, the next ones fill its
+    gaps. Distortion, not KL: it means the same whatever the output is (logits or embeddings)."""
     from autoquant.pareto import non_dominated_mask, to_loss
 
     pool, exact = _with_costs(loop, encoder, pool)
     if len(pool) == 0:
         return []
-    sum_kl = encoder.encode_indices(pool)[:, encoder.feature_names.index("sum_kl")]
+    prior = encoder.encode_indices(pool)[:, encoder.feature_names.index("sum_distortion")]
     costs = [o for o in loop.objectives if o.figure != "accuracy"]
     directions = ["minimize", *(o.direction for o in costs)]
-    values = np.column_stack([sum_kl, *(exact[o.figure] for o in costs)])
+    values = np.column_stack([prior, *(exact[o.figure] for o in costs)])
     on_front = np.flatnonzero(non_dominated_mask(values, directions))
     loss = to_loss(values[on_front], directions)
     reference = loss.max(axis=0) + 1e-6 * (np.abs(loss.max(axis=0)) + 1.0)
