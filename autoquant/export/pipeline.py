@@ -84,6 +84,7 @@ class ExportContext:
             ref = run_model(self.task.model.eval(), calib)
         # The agreement unit: one step of the output's uint8 grid over its calibrated range.
         self.output_step = ActivationParams.from_range(float(ref.min()), float(ref.max())).scale
+        self.fp32_outputs = self.simulate(None)
 
     def simulate(self, config) -> np.ndarray:
         import torch
@@ -91,7 +92,7 @@ class ExportContext:
         from autoquant.quant import apply
         from autoquant.tasks.inputs import batches, run_model
 
-        model = apply(self.task.model, config, self.calibration)
+        model = self.task.model if config is None else apply(self.task.model, config, self.calibration)
         with torch.no_grad():
             outs = [run_model(model, b) for b in batches(self.task.eval_inputs, self.batch_size)]
         return torch.cat(outs).numpy()
@@ -151,6 +152,7 @@ def export_point(
         metric=ctx.task.metric,
         sim_outputs=sim,
         output_step=ctx.output_step,
+        fp32_outputs=ctx.fp32_outputs,
         promised_accuracy=float(row["accuracy"]),
         expected_int_kernels=sum(runs_integer_kernel(c) for _, c in config.choices)
         + sum(e.form == "int8-dynamic" for e in graph.layers),
@@ -212,6 +214,7 @@ def export_point(
         checks=[c.to_dict() for c in validation.checks],
         tolerances={
             "output_steps": options.tolerances.output_steps,
+            "relative_rms": options.tolerances.relative_rms,
             "accuracy": options.tolerances.accuracy,
             "file_overhead_bytes": options.tolerances.file_overhead_bytes,
         },

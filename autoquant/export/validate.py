@@ -52,6 +52,13 @@ class Tolerances:
 
     output_steps: float = 3.0
     accuracy: float = 0.005
+    # Deep quantized nets (a transformer's dozens of int8 layers): a rounding tie that ORT's
+    # integer kernels break differently moves one activation one step, and later layers carry
+    # and amplify it, so a few samples end far from the simulation while most agree. Such an
+    # export passes when ORT's deviation from the simulation (rms over the eval outputs) is at
+    # most this fraction of the config's own quantization error (rms of simulation - fp32): a
+    # wrong scale, axis or form is as large as the quantization error itself or larger.
+    relative_rms: float = 0.5
     file_overhead_bytes: int = 8192
 
 
@@ -278,10 +285,24 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:400]
 
 
-def agreement(ort_out: np.ndarray, sim_out: np.ndarray, step: float) -> dict[str, float]:
-    """How far ORT's outputs are from the simulation's, absolute and in output steps."""
+def agreement(
+    ort_out: np.ndarray, sim_out: np.ndarray, step: float, fp32_out: np.ndarray | None = None
+) -> dict[str, float]:
+    """How far ORT's outputs are from the simulation's, absolute and in output steps; with the
+    float model's outputs, also relative to the simulation's own quantization error
+    (``relative_rms``) and the share of samples within 3 steps."""
     diff = np.abs(ort_out.astype(np.float64) - sim_out.astype(np.float64))
+    extra: dict[str, float] = {}
+    if fp32_out is not None:
+        quant_error = float(np.sqrt(np.mean((sim_out.astype(np.float64) - fp32_out) ** 2)))
+        deviation = float(np.sqrt(np.mean(diff**2)))
+        extra["relative_rms"] = deviation / quant_error if quant_error > 0 else (
+            0.0 if deviation == 0 else math.inf
+        )
+        per_sample = diff.reshape(len(diff), -1).max(axis=1) / step
+        extra["samples_within_3_steps"] = float((per_sample <= 3.0).mean())
     return {
+        **extra,
         "max_abs": float(diff.max()),
         "max_steps": float(diff.max() / step),
         "p999_steps": float(np.quantile(diff, 0.999) / step),
@@ -365,6 +386,7 @@ def validate_export(
     latency_repeats: int = 200,
     work_dir: Path | None = None,
     batch_size: int = 512,
+    fp32_outputs: np.ndarray | None = None,
 ) -> Validation:
     """Run every check on the graph at ``model_path``; ``fp32_path`` is the float graph of the
     same model (latency baseline).
@@ -379,6 +401,9 @@ def validate_export(
             (``weight_only="dq"`` asked for it); otherwise a weight ``DequantizeLinear`` left
             after ORT's optimizations fails the ``weight_dequantize`` check.
         sample: the latency input (default: the first eval sample).
+        fp32_outputs: the float model's outputs on the eval data (torch): with them, a graph
+            beyond ``output_steps`` still agrees when its deviation is small against the
+            config's quantization error (``Tolerances.relative_rms``).
         batch_size: samples per ORT run on the eval data; 1 for graphs with dynamic
             activations, whose ranges ORT takes over the whole tensor it gets and the
             simulation per sample.
@@ -406,6 +431,7 @@ def validate_export(
             output_step,
             tolerances,
             batch_size=batch_size,
+            fp32_outputs=fp32_outputs,
         )
     if "enable_all" in v.accuracy and promised_accuracy is not None:
         acc = v.accuracy["enable_all"]
@@ -505,6 +531,7 @@ def _check_outputs(
     tolerances,
     *,
     batch_size: int,
+    fp32_outputs: np.ndarray | None = None,
 ) -> None:
     """Run the eval data at ``level``: agreement with the simulation, and the metric."""
     import torch
@@ -523,9 +550,17 @@ def _check_outputs(
             )
         )
         return
-    ag = agreement(out, sim_outputs, output_step)
+    ag = agreement(out, sim_outputs, output_step, fp32_outputs)
     v.agreement[level] = ag
-    ok = bool(np.isfinite(out).all()) and ag["max_steps"] <= tolerances.output_steps
+    within_steps = ag["max_steps"] <= tolerances.output_steps
+    relative = ag.get("relative_rms", math.inf)
+    ok = bool(np.isfinite(out).all()) and (within_steps or relative <= tolerances.relative_rms)
+    relative_text = (
+        ""
+        if within_steps or "relative_rms" not in ag
+        else f"; deviation rms {relative:.3f} of the config's quantization error (limit "
+        f"{tolerances.relative_rms:g}), {ag['samples_within_3_steps']:.0%} of samples within 3 steps"
+    )
     v.checks.append(
         Check(
             f"agreement_{level}",
@@ -535,7 +570,7 @@ def _check_outputs(
             "output steps",
             f"ORT ({level}) vs torch simulation: max |diff| {ag['max_abs']:.4g} = "
             f"{ag['max_steps']:.2f} output steps (limit {tolerances.output_steps:g}; "
-            f"step {output_step:.4g})",
+            f"step {output_step:.4g}){relative_text}",
         )
     )
     v.accuracy[level] = float(metric(torch.from_numpy(out), eval_targets))
