@@ -22,9 +22,12 @@ class PreparedRun:
 
     def references(self) -> list[tuple[str, QuantConfig]]:
         """fp32 first, then uniform int8 (weights per-channel symmetric, activations int8) as far
-        as the space allows it."""
+        as the space allows it, and uniform int8 with dynamic activations (ONNX Runtime's
+        ``quantize_dynamic``, the usual transformer baseline) where the space has it."""
         refs = [("fp32", self.space.reference(QuantChoice()))]
         refs.append(("int8", self.space.reference(QuantChoice(8, 8, "per_channel", None, True))))
+        dynamic = QuantChoice(8, 8, "per_channel", None, True, act_dynamic=True)
+        refs.append(("int8-dynamic", self.space.reference(dynamic)))
         return [(name, cfg) for name, cfg in refs if cfg is not None]
 
     def resolved_spec(self) -> dict:
