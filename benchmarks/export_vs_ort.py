@@ -247,7 +247,7 @@ def verdicts(frame, batches: list[int], within: float) -> list[str]:
         for batch in batches:
             ms = f"ms_b{batch}"
 
-            def fastest(min_quality: float):
+            def fastest(min_quality: float, front=front, ms=ms):
                 ok = front[front["accuracy_ort"] >= min_quality - 1e-12]
                 return None if ok.empty else ok.loc[ok[ms].idxmin()]
 

@@ -8,7 +8,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from autoquant.export.validate import Tolerances, Validation, _check_outputs, agreement, open_session
+from autoquant.export.validate import (
+    Tolerances,
+    Validation,
+    _check_outputs,
+    agreement,
+    open_session,
+)
 
 
 def _identity_session(tmp_path, width: int):

@@ -162,6 +162,78 @@ def test_calibration_keeps_class_scales_only_when_they_predict_better():
     assert model.to_dict()["form"] == "one scale" and model.to_dict()["kernel_ridge"] is None
 
 
+def test_layout_changes_between_integer_and_float_kernels_are_fitted():
+    """A runtime that converts the activation layout where a chain of integer kernels meets a
+    float one (ONNX Runtime: NHWC QLinearConv vs NCHWc Conv) pays per element crossing each
+    change, which no kernel timed alone shows. Truth: 4 µs + the kernels + 0.05 µs per element
+    crossing a change. The calibration picks a form with the term, recovers the cost, and
+    predicts held-out configs the kernel sum and the transition-free forms get wrong."""
+    from autoquant.hw.latency_model import transition_elements
+
+    layers = (
+        LayerInfo("l0", "linear", (64, 16), (1, 16), (1, 64), 1024, 1088, True, index=0),
+        LayerInfo("l1", "linear", (32, 64), (1, 64), (1, 32), 2048, 2080, True, index=1),
+        LayerInfo("l2", "linear", (16, 32), (1, 32), (1, 16), 512, 528, True, index=2),
+        LayerInfo("l3", "linear", (4, 16), (1, 16), (1, 4), 64, 68, True, index=3),
+    )
+    f32, w4 = QuantChoice(), QuantChoice(4, 32, "per_channel")
+    choices = [f32, W8, w4]
+    solo = {
+        "l0": [6.0, 4.0, 5.0],
+        "l1": [9.0, 5.0, 8.0],
+        "l2": [5.0, 3.0, 4.5],
+        "l3": [2.0, 1.5, 2.0],
+    }
+    per_layer = {(n, c.label): t(us) for n, ts in solo.items() for c, us in zip(choices, ts)}
+    alternating = QuantConfig.from_mapping({"l0": W8, "l1": f32, "l2": W8, "l3": w4})
+    # changes after l0 (64 elements), l1 (32) and l2 (16); none between float and weight-only
+    assert transition_elements(layers, alternating) == 64 + 32 + 16
+    assert transition_elements(layers, QuantConfig.uniform(layers, W8)) == 0
+
+    def truth(config: QuantConfig) -> float:
+        chosen = config.as_mapping()
+        kernels = sum(solo[la.name][choices.index(chosen[la.name])] for la in layers)
+        return 4.0 + kernels + 0.05 * transition_elements(layers, config)
+
+    rng = np.random.default_rng(3)
+    configs = [QuantConfig.uniform(layers, c) for c in choices]
+    while len(configs) < 30:
+        picked = {la.name: choices[int(rng.integers(3))] for la in layers}
+        config = QuantConfig.from_mapping(picked)
+        if config.hash not in {c.hash for c in configs}:
+            configs.append(config)
+    wobble = rng.uniform(-0.003, 0.003, size=len(configs))
+    measured = [(c, truth(c) * (1 + w)) for c, w in zip(configs, wobble)]
+    model = calibrate_latency_model(layers, per_layer, measured[:10])
+    assert "transitions" in model.form, model.loo_mape
+    assert model.transition_us_per_element == pytest.approx(0.05, rel=0.15)
+    assert model.to_dict()["transition_us_per_element"] == model.transition_us_per_element
+    without = fit_latency_model(
+        layers, per_layer, measured[:10], shared_scale=True, kernel_ridge=None
+    )
+    errors = {"model": [], "without": [], "plain": []}
+    for config, us in measured[10:]:
+        errors["model"].append(abs(model.predict(config).value * 1000 - us) / us)
+        errors["without"].append(abs(without.predict(config).value * 1000 - us) / us)
+        errors["plain"].append(abs(model.plain_sum_ms(config) * 1000 - us) / us)
+    assert max(errors["model"]) < 0.02
+    others = min(np.mean(errors["without"]), np.mean(errors["plain"]))
+    assert np.mean(errors["model"]) < 0.5 * others
+
+
+def test_a_busy_host_is_said_beside_the_figures():
+    from autoquant.hw.command import fidelity_line
+    from autoquant.hw.validation import busy
+
+    summary = {"measured": 3, "within_10pct": 0.1, "mape": 0.3, "max_abs_rel_error": 0.5,
+               "spearman": 0.2, "load_average": 9.5, "cpus": 2}  # fmt: skip
+    assert busy(summary) and "WARNING: this host was busy" in fidelity_line(summary)
+    assert "load average 9.5 on 2 CPUs" in fidelity_line(summary)
+    for quiet in ({"load_average": 2.4}, {"load_average": math.nan}, {"load_average": None}):
+        assert not busy({**summary, **quiet})
+        assert "busy" not in fidelity_line({**summary, **quiet})
+
+
 def test_round_noise_separates_configs_from_the_machine():
     """A round where every config ran 10% slower is the machine (drift), not noise between
     configs (spread); configs moving against each other are; batches have their own rounds."""
@@ -312,6 +384,88 @@ def test_composed_model_matches_torch(cpu, name):
             ex, (1, 1, 8, 8), batch=2, warmup=0, number=1, repeat=3, min_repeat_ms=1
         )
         assert out.shape == (2, 10) and np.isfinite(out).all()
+
+
+@pytest.mark.requires_tvm
+def test_composed_residual_model_matches_torch(cpu):
+    # a ResNet's pieces: BatchNorm folded away (Identity), residual adds (layouts met in NHWC),
+    # a 1x1 strided shortcut, adaptive average pooling to 1x1; on 4x4 inputs conv1's shapes
+    # (3x3, 4x4 -> 2x2) also fit stride 1 unpadded: the module's own stride 2, padding 1 is used
+    import torch
+
+    from autoquant.hw.tvm_model import build_model, time_model
+    from autoquant.quant.fold import fold_batchnorm
+    from autoquant.space.discovery import discover_layers
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.conv1 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(32)
+            self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.down = torch.nn.Conv2d(16, 32, 1, stride=2)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            out = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(torch.flatten(self.pool(torch.relu(out + self.down(x))), 1))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    model = fold_batchnorm(model).model
+    layers = discover_layers(model, (1, 1, 4, 4))
+    ex = build_model(
+        model,
+        (1, 1, 4, 4),
+        layers,
+        QuantConfig.uniform(layers, QuantChoice()),
+        batch=2,
+        target=cpu,
+        threads=2,
+        vnni=False,
+        model_weights=True,
+    )
+    _, out = time_model(ex, (1, 1, 4, 4), batch=2, warmup=0, number=1, repeat=3, min_repeat_ms=1)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype("float32"))
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.requires_tvm
+def test_composer_refusals_are_excluded_timings(tmp_path, mlp_layers):
+    # what the TVM composer cannot build is an excluded whole-model timing with the reason
+    from dataclasses import replace
+
+    import torch
+    from conftest import fast_profile
+
+    from autoquant.hw.backend import backend_for
+    from autoquant.tasks.digits import DigitsMLP
+
+    tvm_or_skip()
+    fp32 = QuantConfig.uniform(mlp_layers, QuantChoice())
+    named = {"input_ids": torch.zeros(2, 64, dtype=torch.int64)}
+
+    class Sigmoid(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DigitsMLP()
+
+        def forward(self, x):
+            return torch.sigmoid(self.inner(x))
+
+    wrapped = [replace(layer, name=f"inner.{layer.name}") for layer in mlp_layers]
+    with backend_for(fast_profile(tmp_path)) as b:
+        timing = b.measure_model(DigitsMLP(), named, mlp_layers, fp32)
+        assert timing.status == "excluded" and "named inputs (input_ids)" in timing.error
+        config = QuantConfig.uniform(wrapped, QuantChoice())
+        timing = b.measure_model(Sigmoid(), (1, 1, 8, 8), wrapped, config)
+        assert timing.status == "excluded" and "sigmoid" in timing.error
 
 
 @pytest.mark.requires_tvm

@@ -184,6 +184,18 @@ def test_conv_geometry_from_shapes():
     assert (geo.kernel, geo.stride, geo.padding, geo.groups) == ((3, 5), (2, 2), (1, 2), 4)
 
 
+@pytest.mark.parametrize("groups", [4, 16])
+@pytest.mark.parametrize("label", ["f32-a32", "w8cs-a8"])
+def test_grouped_and_depthwise_convs_are_timed(backend, groups, label):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups))
+    (layer,) = discover_layers(model, (1, 16, 8, 8))
+    timing = backend.measure(layer, parse_label(label))
+    assert timing.ok, timing.error
+    assert timing.details["input_shape"] == [1, 16, 8, 8]
+
+
 # --- failures are results, never exceptions --------------------------------------------------
 
 
@@ -203,15 +215,26 @@ def test_timeouts_are_data(tmp_path, mlp_layers):
     assert timing.impl == "ort:fp32"
 
 
-def test_export_refusal_is_data(backend):
-    # a 3-D Linear input: the exporter writes 2-D Linear layers only (excluded, not raised)
-    layer = LayerInfo("seq", "linear", (8, 16), (1, 4, 16), (1, 4, 8), 512, 136, True)
+def test_export_refusal_is_data(backend, mlp_layers, monkeypatch):
+    # a Linear whose weight does not fit its input: excluded, not raised
+    layer = LayerInfo("seq", "linear", (8, 16), (1, 4, 12), (1, 4, 8), 384, 136, True)
     timing = backend.measure(layer, QuantChoice())
-    assert timing.status == "excluded" and "2-D" in timing.error
+    assert timing.status == "excluded" and "does not fit" in timing.error
     # shapes no convolution produces
     bad = LayerInfo("c", "conv", (4, 3, 3, 3), (1, 3, 8, 8), (1, 4, 20, 20), 1, 1, False)
     timing = backend.measure(bad, QuantChoice())
     assert timing.status == "excluded" and "stride/padding" in timing.error
+    # the exporter refusing a layer: a failed timing with its one-line reason
+    import autoquant.export.graph as graph
+    from autoquant.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("layer 'layer': not a form the exporter writes", key="config")
+
+    monkeypatch.setattr(graph, "export_graph", refuse)
+    timing = backend.measure(mlp_layers[0], QuantChoice())
+    assert timing.status == "failed" and timing.error.startswith("export error: UserError")
+    assert "\n" not in timing.error
 
 
 def test_wrong_result_is_detected():
@@ -249,6 +272,21 @@ def test_profile_digits_mlp_twice_measures_nothing_the_second_time(backend, mlp_
         second = profile_layers(backend, work, table)
     assert second.measured_now == 0 and second.count(reused=True) == 9
     assert second.lookup() == first.lookup()
+
+
+def test_equal_layers_share_every_round(backend, tmp_path):
+    # a ResNet's or a transformer's repeated layers: the second reads the first's timing back
+    # from the table after its first round, and still ends with all its rounds
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    work = [(layer, [QuantChoice()]) for layer in discover_layers(model, (1, 32))]
+    with LatencyTable(tmp_path / "lat.sqlite") as table:
+        result = profile_layers(backend, work, table)
+    first, second = result.entries
+    assert not first.reused and second.reused and result.measured_now == 1
+    assert second.timing == first.timing
+    assert first.timing.details["rounds"] == backend.profile.spec.measure.rounds
 
 
 def test_measure_model_digits_mlp(backend, mlp_layers):
@@ -311,3 +349,199 @@ def test_cli_profile_cpu_local_ort(tmp_path):
     text = " ".join(result.output.split())  # rich wraps the summary line at the terminal width
     assert result.exit_code == 0, text
     assert "6 kernels measured now, 0 reused" in text and "0 failed, 0 excluded" in text, text
+
+
+# --- N-D Linear layers, named inputs, profile --spec ------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["f32-a32", "w8cs-a8", "w4g32s-a32"])
+def test_linear_on_token_input_is_timed_at_its_rank(backend, label):
+    # a transformer's Linear runs on [batch, tokens, features]: its one-layer graph does too
+    import torch
+
+    from autoquant.hw.ort_backend import layer_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    (layer,) = discover_layers(model, (1, 6, 64))
+    assert layer.input_shape == (1, 6, 64) and backend.exclusion(layer, parse_label(label)) is None
+    timing = backend.measure(layer, parse_label(label))
+    assert timing.ok, timing.error
+    assert timing.details["input_shape"] == [1, 6, 64] and timing.median_us > 0
+    out = layer_module(layer)(torch.zeros(2, 6, 64))
+    assert out.shape == (2, 6, 48)
+
+
+class TwoInputs:
+    """A tiny model with named int64 inputs, as a tokenizer gives them."""
+
+    def __new__(cls):
+        import torch
+
+        class Model(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = torch.nn.Embedding(50, 8)
+                self.fc1 = torch.nn.Linear(5 * 8, 32)
+                self.fc2 = torch.nn.Linear(32, 3)
+
+            def forward(self, input_ids, attention_mask):
+                h = self.embed(input_ids) * attention_mask.unsqueeze(-1).to(torch.float32)
+                return self.fc2(torch.relu(self.fc1(torch.flatten(h, 1))))
+
+        torch.manual_seed(0)
+        return Model().eval()
+
+
+def two_input_samples(n: int = 12):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (n, 5), generator=generator)
+    mask = torch.ones(n, 5, dtype=torch.int64)
+    mask[::2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_named_inputs_through_the_whole_model_path(tmp_path):
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.inputs import ModelInputs
+    from autoquant.hw.table import model_signature
+
+    model, samples = TwoInputs(), two_input_samples()
+    layers = discover_layers(model, {k: v[:1] for k, v in samples.items()})
+    assert [layer.name for layer in layers] == ["fc1", "fc2"]
+    config = QuantConfig.from_mapping({"fc1": parse_label("w8cs-a8"), "fc2": QuantChoice()})
+    with backend_for(make_profile(tmp_path, name="b3", batch_size=3)) as b:
+        prepared = b.prepare_model(model, samples, layers, config)
+        assert not isinstance(prepared, KernelTiming), prepared.error
+        try:
+            # the task's own token ids and mask, taken to the profile's batch, int64
+            assert set(prepared.feed) == {"input_ids", "attention_mask"}
+            assert prepared.feed["input_ids"].dtype == np.int64
+            np.testing.assert_array_equal(prepared.feed["input_ids"], samples["input_ids"][:3])
+            assert prepared.details["input_shape"] == {
+                "input_ids": [3, 5],
+                "attention_mask": [3, 5],
+            }
+            assert prepared.visit(0.002) > 0
+        finally:
+            prepared.close()
+        timing = b.measure_model(model, samples, layers, config)
+        assert timing.ok, timing.error
+        assert timing.details["forms"] == {"int8-qdq": 1, "fp32": 1}
+        # more samples than the batch needs, or fewer: repeated in turn
+        assert (
+            ModelInputs.of({k: v[:2] for k, v in samples.items()}).feeds(3)["input_ids"].tolist()
+            == samples["input_ids"][[0, 1, 0]].tolist()
+        )
+    # the table's key for whole-model timings: the inputs' shapes and dtypes, not their values
+    key = model_signature(model, samples, layers)
+    assert key == model_signature(model, two_input_samples(3), layers)
+    assert key != model_signature(model, {"input_ids": samples["input_ids"]}, layers)
+
+
+SPEC_TASK = """
+import torch
+
+from autoquant.tasks import Task, top1_accuracy
+
+
+def tiny(hidden: int = 16):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3)
+    ).eval()
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 3, (64,))
+    return Task(name="tiny", model=model, calibration_inputs=x, eval_inputs=x,
+                eval_targets=y, metric=top1_accuracy, input_shape=(1, 8))
+"""
+
+
+def spec_with_user_task(tmp_path):
+    import yaml
+
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "tinytask_for_profile.py").write_text(SPEC_TASK)
+    (folder / "ort.yaml").write_text(yaml.safe_dump({**FAST, "name": "spec-ort"}))
+    (folder / "space.yaml").write_text(
+        "version: 1\nrules:\n  - match: {}\n    weight_bits: [8, 32]\n    act_bits: [8, 32]\n"
+        "    granularity: [per_channel]\n"
+    )
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        "version: 1\nname: tiny\n"
+        "task: {function: tinytask_for_profile:tiny, args: {hidden: 24}}\nspace: space.yaml\n"
+    )
+    return spec
+
+
+def test_profile_spec_profiles_the_spec_task_over_its_space(tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    spec = spec_with_user_task(tmp_path)
+    out = tmp_path / "t.json"
+    code, stdout, stderr = run_cli(
+        ["profile", spec.parent / "ort.yaml", "--spec", spec, "--table", tmp_path / "t.sqlite",
+         "--json", out, "--quiet"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    entries = json.loads(out.read_text())["entries"]
+    assert all(e["status"] == "measured" for e in entries), entries
+    # the task's args reached it (hidden 24: the second layer's input), the space gave the
+    # choices (8 or 32-bit weights, per channel)
+    assert {e["layer"] for e in entries} == {"0", "2"}
+    assert {tuple(e["details"]["input_shape"]) for e in entries if e["layer"] == "2"} == {(1, 24)}
+    labels = {e["choice"] for e in entries}
+    assert "f32-a32" in labels and "w8cs-a8" in labels
+    assert all(label == "f32-a32" or label.startswith("w8c") for label in labels), labels
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--task", "digits-mlp"], "--task: bad value 'digits-mlp' with --spec"),
+        (["--choices", "f32-a32"], "--choices: bad value --choices with --spec"),
+        ([], None),  # no --spec and no --task
+    ],
+)
+def test_profile_spec_errors_are_one_line(tmp_path, capsys, extra, needle):
+    from conftest import run_cli
+
+    spec = spec_with_user_task(tmp_path)
+    args = ["profile", spec.parent / "ort.yaml", *extra]
+    if needle is not None:
+        args += ["--spec", spec]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert (needle or "no task given") in stderr
+    missing = tmp_path / "nope.yaml"
+    code, _, stderr = run_cli(["profile", spec.parent / "ort.yaml", "--spec", missing], capsys)
+    assert code == 2 and "nope.yaml: file not found" in stderr
+
+
+def test_statistic_override_rereads_the_same_samples(tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    spec = spec_with_user_task(tmp_path)
+    table, out = tmp_path / "t.sqlite", tmp_path / "v.json"
+    args = ["profile", spec.parent / "ort.yaml", "--spec", spec, "--table", table, "--validate",
+            "3", "--quiet", "--json", out]  # fmt: skip
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["validation"]["model"]["statistic"] == "median"
+    code, stdout, stderr = run_cli([*args, "--statistic", "min"], capsys)
+    assert code == 0, stderr
+    text = " ".join(stdout.split())
+    assert "0 kernels measured now" in text and "0 configs measured now" in text, text
+    data = json.loads(out.read_text())["validation"]
+    assert data["model"]["statistic"] == "min"
+    assert all(row["measured_ms"] > 0 for row in data["validation"]["rows"])
+    code, _, stderr = run_cli([*args, "--statistic", "mean"], capsys)
+    assert code == 2 and "measure.statistic: bad value 'mean'" in stderr

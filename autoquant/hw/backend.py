@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autoquant.errors import UserError
+from autoquant.hw.inputs import InputsLike, ModelInputs
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
@@ -61,10 +62,13 @@ class LatencyBackend(ABC):
         * ``measure(layer, choice)`` returns a ``KernelTiming`` and never raises for a build
           error, a wrong result, a timeout or a lost device: those are ``failed`` results.
           An excluded choice comes back ``excluded`` with the reason, never timed as another.
-        * ``measure_model(model, input_shape, layers, config)`` times the whole model under
+        * ``measure_model(model, inputs, layers, config)`` times the whole model under
           ``config`` end to end on the same device, the same way (impl ``model``): the figure
-          the per-layer latency model is checked against. It never raises either; a backend
-          without it returns a ``failed`` result saying so.
+          the per-layer latency model is checked against. ``inputs`` is a batch-1 input shape
+          or the task's example inputs (one tensor, or named tensors: ``hw.inputs``). It never
+          raises either; a backend without it, or that cannot build this model (named inputs,
+          an operation it does not translate), returns a ``failed`` or ``excluded`` result
+          saying so.
         * ``prepare_model(...)`` compiles and loads the whole model once and returns a
           ``PreparedModel`` to time in rounds (a failed timing when it can't).
         * ``kernel_visitor``, ``models_per_session`` and ``renew_session`` are optional hooks
@@ -86,13 +90,13 @@ class LatencyBackend(ABC):
     def measure_model(
         self,
         model: Any,
-        input_shape: tuple[int, ...],
+        inputs: InputsLike | ModelInputs,
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
     ) -> KernelTiming:
         """The whole ``model`` quantized as ``config`` says, timed end to end (impl ``model``):
         ``prepare_model`` then one round of ``PreparedModel.time``."""
-        prepared = self.prepare_model(model, input_shape, layers, config)
+        prepared = self.prepare_model(model, inputs, layers, config)
         if isinstance(prepared, KernelTiming):
             return prepared
         start = time.monotonic()
@@ -132,13 +136,13 @@ class LatencyBackend(ABC):
     def prepare_model(
         self,
         model: Any,
-        input_shape: tuple[int, ...],
+        inputs: InputsLike | ModelInputs,
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
     ) -> PreparedModel | KernelTiming:
         """The whole model compiled and loaded on the device, ready to be timed again and again
         (so that several configs can be timed in interleaved rounds); a ``failed`` or
-        ``excluded`` timing when it can't be."""
+        ``excluded`` timing when it can't be. ``inputs``: see ``measure_model``."""
         return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
 
     def kernel_visitor(

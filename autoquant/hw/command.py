@@ -34,6 +34,18 @@ def _task_layers(task: str):
     return loaded, layers
 
 
+def _spec_work(spec: Path):
+    """(task, layers, work) of a run spec: its task (a user task with its args, imported from
+    the spec's folder) and, per layer, the choices its search space gives, as ``autoquant
+    search`` resolves them (``search.run.prepare``, which profiles nothing without an
+    evaluator)."""
+    from autoquant.search.run import prepare
+
+    run = prepare(spec, with_evaluator=False)
+    layers = run.space.layer_infos
+    return run.task, layers, [(ls.layer, list(ls.choices)) for ls in run.space.layers]
+
+
 def _work(layers, choices: str | None, space: Path | None):
     from autoquant.hw.profiling import DEFAULT_CHOICES, parse_label
 
@@ -50,22 +62,58 @@ def _work(layers, choices: str | None, space: Path | None):
     return [(layer, picked) for layer in layers]
 
 
+def _task_and_work(task: str | None, spec: Path | None, choices: str | None, space: Path | None):
+    """(task, layers, work) from ``--task`` (with ``--choices`` or ``--space``) or ``--spec``."""
+    if task is None and spec is None:
+        raise UserError(
+            "no task given; allowed: --task (a built-in task or package.module:function) or "
+            "--spec (a run spec YAML)",
+            key="--task",
+        )
+    if task is not None and spec is not None:
+        raise UserError(
+            f"bad value {task!r} with --spec {str(spec)!r}: both name a task; allowed: one of "
+            "--task and --spec",
+            key="--task",
+        )
+    if spec is not None:
+        given = [flag for flag, value in (("--choices", choices), ("--space", space)) if value]
+        if given:
+            raise UserError(
+                f"bad value {given[0]} with --spec: the spec's search space gives the choices; "
+                "allowed: --spec alone, or --task with --choices or --space",
+                key=given[0],
+            )
+        with console.status("loading the spec's task"):
+            return _spec_work(spec)
+    with console.status("loading the task"):
+        loaded, layers = _task_layers(task)
+    return loaded, layers, _work(layers, choices, space)
+
+
 def profile(
     hw_profile: Annotated[
         Path, typer.Argument(help="hardware profile YAML, or a built-in name such as cpu-local")
     ],
     task: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="built-in task (digits-cnn, digits-mlp, digits-wide) or package.module:function"
+            help="built-in task (see autoquant tasks) or package.module:function; or --spec"
         ),
-    ],
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            help="run spec YAML: profile its task (with its args, from the spec's folder) "
+            "over the choices its search space gives; instead of --task"
+        ),
+    ] = None,
     validate: Annotated[
         int,
         typer.Option(
             min=0,
             help="random configs whose measured end-to-end latency is compared with the "
-            "latency model (local TVM profiles)",
+            "latency model",
         ),
     ] = 0,
     json_path: Annotated[
@@ -90,6 +138,13 @@ def profile(
         float | None, typer.Option(min=0, help="override measure.min_repeat_ms")
     ] = None,
     repeat: Annotated[int | None, typer.Option(min=3, help="override measure.repeat")] = None,
+    statistic: Annotated[
+        str | None,
+        typer.Option(
+            help="override measure.statistic (min or median): which sample stands for a "
+            "timing; every sample is kept, so this re-measures nothing"
+        ),
+    ] = None,
     retry_failed: Annotated[
         bool, typer.Option(help="measure again the kernels that failed before")
     ] = False,
@@ -112,12 +167,11 @@ def profile(
         batch_size=batch_size,
         min_repeat_ms=min_repeat_ms,
         repeat=repeat,
+        statistic=statistic,
         rpc_tracker=rpc_tracker,
         rpc_key=rpc_key,
     )
-    with console.status("loading the task"):
-        loaded, layers = _task_layers(task)
-    work = _work(layers, choices, space)
+    loaded, layers, work = _task_and_work(task, spec, choices, space)
     if validate:  # the float32 config anchors the calibration
         fp32 = QuantChoice()
         work = [(layer, [*cs, fp32] if fp32 not in cs else list(cs)) for layer, cs in work]
@@ -139,6 +193,7 @@ def profile(
             )
         checked = None
         if validate:
+            from autoquant.hw.inputs import task_inputs
             from autoquant.hw.table import model_signature
             from autoquant.hw.validation import check_latency_model
 
@@ -158,18 +213,19 @@ def profile(
                     "so there is no model to check; allowed: 0",
                     key="--validate",
                 )
+            inputs = task_inputs(loaded, prof.spec.batch_size)
             with LatencyTable(table) as tab, console.status("end-to-end timing") as status:
                 try:
                     checked = check_latency_model(
                         backend,
                         loaded.model,
-                        loaded.input_shape,
+                        inputs,
                         layers,
                         lookup,
                         options,
                         n_validate=validate,
                         table=tab,
-                        model_key=model_signature(loaded.model, loaded.input_shape, layers),
+                        model_key=model_signature(loaded.model, inputs, layers),
                         status=status.update,
                     )
                 except RuntimeError as exc:
@@ -267,9 +323,16 @@ def model_line(model) -> str:
     """Which form the calibration chose, its terms, and why (the leave-one-out errors)."""
     scales = ", ".join(f"{cls} {v:.3f}" for cls, v in model.class_scale.items())
     why = ", ".join(f"{form} {mape:.2%}" for form, mape in model.loo_mape.items())
+    transitions = (
+        f"; {model.transition_us_per_element * 1000:.2f} ns per activation element crossing a "
+        "change between integer and float kernels"
+        if "transitions" in model.form
+        else ""
+    )
     return (
         f"latency model: {model.form} (intercept {model.intercept_us:+.1f} µs; scales {scales}"
-        f"{f'; {len(model.kernel_correction)} kernel corrections' if model.kernel_correction else ''})"
+        f"{f'; {len(model.kernel_correction)} kernel corrections' if model.kernel_correction else ''}"
+        f"{transitions})"
         + (f"; leave-one-out MAPE on the calibration configs: {why}" if why else "")
     )
 
@@ -290,6 +353,21 @@ def fidelity_line(summary: dict) -> str:
             summary.get("end_to_end_round_drift", math.nan),
         )
         + ceiling_note(summary.get("end_to_end_repeat_spearman"), summary.get("spearman_ceiling"))
+        + busy_note(summary)
+    )
+
+
+def busy_note(summary: dict) -> str:
+    """A warning when the end-to-end timings ran on a busy host, else nothing."""
+    from autoquant.hw.validation import busy
+
+    if not busy(summary):
+        return ""
+    return (
+        f"; WARNING: this host was busy while timing (load average {summary['load_average']:.1f} "
+        f"on {summary['cpus']} CPUs): other processes' work is in these medians, and a config "
+        "visited in a busy moment is off by far more than the model; measure.statistic: min "
+        "(profile --statistic min) reads the same samples' fastest, or time on a quiet host"
     )
 
 

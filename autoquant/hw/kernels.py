@@ -26,7 +26,9 @@ Formats (``KernelFormat``), from a ``QuantChoice``:
 * ``w8a8``: int8 weights and uint8 activations, int32 accumulation, requantized to uint8 output.
   With AVX-512 VNNI (``vpdpbusd``) weights are ``[Np/16, Kp/4, 16, 4]`` int8 (``Kp`` = K padded
   to 4, padding filled with the activation zero point); otherwise a plain int32 schedule;
-* ``wNa8``: 2/3/4-bit weights with uint8 activations, int32 accumulation (per-tensor/channel).
+* ``wNa8``: 2/3/4-bit weights with uint8 activations, int32 accumulation (per-tensor/channel);
+* ``w8a8_dynamic``: int8 weights with uint8 activations quantized at run time (ONNX Runtime's
+  DynamicQuantizeMatMul): no TVM template yet, so ``kernel_spec`` gives the reason.
 
 ``madd16`` (AVX2 without VNNI; per-tensor/channel ``w8a8`` and ``wNa8``): signed weight codes
 as int8 ``[Np/16, Kp/2, 16, 2]`` (``Kp`` = K padded to 2 with zero weights; asymmetric weights
@@ -58,8 +60,8 @@ from autoquant.space.values import LayerInfo, QuantChoice
 KERNEL_TEMPLATE_VERSION = 4  # bump when a schedule changes: old table entries stop matching
 LANES = 16
 
-KernelFormat = Literal["fp32", "fp16", "weight_only", "w8a8", "wNa8"]
-FORMATS: tuple[KernelFormat, ...] = ("fp32", "fp16", "weight_only", "w8a8", "wNa8")
+KernelFormat = Literal["fp32", "fp16", "weight_only", "w8a8", "wNa8", "w8a8_dynamic"]
+FORMATS: tuple[KernelFormat, ...] = ("fp32", "fp16", "weight_only", "w8a8", "wNa8", "w8a8_dynamic")
 
 
 def kernel_format(choice: QuantChoice) -> KernelFormat:
@@ -68,6 +70,8 @@ def kernel_format(choice: QuantChoice) -> KernelFormat:
         return "fp32"
     if choice.weight_bits == 16:
         return "fp16"
+    if choice.act_dynamic:
+        return "w8a8_dynamic"
     if choice.act_bits == 8:
         return "w8a8" if choice.weight_bits == 8 else "wNa8"
     return "weight_only"
@@ -204,6 +208,8 @@ def kernel_spec(
     if batch < 1:
         return f"batch size {batch} must be >= 1"
     fmt = kernel_format(choice)
+    if fmt == "w8a8_dynamic":
+        return "dynamic int8 activations have no TVM kernel template yet"
     if fmt == "fp32" and choice.act_bits != 32:
         return f"float32 weights with {choice.act_bits}-bit activations have no kernel"
     if fmt == "fp16" and choice.act_bits == 8:

@@ -2,6 +2,7 @@
 
     predicted(config) = intercept + sum over layers of
                         (scale[class(choice)] + correction[layer, choice]) * kernel(layer, choice)
+                        + transition * sum over layout changes of the elements crossing them
 
 A kernel timed alone is not the same kernel inside the whole model: the runtime's per-call
 overhead, the operators between layers (activations, pooling, reshapes), and the cache and
@@ -23,6 +24,19 @@ scale toward 1 and each correction toward 0, so a class or kernel that the calib
 barely use stays at its isolated time. Scales are kept non-negative. Every prediction is
 labelled ``predicted``; ``plain_sum_ms`` is the uncalibrated kernel sum, reported beside the
 model so the calibration has to earn its place.
+
+Layout changes (``transition_elements``): a runtime runs a chain of integer-kernel layers in one
+activation layout and a chain of float ones in another (ONNX Runtime: QLinearConv on NHWC, float
+Conv on blocked NCHWc), converting only where the chain changes kind. A one-layer graph pays
+both conversions around its kernel, whatever the neighbours; inside the model a layer whose
+neighbours run the same kind pays none. So the kernel sum over-counts conversions in uniform
+stretches and the model pays them at each change: on digits-resnet (ONNX Runtime), the optimized
+graph of a float/int8 alternating config ran 11 Transposes and 8 Reorders where all-float ran 1
+and all-int8 3, and the held-out configs' error against the kernel sum followed the number of
+changes (Spearman 0.69). The term counts, between consecutive layers in execution order whose
+kernels differ in being integer ones, the elements of the earlier layer's output (per sample),
+and costs them ``transition_us_per_element``, fitted like the scales (non-negative; forms with
+it must beat the forms without by more than the calibration's scatter).
 """
 
 from __future__ import annotations
@@ -53,12 +67,27 @@ _CLASS_OF_FORMAT = {
     "weight_only": "weight_only",
     "w8a8": "integer",
     "wNa8": "integer",
+    "w8a8_dynamic": "integer",
 }
 
 
 def kernel_class(choice: QuantChoice) -> str:
     """Which ``KERNEL_CLASSES`` entry a choice's kernel (``kernels.kernel_format``) belongs to."""
     return _CLASS_OF_FORMAT[kernel_format(choice)]
+
+
+def transition_elements(layers: Sequence[LayerInfo], config: QuantConfig) -> int:
+    """Activation elements (per sample) crossing a change of kernel kind: for consecutive
+    layers in execution order of which one runs an integer kernel and the other not, the
+    elements of the earlier one's output (a layer the config leaves out is float32)."""
+    chosen = config.as_mapping()
+    total, previous = 0, None
+    for layer in sorted(layers, key=lambda la: la.index):
+        integer = kernel_class(chosen.get(layer.name, QuantChoice())) == "integer"
+        if previous is not None and integer != previous[0]:
+            total += math.prod(previous[1].output_shape[1:])
+        previous = (integer, layer)
+    return total
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,8 @@ class LatencyModel:
     form: str = "class scales"  # a ``MODEL_FORMS`` key
     # leave-one-out MAPE of each form on the calibration configs, when they were compared
     loo_mape: dict[str, float] = field(default_factory=dict)
+    # µs per activation element crossing a change between integer and float kernels
+    transition_us_per_element: float = 0.0
 
     def kernel_times_us(self, config: QuantConfig) -> dict[str, tuple[str, str, float]] | Figure:
         """Each layer's (kernel class, choice label, kernel time in µs by the model's
@@ -106,6 +137,8 @@ class LatencyModel:
         total = self.intercept_us + sum(
             self.in_context(name, cls, label) * us for name, (cls, label, us) in kernels.items()
         )
+        if self.transition_us_per_element:
+            total += self.transition_us_per_element * transition_elements(self.layers, config)
         return Figure(total / 1000.0, "predicted")
 
     def plain_sum_ms(self, config: QuantConfig) -> float:
@@ -122,10 +155,12 @@ class LatencyModel:
     def to_dict(self) -> dict[str, Any]:
         return {
             "formula": "intercept_us + sum((class_scale[kernel_class(choice)] + "
-            f"kernel_correction[layer|choice]) * kernel_{self.statistic}_us(layer, choice))",
+            f"kernel_correction[layer|choice]) * kernel_{self.statistic}_us(layer, choice)) + "
+            "transition_us_per_element * transition_elements(config)",
             "statistic": self.statistic,
             "intercept_us": self.intercept_us,
             "class_scale": dict(self.class_scale),
+            "transition_us_per_element": self.transition_us_per_element,
             "kernel_correction": {
                 f"{layer}|{label}": v for (layer, label), v in self.kernel_correction.items()
             },
@@ -147,11 +182,13 @@ def fit_latency_model(
     kernel_ridge: float | None = KERNEL_RIDGE,
     statistic: str = "median",
     shared_scale: bool = False,
+    transitions: bool = False,
 ) -> LatencyModel:
     """Fit intercept, per-kernel-class scales and per-kernel corrections on ``measured``
     (config, end-to-end µs) pairs, the kernel times and the measurements taken with the same
     ``statistic`` (min or median). ``shared_scale``: one scale for every class;
-    ``kernel_ridge`` None: no kernel corrections.
+    ``kernel_ridge`` None: no kernel corrections; ``transitions``: also the cost per element
+    of a change between integer and float kernels (``transition_elements``).
 
     Raises ValueError when there is no measurement or a measured config has a layer without a
     usable kernel timing (its row would be meaningless)."""
@@ -168,18 +205,19 @@ def fit_latency_model(
             raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
         if not us > 0:
             raise ValueError(f"calibration config {config.hash}: measured {us} µs")
-        observed.append((kernels, us))
+        observed.append((kernels, us, transition_elements(layers, config)))
     # Only the kernels some calibration config ran can be corrected (none: kernel_ridge None).
     used = sorted(
-        {(name, label) for kernels, _ in observed for name, (_, label, _) in kernels.items()}
+        {(name, label) for kernels, _, _ in observed for name, (_, label, _) in kernels.items()}
         if kernel_ridge is not None
         else ()
     )
     # one scale for all classes: the same ranking as the plain sum, with its offset and slope
     scale_groups = [KERNEL_CLASSES] if shared_scale else [(c,) for c in KERNEL_CLASSES]
     n_class, n_kernel = len(scale_groups), len(used)
+    n_transition = 1 if transitions else 0
     rows = []
-    for kernels, us in observed:
+    for kernels, us, crossing in observed:
         per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
         per_kernel = dict.fromkeys(used, 0.0)
         for name, (cls, label, kernel_us) in kernels.items():
@@ -187,7 +225,7 @@ def fit_latency_model(
             if (name, label) in per_kernel:
                 per_kernel[(name, label)] += kernel_us
         # Unknowns, all non-negative: intercept as (plus - minus), the class scales, then each
-        # kernel correction as (plus - minus).
+        # kernel correction as (plus - minus), then the transition cost (µs per element).
         kernel_cols = [per_kernel[k] / us for k in used]
         rows.append(
             [
@@ -196,13 +234,19 @@ def fit_latency_model(
                 *(sum(per_class[c] for c in group) / us for group in scale_groups),
                 *kernel_cols,
                 *(-v for v in kernel_cols),
+                *([crossing / us] if transitions else []),
             ]
         )
-    n = 2 + n_class + 2 * n_kernel
+    n = 2 + n_class + 2 * n_kernel + n_transition
     penalty = np.zeros((n, n))
     penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
     penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
-    penalty[2 + n_class :, 2 + n_class :] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
+    k0 = 2 + n_class
+    penalty[k0 : k0 + 2 * n_kernel, k0 : k0 + 2 * n_kernel] = np.sqrt(
+        kernel_ridge or 0.0
+    ) * np.eye(2 * n_kernel)
+    if transitions:
+        penalty[-1, -1] = 1e-9  # like the intercept: free, but unique
     prior = np.zeros(n)
     prior[2 : 2 + n_class] = np.sqrt(ridge)
     a = np.vstack([np.asarray(rows), penalty])
@@ -212,10 +256,18 @@ def fit_latency_model(
     scales = {
         c: float(v) for group, v in zip(scale_groups, solution[2 : 2 + n_class]) for c in group
     }
-    plus, minus = solution[2 + n_class : 2 + n_class + n_kernel], solution[2 + n_class + n_kernel :]
+    plus = solution[k0 : k0 + n_kernel]
+    minus = solution[k0 + n_kernel : k0 + 2 * n_kernel]
     corrections = {k: float(p - m) for k, p, m in zip(used, plus, minus)}
     model = LatencyModel(
-        layers, dict(per_layer), intercept, scales, corrections, len(measured), statistic
+        layers,
+        dict(per_layer),
+        intercept,
+        scales,
+        corrections,
+        len(measured),
+        statistic,
+        transition_us_per_element=float(solution[-1]) if transitions else 0.0,
     )
     # The fastest config the table allows: its prediction must stay positive.
     fastest = intercept
@@ -248,9 +300,18 @@ def fit_latency_model(
 # classes, and worse when what they fit is noise. On digits-wide here the float / integer scales
 # came out 1.03-1.04 / 0.97 in four profiles, 0.98 / 1.01 in one, 0.99 / 1.00 in another: the
 # effect is real but follows the machine's state, so each calibration decides afresh.
+# The transition forms come last: the one-standard-error rule keeps a form without the term
+# unless the term predicts the left-out configs better by more than the scatter (a runtime that
+# converts nothing between kernel kinds, like the TVM composition, gains nothing from it).
 MODEL_FORMS: dict[str, dict[str, Any]] = {
     "one scale": {"shared_scale": True, "kernel_ridge": None},
     "class scales": {"shared_scale": False, "kernel_ridge": KERNEL_RIDGE},
+    "one scale + transitions": {"shared_scale": True, "kernel_ridge": None, "transitions": True},
+    "class scales + transitions": {
+        "shared_scale": False,
+        "kernel_ridge": KERNEL_RIDGE,
+        "transitions": True,
+    },
 }
 
 

@@ -1,7 +1,9 @@
 """The ONNX Runtime latency backend: each layer as a one-layer graph in the exporter's exact form.
 
 For each (layer, choice): a torch module holding only that layer (the ``LayerInfo`` shapes,
-random weights from a fixed seed) is calibrated on fixed-seed random inputs and written by
+random weights from a fixed seed; a Linear on ``[batch, tokens, features]`` gets input of that
+rank, so the graph timed is the one the whole model runs; grouped and depthwise convolutions
+keep their groups) is calibrated on fixed-seed random inputs and written by
 ``autoquant.export.graph.export_graph`` with its default options, so the graph ORT times is the
 one ``autoquant export`` would write for that layer (QDQ int8 with int32 bias, MatMulNBits,
 blocked INT4 ``DequantizeLinear``, fp16 weights...). An ORT CPU session (``ORT_ENABLE_ALL``,
@@ -17,7 +19,8 @@ and an int8 input is quantized from float: the few elementwise ops this adds, an
 model fuses away, are left to the latency model's calibration.
 
 ``measure_model`` times a whole model exported the same way (the end-to-end figure the latency
-model is checked against). ``timeout_s`` bounds each measurement: an export + session start
+model is checked against), fed fixed-seed random values for one float input and the task's own
+samples for named or integer inputs (``hw.inputs``). ``timeout_s`` bounds each measurement: an export + session start
 slower than it, or a timing predicted to run past it, is ``failed`` with a timeout; a single
 ``session.run`` cannot be interrupted, so a call that hangs is not bounded. Every error is a
 ``failed`` ``KernelTiming``; nothing here raises for a bad layer or a runtime fault.
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from autoquant.hw.backend import LatencyBackend, PreparedModel, short_error
+from autoquant.hw.inputs import InputsLike, ModelInputs
 from autoquant.hw.interleave import TIMING_METHOD
 from autoquant.hw.kernels import kernel_format
 from autoquant.hw.profile import HardwareProfile
@@ -45,7 +49,7 @@ from autoquant.versions import cpu_name
 
 # Bump when export_graph's graph form or the one-layer wrapping here changes: timings of the old
 # graphs then stop matching the fingerprint and are measured again.
-EXPORT_FORM_VERSION = 1
+EXPORT_FORM_VERSION = 2  # 2: weight-only layers folded (export default), N-D Linear via Gemm
 PROVIDER = "CPUExecutionProvider"
 LEVEL = "enable_all"
 THREAD_POOL = "shared"
@@ -204,10 +208,17 @@ class OrtBackend(LatencyBackend):
         if invalid:
             return invalid
         if layer.kind == "linear":
-            if len(layer.input_shape) != 2 or len(layer.weight_shape) != 2:
+            # a Linear on [batch, tokens, features] is timed on input of that rank: the graph
+            # is the one the whole model runs (the exporter's Reshape -> Gemm -> Reshape)
+            if len(layer.weight_shape) != 2 or len(layer.input_shape) < 2:
                 return (
-                    f"a Linear on {len(layer.input_shape)}-D input: the exporter writes 2-D "
-                    "Linear layers only"
+                    f"a Linear with weight {layer.weight_shape} on input {layer.input_shape}: "
+                    "allowed: a 2-D weight on input of rank 2 or more"
+                )
+            if layer.input_shape[-1] != layer.weight_shape[1]:
+                return (
+                    f"a Linear with weight {layer.weight_shape} does not fit input "
+                    f"{layer.input_shape}"
                 )
             return None
         geo = conv_geometry(layer)
@@ -225,7 +236,8 @@ class OrtBackend(LatencyBackend):
             module = layer_module(layer)
             exported = self._export(module, layer.input_shape, config, details)
             form = exported.graph.layers[0].form
-            impl = f"ort:{form}" + ("" if choice.act_bits == 32 else f"-a{choice.act_bits}")
+            acts = "" if choice.act_bits == 32 else "-" + choice.label.split("-")[1]  # a8, a8d
+            impl = f"ort:{form}{acts}"
         except Exception as exc:
             return KernelTiming.failed(
                 f"export error: {short_error(exc)}",
@@ -248,7 +260,7 @@ class OrtBackend(LatencyBackend):
                 x = torch.from_numpy(next(iter(feed.values())))
                 with torch.no_grad():
                     expected = apply(module, config, calibration)(x).numpy()
-                step = calibration.output_params(LAYER_NAME).scale if choice.act_bits == 8 else 0
+                step = calibration.output_params(LAYER_NAME).scale if choice.act_static_int8 else 0
                 problem = _disagreement(out, expected, step)
                 if problem:
                     return KernelTiming.failed(
@@ -297,14 +309,16 @@ class OrtBackend(LatencyBackend):
     def prepare_model(
         self,
         model: Any,
-        input_shape: tuple[int, ...],
+        inputs: InputsLike | ModelInputs,
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
     ) -> PreparedModel | KernelTiming:
         """The whole model as ``config`` exports it, in an ORT session, run once and checked.
 
-        Calibration runs on fixed-seed random inputs: the values move the scales, not the
-        latency. A layer whose choice this profile excludes makes the result ``excluded``."""
+        ``inputs``: a batch-1 shape or one float tensor (calibrated and fed fixed-seed random
+        values: they move the scales, not the latency), or the task's named / integer example
+        inputs, fed as they are (``hw.inputs``). A layer whose choice this profile excludes
+        makes the result ``excluded``."""
         impl = "model"
         chosen = config.as_mapping()
         missing = [layer.name for layer in layers if layer.name not in chosen]
@@ -316,7 +330,7 @@ class OrtBackend(LatencyBackend):
         start = time.monotonic()
         details: dict[str, Any] = {}
         try:
-            exported = self._export(model, input_shape, config, details)
+            exported = self._export(model, inputs, config, details)
         except Exception as exc:
             return KernelTiming.failed(
                 f"export error: {short_error(exc)}",
@@ -351,30 +365,31 @@ class OrtBackend(LatencyBackend):
     def _export(
         self,
         module: Any,
-        input_shape: tuple[int, ...],
+        inputs: InputsLike | ModelInputs,
         config: QuantConfig,
         details: dict[str, Any],
     ) -> _Exported:
-        """Calibrate ``module`` on fixed-seed random inputs (the values move the scales, not
-        the latency), export it under ``config`` as ``autoquant export`` would, and open the
-        timed session on a fixed-seed input at the profile's batch size. Raises on failure;
-        ``details`` gets the input shape, the exported forms and the op types ORT runs."""
+        """Calibrate ``module``, export it under ``config`` as ``autoquant export`` would, and
+        open the timed session on an input at the profile's batch size. ``inputs``: a batch-1
+        shape or one float tensor (fixed-seed random values: they move the scales, not the
+        latency), or named / integer inputs (the task's own samples, repeated to the batch;
+        ``hw.inputs``). Raises on failure; ``details`` gets the input shape, the exported forms
+        and the op types ORT runs."""
         from autoquant.export.graph import export_graph
         from autoquant.quant import calibrate
 
+        model_inputs = ModelInputs.of(inputs)
         batch = self.profile.spec.batch_size
-        details["input_shape"] = [batch, *input_shape[1:]]
-        calibration = calibrate(
-            module, random_inputs((CALIBRATION_SAMPLES, *input_shape[1:]), SEED)
-        )
-        graph = export_graph(module, tuple(input_shape), config, calibration)
+        details["input_shape"] = model_inputs.describe(batch)
+        calibration = calibrate(module, model_inputs.calibration(seed=SEED))
+        graph = export_graph(module, model_inputs.export_arg(), config, calibration)
         forms: dict[str, int] = {}
         for exported in graph.layers:
             forms[exported.form] = forms.get(exported.form, 0) + 1
         details["forms"] = forms
         session, details["ops"] = self._session(graph.model)
-        x = random_inputs((batch, *input_shape[1:]), SEED + 1).numpy()
-        return _Exported(graph, session, {session.get_inputs()[0].name: x}, calibration)
+        feed = _session_feed(session, model_inputs.feeds(batch, seed=SEED + 1))
+        return _Exported(graph, session, feed, calibration)
 
     def _options(self, optimized_path: str | None = None) -> Any:
         import onnxruntime as ort
@@ -463,6 +478,18 @@ class OrtBackend(LatencyBackend):
                 continue
             samples.append(took / calls)
         return samples, calls
+
+
+def _session_feed(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` under the session's input names: by name where they match, else in order (one
+    tensor's default name ``input``); inputs the exported graph dropped (unused) are left out."""
+    names = [i.name for i in session.get_inputs()]
+    if set(names) <= set(feed):
+        return {name: feed[name] for name in names}
+    if len(names) <= len(feed):
+        return dict(zip(names, feed.values()))
+    missing = ", ".join(n for n in names if n not in feed)
+    raise ValueError(f"the exported graph needs inputs {missing} that the model inputs lack")
 
 
 def _disagreement(out: np.ndarray, expected: np.ndarray, step: float) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from autoquant.errors import UserError
 from autoquant.hw.backend import LatencyBackend
 from autoquant.hw.interleave import visit_rounds, visits_per_round
-from autoquant.hw.table import LatencyTable
+from autoquant.hw.table import LatencyTable, layer_signature
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.searchspace import why_invalid
 from autoquant.space.values import LayerInfo, QuantChoice
@@ -196,4 +196,13 @@ def _more_rounds(
         )
         table.put(fp_hash, e.layer, e.choice, timing, measure=measure_settings)
         out[i] = LayerTiming(e.layer, e.choice, timing, reused=False)
+    # A layer equal to one measured now (same signature: ResNet blocks, transformer layers)
+    # was read back from the table after that layer's first round: it gets all its rounds too.
+    refreshed = {
+        (layer_signature(out[i].layer), out[i].choice.label): out[i].timing for i in extra
+    }
+    for i, e in enumerate(out):
+        timing = refreshed.get((layer_signature(e.layer), e.choice.label))
+        if e.reused and timing is not None:
+            out[i] = LayerTiming(e.layer, e.choice, timing, reused=True)
     return out

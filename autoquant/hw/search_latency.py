@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import UserError
+from autoquant.hw.inputs import task_inputs
 from autoquant.hw.latency_model import LatencyModel
 from autoquant.hw.timing import KernelTiming
 from autoquant.hw.validation import check_latency_model, strict_json
@@ -143,18 +144,19 @@ def prepare_run_latency(
                 file=file,
                 key=key,
             )
+        inputs = task_inputs(task, prof.spec.batch_size)
         try:
             checked = check_latency_model(
                 backend,
                 task.model,
-                task.input_shape,
+                inputs,
                 layers,
                 lookup,
                 {ls.layer.name: ls.choices for ls in restricted.layers},
                 n_validate=n_validate,
                 seed=seed,
                 table=table,
-                model_key=model_signature(task.model, task.input_shape, layers),
+                model_key=model_signature(task.model, inputs, layers),
                 status=lambda text: say(f"{prof.name}: {text}"),
             )
         except RuntimeError as exc:
@@ -269,7 +271,7 @@ def check_front(
                 (fast_t, _), (fp32_t, _) = measure_configs(
                     backend,
                     task.model,
-                    task.input_shape,
+                    task_inputs(task, prof.spec.batch_size),
                     layers,
                     [config, fp32],
                     rounds=max(3, prof.spec.end_to_end.rounds),

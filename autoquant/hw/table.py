@@ -60,11 +60,17 @@ def layer_signature(layer: LayerInfo) -> str:
     )
 
 
-def model_signature(model: Any, input_shape: tuple[int, ...], layers: tuple[LayerInfo, ...]) -> str:
+def model_signature(model: Any, inputs: Any, layers: tuple[LayerInfo, ...]) -> str:
     """A hash of what a whole model's latency depends on besides the config: its module tree
-    (``repr``: every layer's type and shape), the input shape and the quantizable layers."""
+    (``repr``: every layer's type and shape), its inputs (``inputs``: a batch-1 shape or the
+    task's example inputs, ``hw.inputs``: the batch-1 shape of one float input, as this hash
+    always had it, or each named input's per-sample shape and dtype) and the quantizable
+    layers."""
+    from autoquant.hw.inputs import ModelInputs
+
     text = json.dumps(
-        [repr(model), list(input_shape), [layer_signature(la) for la in layers]], sort_keys=True
+        [repr(model), ModelInputs.of(inputs).signature(), [layer_signature(la) for la in layers]],
+        sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

@@ -36,6 +36,7 @@ import numpy as np
 from autoquant.hw import tvm_kernels
 from autoquant.hw._tvm import load_tvm, set_threads
 from autoquant.hw.backend import SESSION_SHARE, LatencyBackend, PreparedModel, short_error
+from autoquant.hw.inputs import InputsLike, ModelInputs
 from autoquant.hw.interleave import TIMING_METHOD, visits_per_round
 from autoquant.hw.kernels import (
     KERNEL_TEMPLATE_VERSION,
@@ -342,13 +343,15 @@ class TvmBackend(LatencyBackend):
     def prepare_model(
         self,
         model: Any,
-        input_shape: tuple[int, ...],
+        inputs: InputsLike | ModelInputs,
         layers: tuple[LayerInfo, ...] | list[LayerInfo],
         config: QuantConfig,
     ) -> PreparedModel | KernelTiming:
         """The model composed from these kernels (``tvm_model``), compiled, loaded on the
-        device (uploaded over RPC for a remote one) and run once."""
-        from autoquant.hw.tvm_model import build_model
+        device (uploaded over RPC for a remote one) and run once. A model the composer cannot
+        build (named or integer inputs, an operation it does not translate) is ``excluded``
+        with the reason."""
+        from autoquant.hw.tvm_model import UnsupportedModel, build_model, composable_inputs
 
         reason = self.config_exclusion(layers, config)
         if reason is not None:
@@ -356,9 +359,10 @@ class TvmBackend(LatencyBackend):
         start = time.monotonic()
         batch = self.profile.spec.batch_size
         try:
+            shape = composable_inputs(inputs)
             ex = build_model(
                 model,
-                input_shape,
+                shape,
                 tuple(layers),
                 config,
                 batch=batch,
@@ -366,6 +370,10 @@ class TvmBackend(LatencyBackend):
                 threads=self.profile.threads,
                 vnni=self.vnni,
                 avx2=self.avx2,
+            )
+        except UnsupportedModel as exc:
+            return KernelTiming.excluded(
+                f"the TVM whole-model composer cannot build this model: {exc}", "model"
             )
         except Exception as exc:
             return KernelTiming.failed(
@@ -376,7 +384,7 @@ class TvmBackend(LatencyBackend):
                 mod, dev = ex, self.tvm.cpu(0)
             else:
                 mod, dev = self._upload(ex, f"m{config.hash[:16]}-{os.getpid()}.so")
-            prepared = _TvmModel(self, mod, dev, (batch, *input_shape[1:]))
+            prepared = _TvmModel(self, mod, dev, (batch, *shape[1:]))
         except Exception as exc:
             if not self.profile.is_local:
                 self._session = None

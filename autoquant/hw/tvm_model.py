@@ -10,14 +10,19 @@ operators compiled by TVM's default pipeline. Importing a QDQ ONNX graph instead
 kernels with dequantize overhead (see the TVM notes), which is not what the table measures.
 
 Conv layers run NHWC (the kernels' layout): the graph transposes once into NHWC before the first
-conv and back to NCHW where torch flattens. Supported fx nodes: Linear, Conv2d, ReLU, MaxPool2d,
-Flatten modules; ``torch.relu``/``F.relu``/``torch.flatten``/``F.max_pool2d`` functions;
-``flatten``/``view``/``reshape``/``relu`` methods. Anything else → ``UnsupportedModel``.
+conv and back to NCHW where torch flattens. Supported fx nodes: Linear, Conv2d (groups 1),
+ReLU, MaxPool2d, AdaptiveAvgPool2d to 1x1, Flatten, Identity (a folded BatchNorm) modules;
+``torch.relu``/``F.relu``/``torch.flatten``/``F.max_pool2d``/``F.adaptive_avg_pool2d`` functions;
+``flatten``/``view``/``reshape``/``relu`` methods; and the sum of two tensors (``x + y``,
+``torch.add``: a residual connection). One float input only: a model with named or integer
+inputs (token ids), a forward ``torch.fx`` cannot trace, or anything else raises
+``UnsupportedModel`` (the backend reports it as an ``excluded`` whole-model timing).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -35,6 +40,21 @@ class UnsupportedModel(Exception):
     """The model has an operation the composer does not translate (the message names it)."""
 
 
+def composable_inputs(inputs: Any) -> tuple[int, ...]:
+    """The batch-1 shape of a model's single float input (``hw.inputs``), or
+    ``UnsupportedModel`` saying why the composer cannot feed it."""
+    from autoquant.hw.inputs import ModelInputs
+
+    model_inputs = ModelInputs.of(inputs)
+    if model_inputs.float_shape is None:
+        kind = "named" if model_inputs.is_named else "integer"
+        raise UnsupportedModel(
+            f"{kind} inputs ({', '.join(model_inputs.names)}): only models with one float "
+            "input are composed"
+        )
+    return model_inputs.float_shape
+
+
 def _relu_like(node: Any, modules: dict[str, Any]) -> str | None:
     import torch
 
@@ -46,6 +66,7 @@ def _relu_like(node: Any, modules: dict[str, Any]) -> str | None:
             (torch.nn.Flatten, "flatten"),
             (torch.nn.Identity, "identity"),
             (torch.nn.Dropout, "identity"),
+            (torch.nn.AdaptiveAvgPool2d, "avgpool1"),
         ):
             if isinstance(mod, cls):
                 return name
@@ -58,12 +79,19 @@ def _relu_like(node: Any, modules: dict[str, Any]) -> str | None:
             F.relu: "relu",
             torch.flatten: "flatten",
             F.max_pool2d: "maxpool",
+            F.adaptive_avg_pool2d: "avgpool1",
+            operator.add: "add",
+            torch.add: "add",
         }
         return table.get(node.target)
     if node.op == "call_method":
-        return {"relu": "relu", "flatten": "flatten", "view": "reshape", "reshape": "reshape"}.get(
-            node.target
-        )
+        return {
+            "relu": "relu",
+            "flatten": "flatten",
+            "view": "reshape",
+            "reshape": "reshape",
+            "add": "add",
+        }.get(node.target)
     return None
 
 
@@ -92,7 +120,12 @@ def build_model(
 
     from autoquant.hw import tvm_kernels
 
-    gm = torch.fx.symbolic_trace(model)
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # data-dependent control flow, unsupported Python
+        raise UnsupportedModel(
+            f"torch.fx cannot trace the model's forward ({type(exc).__name__})"
+        ) from None
     modules = dict(gm.named_modules())
     by_name = {layer.name: layer for layer in layers}
     choices = config.as_mapping()
@@ -189,6 +222,7 @@ def build_model(
                     spec = kernel_spec(layer, choice, batch, vnni=vnni, avx2=avx2)
                     if isinstance(spec, str):
                         raise UnsupportedModel(f"layer {layer.name} {choice.label}: {spec}")
+                    spec = _module_geometry(spec, modules[node.target])
                     x, layout = env[args[0].name]
                     if layer.kind == "conv":
                         x = to_layout(x, layout, "NHWC")
@@ -211,8 +245,46 @@ def build_model(
                 if kind is None or not args:
                     raise UnsupportedModel(f"fx node {node.op} {node.target!r} is not supported")
                 x, layout = env[args[0].name]
+                if kind == "add":
+                    if len(args) != 2 or len(node.args) != 2 or node.kwargs:
+                        raise UnsupportedModel(
+                            f"fx node {node.op} {node.target!r}: only the sum of two tensors "
+                            "is supported"
+                        )
+                    other, other_layout = env[args[1].name]
+                    if layout != other_layout and len(shape_of(x)) == 4:
+                        other = to_layout(other, other_layout, layout)
+                    elif layout != other_layout:
+                        x = to_layout(x, layout, "NCHW")
+                        other = to_layout(other, other_layout, "NCHW")
+                        layout = "flat"
+                    if shape_of(x) != shape_of(other):
+                        raise UnsupportedModel(
+                            f"fx node {node.name}: adds shapes {shape_of(x)} and "
+                            f"{shape_of(other)} (broadcasting is not supported)"
+                        )
+                    env[node.name] = (bb.emit(relax.op.add(x, other)), layout)
+                    continue
                 if kind in ("relu", "identity"):
                     y = bb.emit(relax.op.nn.relu(x)) if kind == "relu" else x
+                elif kind == "avgpool1":
+                    size = (
+                        modules[node.target].output_size
+                        if node.op == "call_module"
+                        else (
+                            node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+                        )
+                    )
+                    if size not in (1, (1, 1), [1, 1]) or len(shape_of(x)) != 4:
+                        raise UnsupportedModel(
+                            f"fx node {node.name}: adaptive average pooling to {size!r}; "
+                            "only to 1x1 is supported"
+                        )
+                    y = bb.emit(
+                        relax.op.nn.adaptive_avg_pool2d(
+                            x, (1, 1), layout=layout if layout in ("NCHW", "NHWC") else "NCHW"
+                        )
+                    )
                 elif kind == "maxpool":
                     if node.op == "call_module":
                         mod = modules[node.target]
@@ -244,6 +316,26 @@ def build_model(
                 env[node.name] = (y, layout)
         bb.emit_func_output(out_var)
     return tvm.compile(bb.get(), target=target)
+
+
+def _module_geometry(spec: KernelSpec, module: Any) -> KernelSpec:
+    """``spec`` with the conv's own stride and padding where the shapes leave them ambiguous
+    (a 3x3 conv from 4x4 to 2x2 is stride 1 unpadded or stride 2 padded by 1; the table's
+    kernel, which knows only the shapes, takes the smaller stride: same M, N and K)."""
+    from dataclasses import replace
+
+    g = spec.conv
+    stride, pad = getattr(module, "stride", None), getattr(module, "padding", None)
+    if g is None or not isinstance(pad, tuple) or stride is None:
+        return spec
+    if len(set(stride)) != 1 or len(set(pad)) != 1 or (stride[0], pad[0]) == (g.stride, g.pad):
+        return spec
+    s, p = int(stride[0]), int(pad[0])
+    if (g.height + 2 * p - g.kh) // s + 1 != g.out_h or (
+        g.width + 2 * p - g.kw
+    ) // s + 1 != g.out_w:
+        return spec
+    return replace(spec, conv=replace(g, stride=s, pad=p))
 
 
 def _model_weight_inputs(module: Any, spec: KernelSpec) -> dict[str, np.ndarray]:

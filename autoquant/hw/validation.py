@@ -18,6 +18,7 @@ hash) and reused.
 from __future__ import annotations
 
 import math
+import os
 import random
 import statistics
 import time
@@ -61,6 +62,11 @@ class ModelCheck:
     # predictor would reach against the full measurement (``repeatability``); NaN if unknown
     repeat_spearman: float = float("nan")
     spearman_ceiling: float = float("nan")
+    # the host's highest 1-minute load average seen while configs were timed end to end here
+    # (NaN when none was, or the device is remote): above BUSY_LOAD x its CPUs, other
+    # processes' work is in the medians (``busy``)
+    load_average: float = float("nan")
+    cpus: int = 0
 
     @property
     def fp32_e2e_us(self) -> float:
@@ -74,6 +80,8 @@ class ModelCheck:
             "end_to_end_round_drift": self.round_drift,
             "end_to_end_repeat_spearman": self.repeat_spearman,
             "spearman_ceiling": self.spearman_ceiling,
+            "load_average": self.load_average,
+            "cpus": self.cpus,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +109,7 @@ class ModelCheck:
 def measure_configs(
     backend: Any,
     model: Any,
-    input_shape: tuple[int, ...],
+    inputs: Any,
     layers: tuple[LayerInfo, ...],
     configs: Sequence[QuantConfig],
     *,
@@ -111,7 +119,9 @@ def measure_configs(
     status: Callable[[str], None] | None = None,
 ) -> list[tuple[KernelTiming, bool]]:
     """(timing, reused) per config, end to end, in rounds of interleaved visits; never raises
-    for a device fault (a config that fails to build or run is a ``failed`` timing)."""
+    for a device fault (a config that fails to build or run is a ``failed`` timing).
+    ``inputs``: a batch-1 input shape or the task's example inputs (``hw.inputs.task_inputs``:
+    named or integer inputs are fed as they are)."""
 
     def say(text: str) -> None:
         if status is not None:
@@ -171,7 +181,7 @@ def measure_configs(
         try:
             for i in timed:
                 say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
-                handle = backend.prepare_model(model, input_shape, layers, configs[i])
+                handle = backend.prepare_model(model, inputs, layers, configs[i])
                 if isinstance(handle, KernelTiming):
                     if i in batch:  # a failed anchor leaves the scaling to the others
                         results[i] = (handle, False)
@@ -302,7 +312,7 @@ def draw_configs(
 def check_latency_model(
     backend: Any,
     model: Any,
-    input_shape: tuple[int, ...],
+    inputs: Any,
     layers: tuple[LayerInfo, ...],
     per_layer: dict[tuple[str, str], KernelTiming],
     options: dict[str, Sequence[QuantChoice]],
@@ -326,10 +336,12 @@ def check_latency_model(
     calibration, validation = draw_configs(
         layers, options, n_calibrate=n_calibrate, n_validate=n_validate, seed=seed
     )
+    local = backend.profile.is_local
+    load = [host_load()] if local else []
     timings = measure_configs(
         backend,
         model,
-        input_shape,
+        inputs,
         layers,
         [*calibration, *validation],
         rounds=rounds,
@@ -365,6 +377,8 @@ def check_latency_model(
     # rounds are shared only by timings taken together: a timing reused from the table came
     # from another run, whose batch 0 is not this run's
     fresh = [t for t, was_reused in timings if not was_reused]
+    if local:
+        load.append(host_load())
     spread, drift = round_noise(fresh or [t for t, _ in timings])
     held_out = [t for t, was_reused in timings[len(calibration) :] if not was_reused]
     repeat, ceiling = repeatability(held_out)
@@ -380,7 +394,28 @@ def check_latency_model(
         round_drift=drift,
         repeat_spearman=repeat,
         spearman_ceiling=ceiling,
+        load_average=max(load) if load and len(timings) > reused else math.nan,
+        cpus=os.cpu_count() or 0,
     )
+
+
+# A host whose 1-minute load average exceeds this many times its CPUs while timing is busy:
+# the profiling process itself keeps about ``threads`` of them running.
+BUSY_LOAD = 1.5
+
+
+def host_load() -> float:
+    """This host's 1-minute load average (NaN where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return math.nan
+
+
+def busy(summary: dict[str, Any]) -> bool:
+    """Whether a fidelity summary's end-to-end timings ran on a busy host (``BUSY_LOAD``)."""
+    load, cpus = summary.get("load_average"), summary.get("cpus") or 0
+    return load is not None and load == load and cpus > 0 and load > BUSY_LOAD * cpus
 
 
 def _rounds_by_batch(timings: Sequence[KernelTiming]) -> list[list[list[float]]]:
