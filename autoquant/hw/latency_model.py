@@ -242,9 +242,8 @@ def fit_latency_model(
     penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
     penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
     k0 = 2 + n_class
-    penalty[k0 : k0 + 2 * n_kernel, k0 : k0 + 2 * n_kernel] = np.sqrt(
-        kernel_ridge or 0.0
-    ) * np.eye(2 * n_kernel)
+    kernel_block = slice(k0, k0 + 2 * n_kernel)
+    penalty[kernel_block, kernel_block] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
     if transitions:
         penalty[-1, -1] = 1e-9  # like the intercept: free, but unique
     prior = np.zeros(n)

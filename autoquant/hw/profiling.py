@@ -198,9 +198,7 @@ def _more_rounds(
         out[i] = LayerTiming(e.layer, e.choice, timing, reused=False)
     # A layer equal to one measured now (same signature: ResNet blocks, transformer layers)
     # was read back from the table after that layer's first round: it gets all its rounds too.
-    refreshed = {
-        (layer_signature(out[i].layer), out[i].choice.label): out[i].timing for i in extra
-    }
+    refreshed = {(layer_signature(out[i].layer), out[i].choice.label): out[i].timing for i in extra}
     for i, e in enumerate(out):
         timing = refreshed.get((layer_signature(e.layer), e.choice.label))
         if e.reused and timing is not None:
