@@ -183,12 +183,14 @@ def fit_latency_model(
     statistic: str = "median",
     shared_scale: bool = False,
     transitions: bool = False,
+    plain: bool = False,
 ) -> LatencyModel:
     """Fit intercept, per-kernel-class scales and per-kernel corrections on ``measured``
     (config, end-to-end µs) pairs, the kernel times and the measurements taken with the same
     ``statistic`` (min or median). ``shared_scale``: one scale for every class;
     ``kernel_ridge`` None: no kernel corrections; ``transitions``: also the cost per element
-    of a change between integer and float kernels (``transition_elements``).
+    of a change between integer and float kernels (``transition_elements``); ``plain``: fit
+    nothing, the per-layer kernel sum as it is.
 
     Raises ValueError when there is no measurement or a measured config has a layer without a
     usable kernel timing (its row would be meaningless)."""
@@ -197,15 +199,19 @@ def fit_latency_model(
 
     if not measured:
         raise ValueError("no end-to-end measurement to calibrate on")
-    plain = LatencyModel(layers, dict(per_layer), statistic=statistic)
+    kernel_sum = LatencyModel(
+        layers, dict(per_layer), calibration_configs=len(measured), statistic=statistic
+    )
     observed = []
     for config, us in measured:
-        kernels = plain.kernel_times_us(config)
+        kernels = kernel_sum.kernel_times_us(config)
         if isinstance(kernels, Figure):
             raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
         if not us > 0:
             raise ValueError(f"calibration config {config.hash}: measured {us} µs")
         observed.append((kernels, us, transition_elements(layers, config)))
+    if plain:
+        return kernel_sum
     # Only the kernels some calibration config ran can be corrected (none: kernel_ridge None).
     used = sorted(
         {(name, label) for kernels, _, _ in observed for name, (_, label, _) in kernels.items()}
@@ -293,16 +299,20 @@ def fit_latency_model(
     return model
 
 
-# The forms ``calibrate_latency_model`` chooses between, simplest first (it wins ties): one
+# The forms ``calibrate_latency_model`` chooses between, simplest first (it wins ties): the
+# plain kernel sum fits nothing, so its leave-one-out error is its error on the calibration
+# configs, and every fitted form has to beat it by more than the scatter (when the calibration
+# configs span a narrow latency range, intercept and scale trade off and a fit extrapolates
+# worse than the sum it starts from). One
 # scale for all kernels ranks configs exactly as the plain sum does; class scales and kernel
 # corrections can rank them better, when the calibration configs show a difference between the
-# classes, and worse when what they fit is noise. On digits-wide here the float / integer scales
-# came out 1.03-1.04 / 0.97 in four profiles, 0.98 / 1.01 in one, 0.99 / 1.00 in another: the
-# effect is real but follows the machine's state, so each calibration decides afresh.
+# classes, and worse when what they fit is noise; how much the classes differ follows the
+# machine's state, so each calibration decides afresh.
 # The transition forms come last: the one-standard-error rule keeps a form without the term
 # unless the term predicts the left-out configs better by more than the scatter (a runtime that
 # converts nothing between kernel kinds, like the TVM composition, gains nothing from it).
 MODEL_FORMS: dict[str, dict[str, Any]] = {
+    "plain sum": {"plain": True},
     "one scale": {"shared_scale": True, "kernel_ridge": None},
     "class scales": {"shared_scale": False, "kernel_ridge": KERNEL_RIDGE},
     "one scale + transitions": {"shared_scale": True, "kernel_ridge": None, "transitions": True},
