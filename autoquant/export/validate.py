@@ -140,10 +140,9 @@ def share_thread_pool(threads: int) -> None:
 
     A session's own pool keeps its idle workers spinning long after a run (a 20 ms pause did
     not calm them). With many sessions open and visited in turn (``autoquant.hw.interleave``),
-    the workers of the sessions not running took the CPU from the one being timed: one-layer
-    timings came out 2.0-4.5x their value alone on this 2-vCPU machine (median 3.1x;
-    ``benchmarks/ort_thread_pool.py``: 1.04x shared). One shared pool is
-    what a single deployed session runs on, and visits then time what a lone run does. ORT
+    the workers of the sessions not running took the CPU from the one being timed, several
+    times a one-layer graph's time alone (``benchmarks/ort_thread_pool.py`` measures both
+    ways). One shared pool is what a single deployed session runs on, and visits then time what a lone run does. ORT
     refuses sessions with pools of their own once it exists, so ``session_options`` gives
     every session the shared one from then on.
 

@@ -1,14 +1,12 @@
 """Interleaved short visits: time several loaded kernels or whole models at the same moments.
 
 On a shared machine the speed of the whole CPU moves from one tenth of a second to the next
-(two 60 ms windows of the same model differ by 10% on this 2-vCPU VM) and in spells of
-seconds. Timing one thing for 600 ms, then the next, lets each catch its own spell, and the
+(on a shared VM, two 60 ms windows of the same model can differ by several percent) and in
+spells of seconds. Timing one thing for 600 ms, then the next, lets each catch its own spell, and the
 comparison between them (what a ranking of configs rests on) inherits all of it. Here every
 round is cut into short visits of about ``measure.visit_ms``; each cycle visits every timed thing
 once, so all of them sample the machine at the same moments and a spell moves them together.
-Measured on this machine with ``benchmarks/visit_noise.py`` (four digits-wide configs, eight
-5 s windows each way, alternating): the std over the windows of a config's median over
-float32's was 6.5-12.5% timed as 200 ms samples in rounds, 2.0-4.4% timed as 10 ms visits.
+``benchmarks/visit_noise.py`` measures a config's ratio to float32 both ways side by side.
 
 A visitor is a callable that runs one visit and returns its mean seconds per call; one that
 raises leaves the cycle (a lost device, a timeout) and the caller hears which and why.

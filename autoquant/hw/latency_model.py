@@ -30,10 +30,9 @@ activation layout and a chain of float ones in another (ONNX Runtime: QLinearCon
 Conv on blocked NCHWc), converting only where the chain changes kind. A one-layer graph pays
 both conversions around its kernel, whatever the neighbours; inside the model a layer whose
 neighbours run the same kind pays none. So the kernel sum over-counts conversions in uniform
-stretches and the model pays them at each change: on digits-resnet (ONNX Runtime), the optimized
-graph of a float/int8 alternating config ran 11 Transposes and 8 Reorders where all-float ran 1
-and all-int8 3, and the held-out configs' error against the kernel sum followed the number of
-changes (Spearman 0.69). The term counts, between consecutive layers in execution order whose
+stretches and the model pays them at each change (ONNX Runtime's optimized graph of an
+alternating float/int8 config holds a Transpose or Reorder at each change; a uniform one holds
+almost none). The term counts, between consecutive layers in execution order whose
 kernels differ in being integer ones, the elements of the earlier layer's output (per sample),
 and costs them ``transition_us_per_element``, fitted like the scales (non-negative; forms with
 it must beat the forms without by more than the calibration's scatter).
@@ -54,11 +53,9 @@ from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 RIDGE = 0.1  # weight of sum((scale - 1)^2) against the sum of squared relative errors
 # weight of sum(correction^2). Kernels timed in interleaved visits are trusted to well under
-# 1%, and ten calibration configs cannot pin down the ~40 kernels they run: a loose ridge (0.3,
-# chosen when kernel timings moved 5% between profiles) fitted noise and ranked held-out configs
-# worse than the class scales alone. Resplitting three digits-wide profiles' 40 configs 40 times
-# each (10 calibration, 30 held out): Spearman minus the plain sum's +0.0002 / +0.0045 / +0.0163
-# at 3, -0.0001 / +0.0034 / +0.0123 at 0.3. A kernel far off in context still gets corrected.
+# 1%, and ten calibration configs cannot pin down the ~40 kernels they run: a loose ridge fits
+# noise and ranks held-out configs worse than the class scales alone, so it is stiff and only a
+# kernel far off in context moves (``benchmarks/latency_fidelity.py`` measures the effect).
 KERNEL_RIDGE = 3.0
 KERNEL_CLASSES = ("float", "weight_only", "integer")
 _CLASS_OF_FORMAT = {

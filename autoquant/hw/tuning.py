@@ -34,8 +34,8 @@ from typing import Any
 from autoquant.hw.backend import short_error
 from autoquant.hw.kernels import KernelSpec
 
-# meta_schedule's default builder timeout (30 s) is shorter than a fresh builder worker's start
-# on the 2-core machine; 180 s leaves room even if a worker imports tvm.s_tir.tensor_intrin.
+# meta_schedule's default builder timeout (30 s) can be shorter than a fresh builder worker's
+# start on a small machine; this leaves room even if a worker imports tvm.s_tir.tensor_intrin.
 BUILD_TIMEOUT_S = 180
 TRIALS_PER_ITER = 32
 # a run record slower than this is meta_schedule's marker for a candidate that failed (1e10 s)

@@ -147,9 +147,8 @@ class TvmBackend(LatencyBackend):
         visits = visits_per_round(spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
         # each visit: the visit itself, and a round trip for it and each warm-up call
         per_round = visits * (m.visit_ms / 1000.0 + 0.002 * (1 + m.warmup))
-        # build + upload, then the rounds, with a 2x margin: over loopback a batch of seven
-        # models took 48 s of the 600 s session, its rounds about 0.6x this estimate (a round
-        # of 200 ms samples was once seen taking 5x its sum; visits return every 10 ms)
+        # build + upload, then the rounds, with a 2x margin: a busy machine stretches a round
+        # past its sum, and later batches are sized from the pace the earlier ones really had
         per_model = 10.0 + rounds * per_round * 2
         return max(1, int(SESSION_SHARE * spec.device.session_timeout_s / per_model))
 

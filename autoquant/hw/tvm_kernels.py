@@ -29,8 +29,8 @@ from autoquant.hw.kernels import LANES, KernelSpec, input_dtype, output_dtype
 
 VNNI_INTRIN = "autoquant_dot_16x4_u8i8i32_vnni"
 MADD16_INTRIN = "autoquant_dot_16x2_i16i8i32_avx2"
-# Below this many multiply-accumulates a kernel runs on one thread: on the 2-core development
-# machine the pool's wake-up (5-10 µs) cost more than it saved up to ~0.5 M MACs.
+# Below this many multiply-accumulates a kernel runs on one thread: waking the thread pool
+# costs microseconds, more than splitting a small kernel saves (``benchmarks/kernels.py``).
 PARALLEL_MIN_MACS = 1 << 19
 _REGISTERED: set[str] = set()
 

@@ -146,15 +146,14 @@ def measure_configs(
         todo.append(i)
     # A remote session ends after session_timeout_s and takes its loaded models with it: time
     # the configs in batches that fit one session, interleaved within each batch. Sessions
-    # differ (a fresh server process, another moment of the machine): whole batches of one
-    # loopback profile ran 10-40% apart. So every later batch times the first configs again as
+    # differ (a fresh server process, another moment of the machine), and whole batches can run
+    # tens of percent apart. So every later batch times the first configs again as
     # anchors (float32 and the class-uniform calibration configs come first: one of each kind of
     # kernel, since a moment of the machine can slow one kind more than another), and its
     # samples are scaled by the geometric mean of how the anchors moved.
     # The first batch is sized by the backend's estimate; every later one by how long the
     # batches before it really took per model, with the same ``SESSION_SHARE`` (the estimate
-    # is cautious: over loopback a batch of 13 took 90 s of a 600 s session, and four
-    # sessions' anchor scaling left them up to 3% apart where two would do).
+    # is cautious, and fewer, fuller sessions need less anchor scaling).
     per_session = backend.models_per_session() or len(todo) or 1
     split = 2 <= per_session < len(todo)
     anchors = todo[: max(1, min(ANCHORS, per_session // 4))] if split else []

@@ -559,8 +559,7 @@ class _WeightTerms:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one thread for the block: the weight terms are thousands of small element-wise
-    operations, where OpenMP's second thread costs more than it gives (MiniLM's 1,247 formats:
-    3.8 s CPU on one thread, 25 s on two, on a busy 2-core machine)."""
+    operations, where OpenMP's fork and join cost more than the work they split."""
     import torch
 
     threads = torch.get_num_threads()

@@ -68,12 +68,10 @@ class DigitsMLP(nn.Module):
 
 
 class DigitsWide(nn.Module):
-    """A wide conv net on the same 8x8 digits, sized so that compute dominates its latency on a
-    2-core EPYC: about 80M MACs per image (over a millisecond in float32) against 10 MB of
-    float32 weights, which stay in a 32 MB L3 beside everything else whatever the config. (A
-    weight-heavy layer near the L3 size makes a kernel's time depend on what else shares the
-    cache: the same float32 config measured 2% and 28% off its per-layer prediction in two runs
-    of an earlier, 32 MB-fc1 version of this net.)"""
+    """A wide conv net on the same 8x8 digits, sized so that compute, not memory, dominates its
+    latency: about 80M MACs per image against 10 MB of float32 weights, well under a server
+    CPU's L3 whatever the config. (A weight-heavy layer near the L3 size makes a kernel's time
+    depend on what else shares the cache, which no per-layer table can predict.)"""
 
     def __init__(self) -> None:
         super().__init__()
