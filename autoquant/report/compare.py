@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from autoquant.pareto import hypervolume, non_dominated_mask
+from autoquant.report.escape import html_text
 from autoquant.report.html import _points, axis_for, configs_payload, knee_trial
 from autoquant.report.page import page, table
 from autoquant.report.rundata import RunData
@@ -150,9 +151,9 @@ def compare_runs(runs: list[RunData]) -> Comparison:
 
 
 def render_compare(comp: Comparison) -> str:
-    body = [f"<h1>autoquant compare: {', '.join(r.name for r in comp.runs)}</h1>"]
+    body = [f"<h1>autoquant compare: {html_text(', '.join(r.name for r in comp.runs))}</h1>"]
     if comp.notes:
-        body.append("<ul>" + "".join(f"<li>{n}</li>" for n in comp.notes) + "</ul>")
+        body.append("<ul>" + "".join(f"<li>{html_text(n)}</li>" for n in comp.notes) + "</ul>")
     body.append(table(["run", "path", "task", "sampler", "measured configs", "knee trial"], [
         [r.name, str(r.path), r.task, r.spec.get("search", {}).get("sampler"),
          int((r.trials["state"] == "COMPLETE").sum()), comp.knees[r.name]] for r in comp.runs], left=4))
@@ -160,11 +161,11 @@ def render_compare(comp: Comparison) -> str:
         series = [Series(f"{r.name} front", _points(r, r.front, p.cost), PALETTE[j % len(PALETTE)], kind="front")
                   for j, r in enumerate(comp.runs)]
         values = [v for r in comp.runs for v in r.front[p.cost.figure]]
-        body.append(f"<h2>accuracy against {p.cost.name}</h2>")
+        body.append(f"<h2>accuracy against {html_text(p.cost.name)}</h2>")
         body.append(scatter(series, axis_for(p.cost, values), Axis("accuracy (measured)"),
                             title=f"fronts: accuracy against {p.cost.name}", plot_id=f"compare-{i}"))
         body.append(f"<p class='note'>Hypervolume from the shared reference point accuracy "
-                    f"{p.reference[0]:.4f}, {p.cost.figure} {p.reference[1]:.4g} (higher is better).</p>")
+                    f"{p.reference[0]:.4f}, {html_text(p.cost.figure)} {p.reference[1]:.4g} (higher is better).</p>")
         rows = [[r.name, f"{p.hypervolume[r.name]:.6g}", p.front_points[r.name],
                  f"{p.dominated_fraction[r.name] * 100:.0f}%"] for r in comp.runs]
         body.append(table(["run", "hypervolume", "front points", "front dominated by the others"], rows))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from html import escape
 from typing import Any
 
 import numpy as np
 
 from autoquant.pareto import knee_index
+from autoquant.report.escape import html_text
 from autoquant.report.page import page, table
 from autoquant.report.rundata import RunData, interval_of, within_noise
 from autoquant.report.svg import Axis, Point, Series, heatmap, scatter
@@ -205,7 +205,7 @@ def _predictor_section(data: ReportData) -> str:
     q = data.predictor
     if q is None:
         return ("<p class='note'>This run used no accuracy predictor: every accuracy shown was measured "
-                "(sampler {}).</p>".format(escape(str(data.run.spec.get("search", {}).get("sampler")))))
+                "(sampler {}).</p>".format(html_text(data.run.spec.get("search", {}).get("sampler"))))
     run = data.run
     rows = run.complete[np.isfinite(run.complete["accuracy_predicted"].astype(float))]
     pts = tuple(Point(float(r["accuracy_predicted"]), float(r["accuracy"]), _tooltip(run, r), _key(run, r["trial"]))
@@ -248,7 +248,7 @@ def _sensitivity_section(run: RunData) -> str:
             f"{float(per_choice[worst].get('disagreement', math.nan)) * 100:.1f}%",
         ])
     note = (f"<p class='note'>Measured on the calibration data, one layer quantized at a time "
-            f"({data.get('forward_passes', '?')} forward passes, {float(data.get('seconds', 0)):.1f} s); "
+            f"({html_text(data.get('forward_passes', '?'))} forward passes, {float(data.get('seconds', 0)):.1f} s); "
             "KL divergence of the outputs from the fp32 model; Hessian trace by Hutchinson's estimator.</p>")
     return note + table(
         ["layer", "Hessian trace / param", "median KL over choices", "largest KL", "at choice", "top-1 changed"],
@@ -268,19 +268,19 @@ def _latency_section(run: RunData) -> str:
         plain = summary.get("plain_sum") or {}
         model = prof.get("model") if isinstance(prof.get("model"), dict) else {}
         fp32_us = prof.get("fp32_e2e_us")
-        parts.append(f"<h3>{escape(name)}</h3><p class='note'>latency (predicted) = "
-                     f"{escape(str(model.get('formula', '')))}, intercept "
+        parts.append(f"<h3>{html_text(name)}</h3><p class='note'>latency (predicted) = "
+                     f"{html_text(model.get('formula', ''))}, intercept "
                      f"{float(model.get('intercept_us') or 0):.1f} µs, fitted on "
-                     f"{escape(str(model.get('calibration_configs', '-')))} configs timed end to end; "
+                     f"{html_text(model.get('calibration_configs', '-'))} configs timed end to end; "
                      f"the figures below are on held-out configs. fp32 end to end "
                      f"{float(fp32_us if isinstance(fp32_us, (int, float)) else math.nan):.1f} µs "
-                     f"({escape(str(prof.get('measured_source', 'measured')))}).</p>")
+                     f"({html_text(prof.get('measured_source', 'measured'))}).</p>")
 
         check = prof.get("front_check")
         if isinstance(check, dict):
             from autoquant.hw.search_latency import front_check_line
 
-            parts.append(f"<p class='note'>{escape(front_check_line(check))}</p>")
+            parts.append(f"<p class='note'>{html_text(front_check_line(check))}</p>")
 
         def pct(v: object) -> str:
             return f"{float(v) * 100:.0f}%" if isinstance(v, (int, float)) else "-"
@@ -343,13 +343,14 @@ def render_report(data: ReportData) -> str:
             refs.append(f"{name}: {_accuracy_text(row, drop=name != 'fp32')}, "
                         f"{row['size_bytes'] / 1024:.1f} KiB (exact), {'on' if row['on_front'] else 'not on'} the front")
     body = [
-        f"<h1>autoquant run <code>{escape(run.name)}</code></h1>",
-        f"<p>task <b>{escape(str(run.task))}</b>; objectives {', '.join(o.name + ' (' + o.direction + ')' for o in run.objectives)}; "
-        f"sampler {escape(str(search.get('sampler')))}; budget {search.get('trials')} configs"
-        + (f" / {search.get('timeout_s')} s" if search.get("timeout_s") else "")
+        f"<h1>autoquant run <code>{html_text(run.name)}</code></h1>",
+        f"<p>task <b>{html_text(run.task)}</b>; objectives "
+        + html_text(", ".join(f"{o.name} ({o.direction})" for o in run.objectives))
+        + f"; sampler {html_text(search.get('sampler'))}; budget {html_text(search.get('trials'))} configs"
+        + (f" / {html_text(search.get('timeout_s'))} s" if search.get("timeout_s") else "")
         + f"; used: {n_done} measured, {n_fail} failed"
         + (f", {info['elapsed_s']:.1f} s in the last invocation" if "elapsed_s" in info else "") + ".</p>",
-        "<p>" + "<br>".join(escape(r) for r in refs) + "</p>",
+        "<p>" + "<br>".join(html_text(r) for r in refs) + "</p>",
         "<h2>Pareto fronts</h2><p class='note'>Grey: every measured config. Blue: the front. Black square: fp32. "
         "Black triangle: uniform int8. Red ring: the knee. Hover a point for its config, click for details.</p>",
         "<div class='plots'>" + "".join(front_plots(data)) + "</div>",
@@ -359,8 +360,8 @@ def render_report(data: ReportData) -> str:
         "<h2>Accuracy predictor</h2>", _predictor_section(data),
         "<h2>Latency model</h2>", _latency_section(run),
         "<h2>Layer sensitivity</h2>", _sensitivity_section(run),
-        "<h2>Spec as run</h2><pre>" + escape(_yaml(run.spec)) + "</pre>",
-        "<h2>Versions</h2><pre>" + escape(json.dumps(info.get("versions", {}), indent=2)) + "</pre>",
+        "<h2>Spec as run</h2><pre>" + html_text(_yaml(run.spec)) + "</pre>",
+        "<h2>Versions</h2><pre>" + html_text(json.dumps(info.get("versions", {}), indent=2)) + "</pre>",
     ]
     return page(f"autoquant: {run.name}", "\n".join(body), configs_payload(run))
 

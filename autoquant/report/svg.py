@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from html import escape
+
+from autoquant.report.escape import html_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 BIT_COLOURS = {2: "#67001f", 3: "#d6604d", 4: "#f4a582", 8: "#92c5de", 16: "#4393c3", 32: "#bdbdbd"}
@@ -77,7 +78,7 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
     pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b) and (not x.log or a > 0)]
     f = _Frame()
     if not pts:
-        return f'<p class="empty">{escape(title)}: no points to plot</p>'
+        return f'<p class="empty">{html_text(title)}: no points to plot</p>'
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
     if x.log:
@@ -98,8 +99,8 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
         return f.top + ph - (v - ylo) / (yhi - ylo) * ph
 
     out = [
-        f'<svg class="plot" id="{plot_id}" viewBox="0 0 {f.width} {f.height}" width="{f.width}" '
-        f'height="{f.height}" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(title)}">',
+        f'<svg class="plot" id="{html_text(plot_id)}" viewBox="0 0 {f.width} {f.height}" width="{f.width}" '
+        f'height="{f.height}" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html_text(title)}">',
         f'<rect x="{f.left}" y="{f.top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
     ]
     for t in _ticks(xlo, xhi, x.log):
@@ -112,11 +113,11 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
         out.append(f'<text x="{f.left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
     out.append(
         f'<text x="{f.left + pw / 2}" y="{f.height - 10}" text-anchor="middle" font-size="12">'
-        f'{escape(x.label)}{" (log scale)" if x.log else ""}</text>'
+        f'{html_text(x.label)}{" (log scale)" if x.log else ""}</text>'
     )
     out.append(
         f'<text transform="translate(16 {f.top + ph / 2}) rotate(-90)" text-anchor="middle" '
-        f'font-size="12">{escape(y.label)}</text>'
+        f'font-size="12">{html_text(y.label)}</text>'
     )
     legend_y = f.top + 14
     for s in series:
@@ -127,7 +128,7 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
                 f"{'M' if i == 0 else 'L'}{sx(p.x * x.scale):.1f} {sy(p.y * y.scale):.1f}"
                 for i, p in enumerate(ordered)
             )
-            out.append(f'<path d="{path}" fill="none" stroke="{s.colour}" stroke-dasharray="4 3"/>')
+            out.append(f'<path d="{path}" fill="none" stroke="{html_text(s.colour)}" stroke-dasharray="4 3"/>')
             good = []  # a reference line, not data: no marks
         if s.kind == "front" and len(good) > 1:
             ordered = sorted(good, key=lambda p: p.x)
@@ -135,24 +136,24 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
             path = [f"M{sx(first.x * x.scale):.1f} {sy(first.y * y.scale):.1f}"]
             for p in ordered[1:]:
                 path.append(f"H{sx(p.x * x.scale):.1f} V{sy(p.y * y.scale):.1f}")
-            out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{s.colour}" stroke-width="1.5" opacity="0.7"/>')
+            out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{html_text(s.colour)}" stroke-width="1.5" opacity="0.7"/>')
         for p in good:
             px, py = sx(p.x * x.scale), sy(p.y * y.scale)
-            attrs = f'class="pt" data-key="{escape(p.key)}" data-series="{escape(s.name)}"'
-            tip = f"<title>{escape(p.tooltip)}</title>"
+            attrs = f'class="pt" data-key="{html_text(p.key)}" data-series="{html_text(s.name)}"'
+            tip = f"<title>{html_text(p.tooltip)}</title>"
             if s.marker == "square":
                 r = s.size + 1
-                out.append(f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{s.colour}">{tip}</rect>')
+                out.append(f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{html_text(s.colour)}">{tip}</rect>')
             elif s.marker == "triangle":
                 r = s.size + 2
-                out.append(f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{s.colour}">{tip}</polygon>')
+                out.append(f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{html_text(s.colour)}">{tip}</polygon>')
             elif s.marker == "ring":
-                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{s.colour}" stroke-width="2">{tip}</circle>')
+                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{html_text(s.colour)}" stroke-width="2">{tip}</circle>')
             else:
-                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{s.colour}" fill-opacity="0.8">{tip}</circle>')
+                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{html_text(s.colour)}" fill-opacity="0.8">{tip}</circle>')
         out.append(
-            f'<text x="{f.left + pw + 10}" y="{legend_y}" font-size="11" fill="{s.colour}">'
-            f"{escape(s.name)}</text>"
+            f'<text x="{f.left + pw + 10}" y="{legend_y}" font-size="11" fill="{html_text(s.colour)}">'
+            f"{html_text(s.name)}</text>"
         )
         legend_y += 14
     out.append("</svg>")
@@ -164,22 +165,22 @@ def heatmap(rows: list[str], cols: list[str], cells: dict[tuple[str, str], tuple
     cw, ch, left, top = 64, 22, 110, 40
     width, height = max(left + cw * len(cols) + 10, left + 78 * len(BIT_COLOURS)), top + ch * len(rows) + 40
     out = [
-        f'<svg class="plot" id="{plot_id}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(title)}">'
+        f'<svg class="plot" id="{html_text(plot_id)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html_text(title)}">'
     ]
     for j, col in enumerate(cols):
-        out.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle" font-size="10">{escape(col)}</text>')
+        out.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle" font-size="10">{html_text(col)}</text>')
     for i, row in enumerate(rows):
-        out.append(f'<text x="{left - 6}" y="{top + i * ch + 15}" text-anchor="end" font-size="11">{escape(row)}</text>')
+        out.append(f'<text x="{left - 6}" y="{top + i * ch + 15}" text-anchor="end" font-size="11">{html_text(row)}</text>')
         for j, col in enumerate(cols):
             bits, label = cells.get((row, col), (32, "-"))
             colour = BIT_COLOURS.get(bits, "#fff")
             out.append(
                 f'<rect x="{left + j * cw}" y="{top + i * ch}" width="{cw - 2}" height="{ch - 2}" fill="{colour}">'
-                f"<title>{escape(row)} @ {escape(col)}: {escape(label)}</title></rect>"
+                f"<title>{html_text(row)} @ {html_text(col)}: {html_text(label)}</title></rect>"
             )
             ink = "#fff" if bits in (2, 3, 16) else "#000"
-            out.append(f'<text x="{left + j * cw + cw / 2 - 1}" y="{top + i * ch + 14}" text-anchor="middle" font-size="9" fill="{ink}">{escape(label)}</text>')
+            out.append(f'<text x="{left + j * cw + cw / 2 - 1}" y="{top + i * ch + 14}" text-anchor="middle" font-size="9" fill="{ink}">{html_text(label)}</text>')
     lx = left
     ly = top + ch * len(rows) + 16
     for bits, colour in BIT_COLOURS.items():
