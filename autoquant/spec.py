@@ -18,18 +18,29 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
 )
 
+from autoquant import formats
 from autoquant.errors import UserError
 
 MAX_YAML_BYTES = 1 << 20
 SPEC_VERSION = 1
 
-WeightBits = Literal[2, 3, 4, 8, 16, 32]
+
+def _weight_bits(value: int) -> int:
+    allowed = formats.bits_formats()  # the widths that name a weight format alone
+    if value not in allowed:
+        *most, last = map(str, allowed)
+        raise ValueError(f"not a weight width; allowed: {', '.join(most)} or {last}")
+    return value
+
+
+WeightBits = Annotated[StrictInt, AfterValidator(_weight_bits)]
 ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
 SamplerName = Literal["nsga2", "tpe", "random", "guided"]
@@ -70,20 +81,17 @@ class LayerMatch(_Strict):
 
 LABEL_EXAMPLES = (
     "labels such as f32-a32, f16-a32, w8cs-a32, w8cs-a8, w8cs-a8d, w8ts-a8, w4g32s-a32, w4ca-a8 "
-    "(w<bits 2|3|4|8><t per tensor|c per channel|g<group size>><s|a>-a<8|8d|16|32>, or "
-    "f<16|32>-a<16|32>; a8d: dynamic int8 activations)"
+    f"({formats.label_help()})"
 )
 
 
 def _choice_label(value: str) -> str:
-    from autoquant.space.values import LABEL_PATTERN
-
-    match = LABEL_PATTERN.match(value)
-    if match is None or (match["dynamic"] and match["abits"] != "8"):
+    fields = formats.parse_label(value)  # every registered weight format reads its own labels
+    if fields is None:
         raise ValueError(f"not a choice label; allowed: {LABEL_EXAMPLES}")
-    gran = match["gran"] or ""
-    if gran.startswith("g") and int(gran[1:]) < 2:
-        raise ValueError(f"group size {gran[1:]} is below 2; allowed: {LABEL_EXAMPLES}")
+    group = fields.get("group_size")
+    if group is not None and group < 2:
+        raise ValueError(f"group size {group} is below 2; allowed: {LABEL_EXAMPLES}")
     return value
 
 

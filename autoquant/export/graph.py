@@ -30,6 +30,9 @@ Per layer (``form`` in ``LayerExport``); what ONNX Runtime (ORT_ENABLE_ALL) runs
                    ``DequantizeLinear`` (``block_size`` along axis 1 for per-group) [dequantized
                    on every call]; 8-bit ones as ``int8-qdq``; 2-bit Linear per-group as
                    MatMulNBits with ``bits=2``
+format's own       weight formats whose export form is ``"dequantize"`` (``autoquant.formats``,
+                   e.g. ``fp8-dq``): the codes they store + ``DequantizeLinear`` [dequantized
+                   on every call]
 =================  ==========================================================================
 
 Activations: int8 = uint8 ``QuantizeLinear``/``DequantizeLinear`` on the layer's input and output
@@ -56,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autoquant import formats
 from autoquant.errors import UserError
 from autoquant.export.mapping import (  # noqa: F401 - re-exported: the graph API in one place
     INPUT_NAME,
@@ -218,7 +222,8 @@ def _matmulnbits_ok(op: str, choice: QuantChoice, k: int, options: GraphOptions)
     kernel, it dequantizes the whole weight on every call, ~20x slower than float32 at M=1)."""
     g = choice.group_size
     return (
-        options.int4_kernel == "matmulnbits"
+        formats.weight_format(choice).integer
+        and options.int4_kernel == "matmulnbits"
         and op == "Gemm"
         and choice.granularity == "per_group"
         and (
@@ -452,9 +457,13 @@ def _rewrite_layer(
     weight = module.weight.detach().float()
     w_float = f"{pre}.w_dq"
     storage_bits = choice.weight_bits
-    if choice.weight_bits == 32:
+    export_form = formats.weight_format(choice).export_form
+    if export_form == "float32":
         form, w_float = "fp32-weight", w_name
-    elif choice.weight_bits == 16:
+    elif export_form == "dequantize":
+        form, storage_bits = _dequantized_weight(rw, pre, weight, choice, w_float, new_nodes)
+        rw.remove_init(w_name)
+    elif export_form == "float16":
         form = "fp16"
         rw.add_init(f"{pre}.w_f16", _np(weight).astype(np.float16))
         new_nodes.append(
@@ -517,6 +526,7 @@ def _dynamic_matmul_ok(op: str, choice: QuantChoice) -> bool:
     return (
         _dynamic(choice)
         and op == "Gemm"
+        and formats.weight_format(choice).integer
         and choice.weight_bits == 8
         and choice.granularity in ("per_tensor", "per_channel")
     )
@@ -548,6 +558,22 @@ def _dynamic_matmul(rw, node, pre: str, module, choice: QuantChoice) -> None:
     )
     rw.remove_init(node.input[1])
     _finish(rw, node, [], [op], node.output[0], node.output[0], pre, choice, None)
+
+
+def _dequantized_weight(rw, pre, weight, choice, w_float, new_nodes) -> tuple[str, int]:
+    """A weight format's own stored form (``WeightFormat.export_weight``) and the
+    ``DequantizeLinear`` that gives the float weight. Returns (form, storage bits)."""
+    from onnx import helper
+
+    stored = formats.weight_format(choice).export_weight(_np(weight), choice)
+    inputs = [rw.add_init(f"{pre}.w_q", stored.q), rw.add_init(f"{pre}.w_scale", stored.scale)]
+    if stored.zero_point is not None:
+        inputs.append(rw.add_init(f"{pre}.w_zero", stored.zero_point))
+    attrs = {} if stored.axis is None else {"axis": stored.axis}
+    new_nodes.append(
+        helper.make_node("DequantizeLinear", inputs, [w_float], name=f"{pre}/w_DQ", **attrs)
+    )
+    return stored.form, stored.storage_bits
 
 
 def _integer_weight(rw, pre, shape, choice, params, integer, options, w_float):

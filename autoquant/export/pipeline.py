@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from autoquant import formats
 from autoquant.errors import UserError
 from autoquant.export.pick import Pick, RunFront, choose, load_front
 from autoquant.export.validate import Tolerances, Validation, session_threads
@@ -157,6 +158,9 @@ def export_point(
         expected_int_kernels=sum(runs_integer_kernel(c) for _, c in config.choices)
         + sum(e.form == "int8-dynamic" for e in graph.layers),
         weight_dq_allowed=options.weight_only == "dq",
+        format_weight_dq=sum(
+            formats.weight_format(c).export_form == "dequantize" for _, c in config.choices
+        ),
         tolerances=options.tolerances,
         threads=options.threads,
         latency_repeats=options.latency_repeats,

@@ -55,6 +55,7 @@ from typing import Literal
 
 import numpy as np
 
+from autoquant import formats
 from autoquant.space.values import LayerInfo, QuantChoice
 
 KERNEL_TEMPLATE_VERSION = 4  # bump when a schedule changes: old table entries stop matching
@@ -65,16 +66,9 @@ FORMATS: tuple[KernelFormat, ...] = ("fp32", "fp16", "weight_only", "w8a8", "wNa
 
 
 def kernel_format(choice: QuantChoice) -> KernelFormat:
-    """The kernel family a choice needs."""
-    if choice.weight_bits == 32:
-        return "fp32"
-    if choice.weight_bits == 16:
-        return "fp16"
-    if choice.act_dynamic:
-        return "w8a8_dynamic"
-    if choice.act_bits == 8:
-        return "w8a8" if choice.weight_bits == 8 else "wNa8"
-    return "weight_only"
+    """The kernel family a choice needs (its weight format says). A family outside
+    ``FORMATS`` has no template here, and no profile can list it: backends exclude it."""
+    return formats.weight_format(choice).kernel_family(choice)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from autoquant.hw.kernels import kernel_format
+from autoquant import formats
 from autoquant.hw.timing import KernelTiming
 from autoquant.measurement import Figure
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
@@ -58,19 +58,11 @@ RIDGE = 0.1  # weight of sum((scale - 1)^2) against the sum of squared relative 
 # kernel far off in context moves (``benchmarks/latency_fidelity.py`` measures the effect).
 KERNEL_RIDGE = 3.0
 KERNEL_CLASSES = ("float", "weight_only", "integer")
-_CLASS_OF_FORMAT = {
-    "fp32": "float",
-    "fp16": "float",
-    "weight_only": "weight_only",
-    "w8a8": "integer",
-    "wNa8": "integer",
-    "w8a8_dynamic": "integer",
-}
 
 
 def kernel_class(choice: QuantChoice) -> str:
-    """Which ``KERNEL_CLASSES`` entry a choice's kernel (``kernels.kernel_format``) belongs to."""
-    return _CLASS_OF_FORMAT[kernel_format(choice)]
+    """Which ``KERNEL_CLASSES`` entry a choice's kernel belongs to (its weight format says)."""
+    return formats.weight_format(choice).kernel_class(choice)
 
 
 def transition_elements(layers: Sequence[LayerInfo], config: QuantConfig) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from autoquant import formats
 from autoquant.errors import UserError
 from autoquant.hw.backend import LatencyBackend
 from autoquant.hw.interleave import visit_rounds, visits_per_round
@@ -36,8 +37,8 @@ def parse_label(label: str) -> QuantChoice:
         return QuantChoice.from_label(label)
     except ValueError:
         raise UserError(
-            f"bad value {label!r}: not a choice label; allowed: f32-a32, f16-a16/-a32, or "
-            "w<2|3|4|8><t|c|g<size>><s|a>-a<8|16|32> such as w4g32s-a32",
+            f"bad value {label!r}: not a choice label; allowed: {formats.label_help()}, such as "
+            "w4g32s-a32",
             key="--choices",
         ) from None
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from autoquant import formats
 from autoquant.records import record_data
 from autoquant.space import QuantChoice, SearchSpace
 
@@ -522,7 +523,7 @@ class _Pass:
 
     def probe(self, name: str, choice: QuantChoice) -> tuple[OutputChange, str | None]:
         """Only layer ``name`` at ``choice``: the output change, or a failure and its reason."""
-        key = "activation_probe" if choice.weight_bits == 32 else "weight_probe"
+        key = "weight_probe" if formats.weight_format(choice).quantizes else "activation_probe"
         self.passes[key] += 1
         try:
             with quantized_layer(self.modules[name], name, choice, self.calibration):
@@ -594,7 +595,7 @@ def _probe_choice(
 ) -> QuantChoice | None:
     """The layer's most aggressive weight format (largest basis; ties: the first), or None when
     every choice keeps float32 weights."""
-    keys = [_weight_key(c) for c in space_choices if c.weight_bits != 32]
+    keys = [_weight_key(c) for c in space_choices if formats.weight_format(c).quantizes]
     if not keys:
         return None
     return max(keys, key=lambda k: (terms.basis(k), terms.error[k]))
@@ -722,7 +723,7 @@ def _layer_choices(
         if failed and key == probe_key:
             out[c.label] = ChoiceSensitivity(math.inf, 1.0, math.inf, error, hawq, "failed")
             continue
-        change = weight_term(key) if c.weight_bits != 32 else _ZERO
+        change = weight_term(key) if formats.weight_format(c).quantizes else _ZERO
         source = "measured" if key == probe_key and measured is not None else w_source
         if c.act_bits == 8:
             act, a_source = act_term(c.act_dynamic)

@@ -1,11 +1,10 @@
 """Fake quantization of weights and activations in torch.
 
-The integer grid, scales, zero points and rounding here are the ones the ONNX exporter writes,
-so an exported graph computes what the search measured. Integers are signed: a ``b``-bit value
-lies in ``[-2^(b-1), 2^(b-1)-1]``; asymmetric weights add an integer zero point in that range.
-Rounding is round-half-to-even (``torch.round``), as ONNX ``QuantizeLinear`` does.
-Activations use uint8 ``[0, 255]`` with a zero point, per tensor: calibrated once (static), or
-computed from each sample's own range at run time (dynamic, ``fake_quantize_dynamic``).
+Weights are simulated by their format (``autoquant.formats``; integer weights: ``quantize_weight``
+of ``autoquant.formats.integer``, re-exported here), with the grid, scales and rounding the ONNX
+exporter writes, so an exported graph computes what the search measured. Activations use uint8
+``[0, 255]`` with a zero point, per tensor: calibrated once (static), or computed from each
+sample's own range at run time (dynamic, ``fake_quantize_dynamic``).
 """
 
 from __future__ import annotations
@@ -14,94 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
+from autoquant import formats
+from autoquant.formats.integer import (  # noqa: F401 - re-exported: the simulation in one place
+    QuantParams,
+    int_range,
+    quantize_weight,
+)
 from autoquant.space.values import QuantChoice
 
 _EPS = 1e-12
 
 
-@dataclass(frozen=True)
-class QuantParams:
-    """Integer weight and the parameters to dequantize it: ``w ≈ (q - zero_point) * scale``.
-
-    ``scale`` and ``zero_point`` broadcast against the weight (per-tensor: shape ``[1,...]``;
-    per-channel: ``[O, 1, ...]``; per-group: ``[O, I/B, 1, ...]`` broadcast over block members
-    after reshaping to ``[O, I/B, B, ...]``).
-    """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    bits: int
-    group_size: int | None = None
-
-    def dequantize(self) -> torch.Tensor:
-        if self.group_size is None:
-            return (self.q - self.zero_point) * self.scale
-        grouped = _grouped(self.q, self.group_size)
-        out = (grouped - self.zero_point.unsqueeze(2)) * self.scale.unsqueeze(2)
-        return out.reshape(self.q.shape)
-
-
-def int_range(bits: int) -> tuple[int, int]:
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[O, I, *k]`` → ``[O, I/B, B, *k]``: blocks of ``B`` along axis 1."""
-    o, i = w.shape[:2]
-    return w.reshape(o, i // group_size, group_size, *w.shape[2:])
-
-
-def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
-    qmin, qmax = int_range(bits)
-    if symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.where(amax > _EPS, amax / qmax, torch.ones_like(amax))
-        zero = torch.zeros_like(scale)
-    else:
-        lo = torch.clamp(lo, max=0.0)
-        hi = torch.clamp(hi, min=0.0)
-        span = hi - lo
-        scale = torch.where(span > _EPS, span / (qmax - qmin), torch.ones_like(span))
-        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    return scale, zero
-
-
-def quantize_weight(w: torch.Tensor, choice: QuantChoice) -> QuantParams:
-    """Quantize a weight in torch layout (``[O, I]`` or ``[O, I, kh, kw]``) as ``choice`` says."""
-    if not choice.weight_is_int:
-        raise ValueError(f"{choice.label} is not an integer weight format")
-    w = w.detach().float()
-    bits = choice.weight_bits
-    qmin, qmax = int_range(bits)
-    group = None
-    if choice.granularity == "per_tensor":
-        reduce_dims = tuple(range(w.dim()))
-        view = w
-    elif choice.granularity == "per_channel":
-        reduce_dims = tuple(range(1, w.dim()))
-        view = w
-    else:
-        assert choice.group_size is not None
-        group = choice.group_size
-        view = _grouped(w, group)
-        reduce_dims = (2,)
-    lo = view.amin(dim=reduce_dims, keepdim=True)
-    hi = view.amax(dim=reduce_dims, keepdim=True)
-    scale, zero = _scale_zero(lo, hi, bits, choice.symmetric)
-    q = torch.clamp(torch.round(view / scale) + zero, qmin, qmax)
-    if group is not None:
-        return QuantParams(q.reshape(w.shape), scale.squeeze(2), zero.squeeze(2), bits, group)
-    return QuantParams(q, scale, zero, bits)
-
-
 def fake_quantize_weight(w: torch.Tensor, choice: QuantChoice) -> torch.Tensor:
-    """The weight the quantized layer computes with, in float32."""
-    if choice.weight_bits == 32:
-        return w.detach().clone()
-    if choice.weight_bits == 16:
-        return w.detach().half().float()
-    return quantize_weight(w, choice).dequantize().to(w.dtype)
+    """The weight the quantized layer computes with, in float32 (its weight format says)."""
+    return formats.weight_format(choice).fake_quantize(w, choice)
 
 
 def runs_integer_kernel(choice: QuantChoice) -> bool:
@@ -110,12 +35,8 @@ def runs_integer_kernel(choice: QuantChoice) -> bool:
     (QLinearConv, QGemm, QLinearMatMul). Such a layer also has its bias stored as int32 (see
     ``quantize_bias``). Dynamic activations (``act_dynamic``) run integer kernels too
     (DynamicQuantizeMatMul) but keep a float32 bias, added after the int32 result is scaled:
-    False for them."""
-    return (
-        choice.weight_bits == 8
-        and choice.act_static_int8
-        and choice.granularity in ("per_tensor", "per_channel")
-    )
+    False for them. The weight format says."""
+    return formats.weight_format(choice).runs_integer_kernel(choice)
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

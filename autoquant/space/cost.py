@@ -1,48 +1,31 @@
 """Exact, config-determined costs: stored bytes, mean bits, bit-operations.
 
 These are computed, not measured: they follow from the config and the layer shapes alone, so
-their source is ``exact``. Storage follows the export format: integer weights packed at their
-bit width, float32 scales, zero points (asymmetric only) packed at the weight's bit width, float32
-biases, and for static int8 activations one float32 scale and one uint8 zero point for the
-layer's input and one pair for its output (dynamic int8 activations store none: their parameters
-are computed at run time). BOPs count dynamic int8 activations as 8 bits, like static ones.
+their source is ``exact``. Storage follows the export format: the weight and its quantization
+parameters as its weight format stores them (``autoquant.formats``: integer weights packed at
+their bit width, float32 scales, zero points of asymmetric ones packed alike), float32 biases,
+and the parameters the activation format stores (static int8: one float32 scale and one uint8
+zero point for the layer's input and one pair for its output; dynamic int8: none, they are
+computed at run time). BOPs count dynamic int8 activations as 8 bits, like static ones.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from autoquant import formats
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
-
-SCALE_BYTES = 4
-FLOAT_BYTES = {16: 2, 32: 4}
-ACT_QPARAM_BYTES = 2 * (SCALE_BYTES + 1)
 
 
 def n_scales(layer: LayerInfo, choice: QuantChoice) -> int:
-    if not choice.weight_is_int:
-        return 0
-    if choice.granularity == "per_tensor":
-        return 1
-    if choice.granularity == "per_channel":
-        return layer.out_features
-    assert choice.group_size is not None
-    return layer.out_features * (layer.reduction_dim // choice.group_size) * layer.kernel_elems
+    return formats.weight_format(choice).n_scales(layer, choice)
 
 
 def layer_weight_bytes(layer: LayerInfo, choice: QuantChoice) -> int:
     """Bytes of the layer's weight, its quantization parameters and its bias."""
     bias = layer.out_features * 4 if layer.has_bias else 0
-    if not choice.weight_is_int:
-        weight = layer.weight_numel * FLOAT_BYTES[choice.weight_bits]
-    else:
-        scales = n_scales(layer, choice)
-        weight = math.ceil(layer.weight_numel * choice.weight_bits / 8) + scales * SCALE_BYTES
-        if not choice.symmetric:
-            weight += math.ceil(scales * choice.weight_bits / 8)
-    act = ACT_QPARAM_BYTES if choice.act_static_int8 else 0
-    return weight + bias + act
+    weight = formats.weight_format(choice).weight_bytes(layer, choice)
+    return weight + bias + formats.act_format(choice).qparam_bytes
 
 
 @dataclass(frozen=True)

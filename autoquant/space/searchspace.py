@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from autoquant import formats
 from autoquant.errors import UserError
 from autoquant.space.values import FP32, LayerInfo, QuantChoice, QuantConfig
 
@@ -121,43 +122,9 @@ def _matches(rule, layer: LayerInfo, n_layers: int) -> bool:
 
 
 def why_invalid(layer: LayerInfo, choice: QuantChoice) -> str | None:
-    """None if ``choice`` can be applied to ``layer`` and exported; otherwise the reason."""
-    if choice.act_bits == 8 and not choice.weight_is_int:
-        return "int8 activations need integer weights (integer kernels take both)"
-    if choice.act_dynamic:
-        reason = _why_not_dynamic(layer, choice)
-        if reason is not None:
-            return reason
-    if choice.weight_bits == 32 and choice.act_bits == 16:
-        return "float16 activations with float32 weights have no deployable kernel"
-    if choice.granularity == "per_group":
-        size = choice.group_size
-        dim = layer.reduction_dim
-        if size is None:
-            return "per_group needs a group size"
-        if dim % size:
-            return f"group size {size} does not divide the input dimension {dim}"
-        if dim // size * layer.kernel_elems <= 1:
-            return f"group size {size} covers the whole input dimension {dim}: same as per_channel"
-    return None
-
-
-def _why_not_dynamic(layer: LayerInfo, choice: QuantChoice) -> str | None:
-    """Dynamic int8 activations run as ONNX Runtime's DynamicQuantizeLinear -> MatMulInteger
-    (fused into DynamicQuantizeMatMul): int8 weights with one scale per tensor or per output
-    column and no weight zero point, on a MatMul."""
-    if layer.kind != "linear":
-        return (
-            "dynamic int8 activations only on linear layers: ONNX Runtime runs a dynamic conv "
-            "as unfused ConvInteger + casts, several times slower than float32"
-        )
-    if choice.weight_bits != 8:
-        return "dynamic int8 activations need 8-bit integer weights (MatMulInteger takes int8)"
-    if choice.granularity not in ("per_tensor", "per_channel"):
-        return "dynamic int8 activations need per_tensor or per_channel weight scales"
-    if not choice.symmetric:
-        return "dynamic int8 activations need symmetric weights (no weight zero point)"
-    return None
+    """None if ``choice`` can be applied to ``layer`` and exported; otherwise the reason (the
+    choice's weight format says)."""
+    return formats.weight_format(choice).why_invalid(layer, choice)
 
 
 def _act_options(act_bits: list[int], dynamic: list[bool]) -> list[tuple[int, bool]]:
@@ -176,7 +143,7 @@ def _expand(values: dict[str, Any]) -> list[QuantChoice]:
     for wb, (ab, dyn), gran, sym in itertools.product(
         values["weight_bits"], acts, values["granularity"], values["symmetric"]
     ):
-        if wb in (16, 32):
+        if not formats.resolve(wb).scaled:
             out.append(QuantChoice(weight_bits=wb, act_bits=ab, act_dynamic=dyn))
             continue
         if gran == "per_group":
@@ -188,7 +155,7 @@ def _expand(values: dict[str, Any]) -> list[QuantChoice]:
 
 
 def _pinned(p) -> QuantChoice:
-    if p.weight_bits in (16, 32):
+    if not formats.resolve(p.weight_bits).scaled:
         return QuantChoice(p.weight_bits, p.act_bits, act_dynamic=p.dynamic_activations)
     return QuantChoice(
         p.weight_bits, p.act_bits, p.granularity, p.group_size, p.symmetric, p.dynamic_activations

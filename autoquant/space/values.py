@@ -5,26 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from autoquant import formats
 from autoquant.records import record_data
 
 LayerKind = Literal["linear", "conv"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
-INT_WEIGHT_BITS = (2, 3, 4, 8)
-FLOAT_WEIGHT_BITS = (16, 32)
-WEIGHT_BITS = INT_WEIGHT_BITS + FLOAT_WEIGHT_BITS
 ACT_BITS = (8, 16, 32)
 GRANULARITIES: tuple[Granularity, ...] = ("per_tensor", "per_channel", "per_group")
 
 CONFIG_FORMAT_VERSION = 1
-LABEL_PATTERN = re.compile(
-    r"^(?:f(?P<fbits>16|32)|w(?P<wbits>[2348])(?P<gran>t|c|g\d+)(?P<sym>[sa]))"
-    r"-a(?P<abits>8|16|32)(?P<dynamic>d?)$"
-)
 
 
 @dataclass(frozen=True)
@@ -81,7 +74,9 @@ class LayerInfo:
 class QuantChoice:
     """What one layer gets.
 
-    ``weight_bits`` 2/3/4/8 are integer formats; 16 is float16 and 32 is float32 (not quantized).
+    The weight format is ``weight_format`` when set (a format registered by name, such as
+    ``fp8e4m3``), else the one ``weight_bits`` names (2/3/4/8 integer, 16 float16, 32 float32
+    unquantized): ``autoquant.formats`` owns what each one means.
     ``act_bits`` 8 is asymmetric per-tensor uint8 with calibrated ranges on the layer's input and
     output; 16 rounds activations to float16; 32 leaves them alone. ``act_dynamic`` (only with
     ``act_bits`` 8) makes the int8 activations dynamic instead: the layer's input is quantized
@@ -90,8 +85,9 @@ class QuantChoice:
     integer weights; float choices are normalised to per-tensor, symmetric. Per-group blocks run
     along weight axis 1 (the input/reduction axis) with ``group_size`` elements each.
 
-    ``act_dynamic`` is written to ``to_dict`` only when true, so every choice that existed before
-    it keeps its dict and every config its hash.
+    ``act_dynamic`` is written to ``to_dict`` only when true, and ``weight_format`` only when it
+    is not the one ``weight_bits`` names (it is normalised to empty then), so every choice that
+    existed before them keeps its dict and every config its hash.
     """
 
     weight_bits: int = 32
@@ -100,8 +96,12 @@ class QuantChoice:
     group_size: int | None = None
     symmetric: bool = True
     act_dynamic: bool = False
+    weight_format: str = ""
 
     def __post_init__(self) -> None:
+        fmt = formats.resolve(self.weight_bits, self.weight_format)
+        if fmt.default_for_bits and self.weight_format:
+            object.__setattr__(self, "weight_format", "")
         if self.act_dynamic and self.act_bits != 8:
             raise ValueError(
                 f"act_dynamic needs act_bits 8, got act_bits {self.act_bits}: dynamic activations "
@@ -115,40 +115,29 @@ class QuantChoice:
 
     @property
     def weight_is_int(self) -> bool:
-        return self.weight_bits in INT_WEIGHT_BITS
+        return formats.weight_format(self).integer
 
     @property
     def is_fp32(self) -> bool:
-        return self.weight_bits == 32 and self.act_bits == 32
+        """Neither the weight nor the activations are quantized."""
+        return not formats.weight_format(self).quantizes and not formats.act_format(self).quantizes
 
     @property
     def label(self) -> str:
         """A short, unique, human-readable name: ``w4g32a-a8`` = 4-bit, groups of 32, asymmetric,
-        int8 activations; ``w8cs-a8d`` = 8-bit per-channel symmetric, dynamic int8 activations."""
-        if not self.weight_is_int:
-            w = f"f{self.weight_bits}"
-        else:
-            gran = {"per_tensor": "t", "per_channel": "c"}.get(self.granularity)
-            if gran is None:
-                gran = f"g{self.group_size}"
-            w = f"w{self.weight_bits}{gran}{'s' if self.symmetric else 'a'}"
-        return f"{w}-a{self.act_bits}{'d' if self.act_dynamic else ''}"
+        int8 activations; ``w8cs-a8d`` = 8-bit per-channel symmetric, dynamic int8 activations.
+        The weight format writes the part before the dash."""
+        weight = formats.weight_format(self).weight_label(self)
+        return f"{weight}-{formats.act_format(self).label}"
 
     @classmethod
     def from_label(cls, label: str) -> QuantChoice:
         """The inverse of ``label``: ``w4g32s-a32``, ``w8cs-a8``, ``w8cs-a8d``, ``f16-a32``...
         ValueError if ``label`` is not one."""
-        match = LABEL_PATTERN.match(label.strip())
-        if match is None or (match["dynamic"] and match["abits"] != "8"):
+        fields = formats.parse_label(label.strip())
+        if fields is None:
             raise ValueError(f"not a choice label: {label!r}")
-        abits = int(match["abits"])
-        dynamic = bool(match["dynamic"])
-        if match["fbits"]:
-            return cls(int(match["fbits"]), abits, act_dynamic=dynamic)
-        gran = match["gran"]
-        granularity = {"t": "per_tensor", "c": "per_channel"}.get(gran, "per_group")
-        group = int(gran[1:]) if granularity == "per_group" else None
-        return cls(int(match["wbits"]), abits, granularity, group, match["sym"] == "s", dynamic)
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -160,6 +149,8 @@ class QuantChoice:
         }
         if self.act_dynamic:  # absent otherwise: the dicts (and hashes) of older choices stand
             out["act_dynamic"] = True
+        if self.weight_format:  # likewise: only formats that weight_bits alone does not name
+            out["weight_format"] = self.weight_format
         return out
 
     @classmethod
@@ -171,6 +162,7 @@ class QuantChoice:
             group_size=None if data.get("group_size") is None else int(data["group_size"]),
             symmetric=bool(data["symmetric"]),
             act_dynamic=bool(data.get("act_dynamic", False)),
+            weight_format=str(data.get("weight_format", "")),
         )
 
 
