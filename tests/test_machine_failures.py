@@ -52,8 +52,15 @@ def one_line(err: str) -> str:
 def finished_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
     spec = small_spec(tmp, trials=6)
-    done = _cli(["search", spec, "--out", tmp / "run", "--quiet"])
-    assert done.returncode == 0, done.stderr
+    from autoquant.cli import main
+
+    old, sys.argv = sys.argv, ["autoquant", "search", str(spec), "--out", str(tmp / "run"), "--quiet"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    finally:
+        sys.argv = old
     return tmp / "run"
 
 
@@ -81,13 +88,15 @@ def test_pareto_row_cut_short_is_damaged(finished_run, tmp_path, capsys):
     assert code == 1 and "pareto.csv" in one_line(err)
 
 
-def test_truncated_ledger_on_resume_is_one_line(finished_run, tmp_path):
+def test_truncated_ledger_on_resume_is_one_line(finished_run, tmp_path, capsys):
     run = tmp_path / "cut"
     shutil.copytree(finished_run, run)
     os.truncate(run / "study.db", (run / "study.db").stat().st_size // 2)
-    done = _cli(["search", run / "spec.yaml", "--out", run, "--quiet", "--trials", "8"])
-    line = one_line(done.stderr)
-    assert done.returncode == 1 and str(run / "study.db") in line and "SQLite" in line
+    code, _, err = run_cli(
+        ["search", run / "spec.yaml", "--out", run, "--quiet", "--trials", "8"], capsys
+    )
+    line = one_line(err)
+    assert code == 1 and str(run / "study.db") in line and "SQLite" in line
 
 
 def test_full_disk_during_search_is_one_line(tmp_path):
