@@ -299,11 +299,19 @@ _register_leaf_commands()
 
 
 def main() -> None:
+    from autoquant.errors import exit_code_for
+
     try:
         app(standalone_mode=True)
-    except UserError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except Exception as exc:
+        # The command boundary: bad input (2) and failures of the machine or a dependency (1)
+        # are one line; anything else is a bug and keeps its traceback.
+        known = exit_code_for(exc)
+        if known is None:
+            raise
+        code, line = known
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # python -m autoquant.cli

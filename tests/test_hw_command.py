@@ -10,7 +10,7 @@ import yaml
 from conftest import tvm_or_skip
 from typer.testing import CliRunner
 
-from autoquant.errors import UserError
+from autoquant.errors import MachineError
 from autoquant.hw.command import hw, profile
 
 pytestmark = pytest.mark.requires_tvm
@@ -114,10 +114,13 @@ def test_hw_lists_profiles(app, tmp_path):
     assert "invalid" in listed.output and "fpga" in listed.output
 
 
-def test_validate_with_an_unreachable_device_is_a_user_error(app, tmp_path):
+def test_validate_with_an_unreachable_device_is_one_machine_failure(app, tmp_path):
+    """The device, not the input, failed: one failure for the whole profile (exit 1), before
+    --validate has anything to check."""
+
     args = ["profile", "arm64-rpc", "--task", "digits-mlp", "--validate", "2", "--choices",
             "f32-a32", "--table", str(tmp_path / "t.sqlite")]
     result = CliRunner().invoke(app, args)
-    assert isinstance(result.exception, UserError)
-    assert "--validate" in str(result.exception) and "float32 kernel" in str(result.exception)
+    assert isinstance(result.exception, MachineError)
+    assert "cannot be reached" in str(result.exception)
     assert "tracker unreachable" in str(result.exception)

@@ -38,6 +38,85 @@ def test_unreachable_tracker_answers_fast():
     assert "unreachable" in status.describe("k")
 
 
+class SilentListener:
+    """A socket that accepts connections and never answers: a tracker that hangs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("tracker", ["silent", "closed"])
+def test_unreachable_tracker_is_one_failure_for_the_profile(tmp_path, capsys, tracker):
+    """Once per batch, within the connect deadline: exit 1 with one line, and nothing stored
+    (the same kernels behind another tracker address must not be "reused" as failed)."""
+    tvm_or_skip()
+    from conftest import run_cli
+
+    listener = SilentListener() if tracker == "silent" else None
+    port = listener.port if listener else free_port()
+    profile = remote_profile(port, "nobody")
+    profile["device"]["connect_timeout_s"] = 2
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    table = tmp_path / "lat.sqlite"
+    try:
+        start = time.monotonic()
+        code, _, err = run_cli(
+            ["profile", path, "--task", "digits-mlp", "--choices", "f32-a32,w8cs-a8",
+             "--table", table, "--quiet"], capsys,
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        if listener:
+            listener.close()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert "cannot be reached" in lines[0] and "tracker unreachable" in lines[0]
+    assert elapsed < 30, elapsed  # the task load and one 2 s probe, not a wait per kernel
+    with LatencyTable(table) as tab:
+        assert len(tab) == 0
+
+
+def test_lost_device_mid_batch_stops_and_stores_nothing_for_it(tmp_path):
+    """The tracker answers the batch's first question, then is gone: the first kernel that
+    needs a session ends the batch; no record of the failure is kept."""
+    tvm_or_skip()
+    from autoquant.errors import MachineError
+    from autoquant.hw.backend import backend_for
+    from autoquant.hw.profile import load_profile
+    from autoquant.hw.profiling import profile_layers
+
+    path = tmp_path / "remote.yaml"
+    profile = remote_profile(free_port(), "nobody")
+    profile["device"]["connect_timeout_s"] = 1
+    path.write_text(yaml.safe_dump(profile))
+    with backend_for(load_profile(path)) as backend, LatencyTable(tmp_path / "t.sqlite") as table:
+        backend.device_problem = lambda: None  # reachable when asked, lost right after
+        with pytest.raises(MachineError, match="cannot be reached: tracker unreachable"):
+            profile_layers(backend, [(LAYER, [QuantChoice(), QuantChoice(8, 8, "per_channel")])], table)
+        assert len(table) == 0
+
+
 def test_unreachable_device_is_a_failed_timing(tmp_path):
     tvm_or_skip()
     from autoquant.hw.backend import backend_for
@@ -48,6 +127,7 @@ def test_unreachable_device_is_a_failed_timing(tmp_path):
     with backend_for(load_profile(path)) as backend:
         timing = backend.measure(LAYER, QuantChoice())
     assert timing.status == "failed" and "tracker unreachable" in timing.error
+    assert timing.device_unreachable  # a failure of the device, never stored for the kernel
 
 
 def remote_profile(port: int, key: str) -> dict:
@@ -71,7 +151,7 @@ def remote_profile(port: int, key: str) -> dict:
     }
 
 
-def test_profile_over_rpc_on_loopback(tmp_path):
+def test_profile_over_rpc_on_loopback(tmp_path, capsys):
     """Tracker + server in-process on 127.0.0.1: reachability, a remote timing, the table."""
     tvm_or_skip()
     for extra in ("tornado", "psutil", "cloudpickle"):  # the tracker's undeclared dependencies
@@ -187,6 +267,17 @@ def test_profile_over_rpc_on_loopback(tmp_path):
         with backend_for(load_profile(path)) as backend:
             timing = backend.measure(LAYER, QuantChoice())
         assert timing.status == "failed" and "no server registered" in timing.error
+        # through the command: one failure for the whole profile, nothing stored
+        from conftest import run_cli
+
+        code, _, err = run_cli([
+            "profile", path, "--task", "digits-mlp", "--choices", "f32-a32",
+            "--table", tmp_path / "nokey.sqlite", "--quiet",
+        ], capsys)
+        assert code == 1 and "no server registered under key 'no-such-board'" in err, err
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+        with LatencyTable(tmp_path / "nokey.sqlite") as nokey:
+            assert len(nokey) == 0
     finally:
         if server is not None:
             server.terminate()

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from autoquant.errors import UserError
+from autoquant.errors import MachineError, UserError
 from autoquant.hw.inputs import InputsLike, ModelInputs
 from autoquant.hw.profile import HardwareProfile
 from autoquant.hw.timing import KernelTiming
@@ -62,6 +62,10 @@ class LatencyBackend(ABC):
         * ``measure(layer, choice)`` returns a ``KernelTiming`` and never raises for a build
           error, a wrong result, a timeout or a lost device: those are ``failed`` results.
           An excluded choice comes back ``excluded`` with the reason, never timed as another.
+          A device that cannot be reached at all is a ``KernelTiming.unreachable`` result: it
+          says nothing of the kernel, so callers stop the batch and store nothing for it.
+        * ``device_problem()`` is None when the device can be reached now, else why not; it is
+          asked once before a batch measures anything (a local device: always None).
         * ``measure_model(model, inputs, layers, config)`` times the whole model under
           ``config`` end to end on the same device, the same way (impl ``model``): the figure
           the per-layer latency model is checked against. ``inputs`` is a batch-1 input shape
@@ -145,6 +149,10 @@ class LatencyBackend(ABC):
         ``excluded`` timing when it can't be. ``inputs``: see ``measure_model``."""
         return KernelTiming.failed("end-to-end timing is not implemented for this backend", "model")
 
+    def device_problem(self) -> str | None:
+        """None when the device answers now, else why not (one try, with a deadline)."""
+        return None
+
     def kernel_visitor(
         self, layer: LayerInfo, choice: QuantChoice, seconds: float
     ) -> Callable[[], float] | None:
@@ -172,6 +180,19 @@ class LatencyBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DeviceUnreachable(MachineError):
+    """The profile's device could not be reached: one failure for the whole batch (exit 1)."""
+
+    def __init__(self, profile: HardwareProfile, reason: str, *, measured: int = 0) -> None:
+        kept = f"; the {measured} kernel(s) measured before are kept" if measured else ""
+        super().__init__(
+            f"the device of profile {profile.name} cannot be reached: {reason}; nothing was "
+            f"recorded for it{kept}; check the tracker and its servers (autoquant hw) and run "
+            "again",
+            file=str(profile.path) if profile.path else None,
+        )
 
 
 def backend_for(profile: HardwareProfile) -> LatencyBackend:

@@ -12,7 +12,7 @@ from typing import Any
 
 from autoquant import formats
 from autoquant.errors import UserError
-from autoquant.hw.backend import LatencyBackend
+from autoquant.hw.backend import DeviceUnreachable, LatencyBackend
 from autoquant.hw.interleave import visit_rounds, visits_per_round
 from autoquant.hw.table import LatencyTable, layer_signature
 from autoquant.hw.timing import KernelTiming
@@ -114,7 +114,9 @@ def profile_layers(
 
     Choices invalid for a layer (``why_invalid``) or without a kernel on the device are
     ``excluded`` with the reason (never stored, never timed). Failed timings are stored and
-    reused unless ``retry_failed``.
+    reused unless ``retry_failed``. A device that cannot be reached (asked once, before the
+    first kernel measured) is ``DeviceUnreachable`` for the whole batch, and nothing is stored
+    for it: that failure belongs to the device's address, not to the kernels.
     """
     start = time.monotonic()
     fingerprint = backend.fingerprint()
@@ -123,6 +125,7 @@ def profile_layers(
     measure_settings = backend.profile.spec.measure.model_dump()
     rounds = backend.profile.spec.measure.rounds
     entries: list[LayerTiming] = []
+    asked_device = False
     for layer, choices in work:
         for choice in choices:
             reason = why_invalid(layer, choice) or backend.exclusion(layer, choice)
@@ -133,7 +136,15 @@ def profile_layers(
                 if found.hit and (found.timing.ok or not retry_failed):  # type: ignore[union-attr]
                     entry = LayerTiming(layer, choice, found.timing, reused=True)  # type: ignore[arg-type]
                 else:
+                    if not asked_device:  # once per batch, and only when it has work to do
+                        asked_device = True
+                        problem = backend.device_problem()
+                        if problem is not None:
+                            raise DeviceUnreachable(backend.profile, problem)
                     timing = backend.measure(layer, choice)
+                    if timing.device_unreachable:  # says nothing of the kernel: not stored
+                        done = sum(1 for e in entries if not e.reused and e.timing.ok)
+                        raise DeviceUnreachable(backend.profile, str(timing.error), measured=done)
                     if timing.status != "excluded":  # kept now; more rounds replace it
                         table.put(fp_hash, layer, choice, timing, measure=measure_settings)
                     entry = LayerTiming(layer, choice, timing, reused=False)

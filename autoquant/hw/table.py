@@ -14,18 +14,22 @@ Default location: ``$AUTOQUANT_CACHE_DIR/latency.sqlite`` (else ``~/.cache/autoq
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from autoquant.errors import MachineError, naming
 from autoquant.hw.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice
 
+T = TypeVar("T")
 RECORD_TYPE = "KernelTiming"
 RECORD_VERSION = 1
 SCHEMA = """
@@ -75,6 +79,17 @@ def model_signature(model: Any, inputs: Any, layers: tuple[LayerInfo, ...]) -> s
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _names_the_file(method: Callable[..., T]) -> Callable[..., T]:
+    """A failing SQLite call (disk full, damaged page, read-only) names the table's file."""
+
+    @functools.wraps(method)
+    def wrapper(self: LatencyTable, *args: Any, **kwargs: Any) -> T:
+        with naming(self.path):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -109,6 +124,25 @@ class LatencyTable:
                 file=str(self.path),
             ) from None
         self.invalidated = 0
+        self._check_pages()
+
+    def _check_pages(self) -> None:
+        """Refuse a table with a damaged page. A damaged page fails only the queries that reach
+        it, possibly long after: a traceback mid-profile, or writes into a broken file. The
+        file is kept as it is: its timings took hours of device time to measure, so it is not
+        rebuilt from scratch behind the user's back (``quick_check`` reads every page once)."""
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            self._db.close()
+            raise MachineError(
+                f"damaged latency table ({problems[0][:120]}); move it aside (it is kept: a "
+                "tool such as sqlite3's .recover can save its timings) and run again to start "
+                "a new table, or give another --table",
+                file=str(self.path),
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -119,6 +153,7 @@ class LatencyTable:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_names_the_file
     def remember_fingerprint(self, fingerprint_hash: str, body: dict[str, Any]) -> None:
         with self._db:
             self._db.execute(
@@ -145,6 +180,7 @@ class LatencyTable:
     ) -> None:
         self._put((fingerprint_hash, f"model|{model_key}", config_hash), timing, measure)
 
+    @_names_the_file
     def _get(self, key: tuple[str, str, str]) -> Lookup:
         row = self._db.execute(
             "SELECT record, checksum FROM timings WHERE fingerprint=? AND layer=? AND choice=?", key
@@ -193,6 +229,7 @@ class LatencyTable:
     ) -> None:
         self._put((fingerprint_hash, layer_signature(layer), choice.label), timing, measure)
 
+    @_names_the_file
     def _put(
         self, key: tuple[str, str, str], timing: KernelTiming, measure: dict[str, Any] | None
     ) -> None:
@@ -215,9 +252,11 @@ class LatencyTable:
                 (*key, record, _checksum(record), time.time()),
             )
 
+    @_names_the_file
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM timings").fetchone()[0])
 
+    @_names_the_file
     def rows(self, fingerprint_hash: str | None = None) -> list[dict[str, Any]]:
         """Every valid record (for a fingerprint), as dicts: for run directories and reports."""
         query = "SELECT fingerprint, layer, choice, record, checksum FROM timings"

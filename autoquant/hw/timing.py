@@ -17,6 +17,7 @@ from typing import Any, Literal
 from autoquant.measurement import Figure
 
 Status = Literal["measured", "failed", "excluded"]
+UNREACHABLE = "device_unreachable"  # a details key: the failure was reaching the device
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,17 @@ class KernelTiming:
     @classmethod
     def failed(cls, error: str, impl: str = "", **kw: Any) -> KernelTiming:
         return cls("failed", impl, error=error, **kw)
+
+    @classmethod
+    def unreachable(cls, error: str, impl: str = "", **kw: Any) -> KernelTiming:
+        """A failure to reach the device at all (no tracker, no server under the key): it says
+        nothing about the kernel, so it is never stored (``device_unreachable``)."""
+        details = {**kw.pop("details", {}), UNREACHABLE: True}
+        return cls("failed", impl, error=error, details=details, **kw)
+
+    @property
+    def device_unreachable(self) -> bool:
+        return bool(self.details.get(UNREACHABLE))
 
     @classmethod
     def excluded(cls, reason: str, impl: str = "") -> KernelTiming:

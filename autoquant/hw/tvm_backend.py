@@ -67,6 +67,9 @@ class TvmBackend(LatencyBackend):
         self.tensorize = tensorize
         self._session: Any = None
         self._session_start = 0.0
+        # why the last request for a session failed: the kernels after it fail at once instead
+        # of each waiting out the tracker's deadline again (renew_session tries again)
+        self._unreachable: str | None = None
         # the kernels measured by this backend, kept loaded for more rounds (``kernel_visitor``)
         self._kernel_visits: dict[KernelSpec, _Visits] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="autoquant-kernels-")
@@ -125,8 +128,22 @@ class TvmBackend(LatencyBackend):
             return KernelTiming.excluded(spec)
         return self.measure_spec(spec)
 
+    def device_problem(self) -> str | None:
+        """For a remote device: asks the tracker once, within ``connect_timeout_s``, whether a
+        server is registered under the key."""
+        if self.profile.is_local:
+            return None
+        from autoquant.hw.rpc import probe_tracker
+
+        dev_spec = self.profile.spec.device
+        host, port = dev_spec.host_port
+        status = probe_tracker(host, port, timeout_s=dev_spec.connect_timeout_s)
+        key = str(dev_spec.key)
+        return None if status.has(key) else status.describe(key)
+
     def renew_session(self) -> None:
         """Drop the RPC session (and the modules loaded in it); the next call opens a new one."""
+        self._unreachable = None
         if not self.profile.is_local and self._session is not None:
             import gc
 
@@ -284,6 +301,10 @@ class TvmBackend(LatencyBackend):
             )
         try:
             return self._run(spec, ex, names, start, build_s, details)
+        except _Unreachable as exc:
+            return KernelTiming.unreachable(
+                str(exc), spec.impl, build_s=build_s, details=details
+            )
         except Exception as exc:  # device lost, session closed, out of memory on the device
             if not self.profile.is_local:
                 self._session = None
@@ -308,17 +329,23 @@ class TvmBackend(LatencyBackend):
         if self._session is not None and time.monotonic() - self._session_start > 0.8 * timeout:
             self.renew_session()
         if self._session is None:
+            if self._unreachable is not None:
+                raise _Unreachable(self._unreachable)
             self._session_start = time.monotonic()
             dev_spec = self.profile.spec.device
             host, port = dev_spec.host_port
-            self._session = request_session(
-                host,
-                port,
-                str(dev_spec.key),
-                session_timeout_s=dev_spec.session_timeout_s,
-                connect_timeout_s=dev_spec.connect_timeout_s,
-                request_timeout_s=dev_spec.request_timeout_s,
-            )
+            try:
+                self._session = request_session(
+                    host,
+                    port,
+                    str(dev_spec.key),
+                    session_timeout_s=dev_spec.session_timeout_s,
+                    connect_timeout_s=dev_spec.connect_timeout_s,
+                    request_timeout_s=dev_spec.request_timeout_s,
+                )
+            except Exception as exc:  # no tracker, no free server, the server does not answer
+                self._unreachable = str(exc) if isinstance(exc, RuntimeError) else short_error(exc)
+                raise _Unreachable(self._unreachable) from None
             try:  # the remote pool can shrink to the profile's threads, not grow past its own
                 self._session.get_function("runtime.config_threadpool")(1, self.profile.threads)
             except Exception:
@@ -384,6 +411,8 @@ class TvmBackend(LatencyBackend):
             else:
                 mod, dev = self._upload(ex, f"m{config.hash[:16]}-{os.getpid()}.so")
             prepared = _TvmModel(self, mod, dev, (batch, *shape[1:]))
+        except _Unreachable as exc:
+            return KernelTiming.unreachable(str(exc), "model", build_s=time.monotonic() - start)
         except Exception as exc:
             if not self.profile.is_local:
                 self._session = None
@@ -443,6 +472,10 @@ class TvmBackend(LatencyBackend):
             measure_s=time.monotonic() - start - build_s,
             details=details,
         )
+
+
+class _Unreachable(RuntimeError):
+    """No RPC session could be had: the device, not the kernel, failed."""
 
 
 class _TvmModel(PreparedModel):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import UserError
+from autoquant.errors import MachineError, UserError, machine_failure
 from autoquant.search.objectives import Objective, objective_named
 
 RUN_INFO = "run.json"
@@ -73,6 +74,58 @@ def within_noise(row: Any) -> bool | None:
         return None
 
 
+def _damaged(run: Path, name: str, problem: str) -> MachineError:
+    """A file of a run directory that autoquant wrote but cannot read back (cut short by a
+    crash or a full disk, or changed by hand): the tables and run.json are rewritten from the
+    ledger by resuming the search, which measures nothing once its budget is used."""
+    hint = (
+        "move it aside (it is kept for you) and run the search again; the budget is used, "
+        f"so it measures nothing: autoquant search {run / 'spec.yaml'} --out {run}"
+    )
+    if name == "spec.yaml":
+        hint = "the run's resolved spec is damaged: restore it from the spec the run was started with"
+    return MachineError(f"damaged: {problem}; {hint}", file=str(run / name))
+
+
+def _read(run: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    """``reader(run / name)``; a file it cannot parse is a ``MachineError`` naming it."""
+    try:
+        return reader(run / name)
+    except Exception as exc:
+        failure = machine_failure(exc, file=run / name)  # the disk refused: say that instead
+        if failure is not None:
+            raise failure from exc
+        raise _damaged(run, name, f"cannot be read ({short(exc)})") from exc
+
+
+def short(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _check_tables(run: Path, trials: Any, front: Any, objectives: tuple[Objective, ...]) -> None:
+    """The two tables agree: a row cut short reads back with blanks where its figures were."""
+    for name, frame, needed in (
+        ("trials.parquet", trials, ("trial", "state")),
+        ("pareto.csv", front, ("trial", *(o.figure for o in objectives))),
+    ):
+        if frame.empty and name == "pareto.csv":
+            continue
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise _damaged(run, name, f"no column {missing[0]!r}")
+    if front.empty:
+        return
+    blank = front[[o.figure for o in objectives]].isna().any(axis=1)
+    unknown = ~front["trial"].isin(trials["trial"])
+    bad = front[blank | unknown]
+    if not bad.empty:
+        row = bad.index[0] + 2  # the header is line 1
+        raise _damaged(
+            run, "pareto.csv", f"line {row} has blank figures or a trial trials.parquet lacks"
+        )
+
+
 def load_run(path: Path) -> RunData:
     """Read ``spec.yaml``, ``trials.parquet``, ``pareto.csv`` and ``run.json`` of a run directory."""
     import pandas as pd
@@ -88,16 +141,25 @@ def load_run(path: Path) -> RunData:
             f"bad value {str(path)!r}: not a finished run directory (missing {', '.join(missing)}); "
             "allowed: a directory made by autoquant search", key="RUN",
         )
-    spec = yaml.safe_load((path / "spec.yaml").read_text())
+    spec = _read(path, "spec.yaml", lambda p: yaml.safe_load(p.read_text()))
+    if not isinstance(spec, dict):
+        raise _damaged(path, "spec.yaml", f"holds a {type(spec).__name__}, not a mapping")
     named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
     objectives = tuple(o for o in named if o is not None)
-    trials = pd.read_parquet(path / "trials.parquet")
-    try:
-        front = pd.read_csv(path / "pareto.csv")
-    except pd.errors.EmptyDataError:
-        front = trials.iloc[0:0]
+    trials = _read(path, "trials.parquet", pd.read_parquet)
+
+    def read_front(p: Path):
+        try:
+            return pd.read_csv(p)
+        except pd.errors.EmptyDataError:
+            return trials.iloc[0:0]
+
+    front = _read(path, "pareto.csv", read_front)
+    _check_tables(path, trials, front, objectives)
     info_path = path / RUN_INFO
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info = _read(path, RUN_INFO, lambda p: json.loads(p.read_text())) if info_path.exists() else {}
+    if not isinstance(info, dict):
+        raise _damaged(path, RUN_INFO, f"holds a {type(info).__name__}, not an object")
     task = spec["task"] if isinstance(spec.get("task"), str) else spec.get("task", {}).get("function", "?")
     # The directory names the run: two runs of one spec (two samplers, say) differ only there.
     return RunData(path, path.resolve().name, task, spec, objectives, trials, front, info)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import UserError
+from autoquant.errors import UserError, naming
 from autoquant.measurement import Measurement
 from autoquant.search.ledger import (
     INTERRUPTED,
@@ -155,6 +155,21 @@ class TrialRecorder:
 
 
 def run_search(
+    run: PreparedRun,
+    run_dir: Path,
+    *,
+    on_progress: Any = None,
+    after_trial: Any = None,
+    on_status: Any = None,
+) -> SearchOutcome:
+    """``_run_search``; a failure of the ledger's database names it (a one-line error)."""
+    with naming(run_dir / "study.db"):
+        return _run_search(
+            run, run_dir, on_progress=on_progress, after_trial=after_trial, on_status=on_status
+        )
+
+
+def _run_search(
     run: PreparedRun,
     run_dir: Path,
     *,

@@ -6,8 +6,13 @@ Models are trained deterministically at first use (seconds on 2 cores) and cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,51 +115,112 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, s
 
 
 def _cached_model(
-    name: str, factory, x, y, *, epochs: int, train=_train, recipe: str = ""
-) -> nn.Module:
-    """``factory()`` trained by ``train(model, x, y, epochs=, seed=0)``, or loaded from the cache.
-    ``recipe`` names what else the weights depend on (data preprocessing, a training recipe
-    other than ``_train``): a changed recipe retrains."""
+    name: str,
+    factory,
+    x,
+    y,
+    *,
+    epochs: int,
+    score: Callable[[nn.Module], float],
+    train=_train,
+    recipe: str = "",
+) -> tuple[nn.Module, float]:
+    """(model, its float32 metric): ``factory()`` trained by ``train(model, x, y, epochs=,
+    seed=0)``, or loaded from the cache. ``recipe`` names what else the weights depend on (data preprocessing, a training recipe
+    other than ``_train``): a changed recipe retrains.
+
+    ``score(model)`` is the float32 metric on the evaluation data. It is recorded beside the
+    weights when they are trained and checked when they are loaded: weights that load but score
+    otherwise (damaged, overwritten, all zeros) are retrained, with one line on stderr, instead
+    of failing every run that uses the task."""
     model = factory()
     # The architecture's repr (every layer's shape) is in the key: a changed net retrains.
     material = f"{name}-{RECIPE_VERSION}-{epochs}-{torch.__version__}-{model!r}"
     key = hashlib.sha256((material + (f"-{recipe}" if recipe else "")).encode()).hexdigest()
     path = cache_dir() / "tasks" / f"{name}-{key[:12]}.pt"
+    record = path.with_suffix(".json")
     if path.exists():
-        try:
-            model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval()
-        except Exception:  # a corrupt cache entry is retrained, never trusted
-            path.unlink(missing_ok=True)
+        problem, metric = _cache_problem(name, model, path, score)
+        if problem is None:
+            return model.eval(), metric
+        print(  # noqa: T201 - the one line a user needs, before seconds of training
+            f"autoquant: {path}: {problem}; retraining the {name} task",
+            file=sys.stderr,
+        )
+        path.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
     torch.manual_seed(0)
     model = factory()
     train(model, x, y, epochs=epochs, seed=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
+    # weights first, their record last: a record always describes weights that are in place
+    _atomic(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    metric = score(model)
+    _write_record(record, name, metric)
+    return model, metric
+
+
+def _write_record(record: Path, name: str, metric: float) -> None:
+    body = {"_type": "TaskCache", "_version": 1, "task": name, "fp32_metric": metric}
+    _atomic(record, lambda tmp: tmp.write_text(json.dumps(body)))
+
+
+def _cache_problem(name: str, model: nn.Module, path: Path, score) -> tuple[str | None, float]:
+    """(None, metric) when the cached weights load and score what was recorded at training
+    time, else (why not, NaN)."""
+    record = path.with_suffix(".json")
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except Exception as exc:  # a damaged file is retrained, never trusted
+        return f"cached weights do not load ({type(exc).__name__})", math.nan
+    model.eval()
+    got = score(model)
+    if not record.exists():  # cached before records were kept: the built-in floor vouches
+        if got >= MIN_FP32_ACCURACY:
+            with contextlib.suppress(OSError):  # a cache shared read-only still loads
+                _write_record(record, name, got)
+            return None, got
+        return f"cached weights score {got:.4f} < {MIN_FP32_ACCURACY}", math.nan
+    try:
+        recorded = float(json.loads(record.read_text())["fp32_metric"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the record of the cached weights' float32 metric is unreadable", math.nan
+    # the same weights on the same data give the same metric; a thread count can move a
+    # float sum, so allow a hair, far below one sample of the evaluation set
+    if not math.isclose(got, recorded, rel_tol=0.0, abs_tol=1e-4):
+        return f"cached weights score {got:.4f}, recorded {recorded:.4f} when trained", math.nan
+    return None, got
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_suffix(f"{path.suffix}.tmp{os.getpid()}")
+    write(tmp)
     tmp.replace(path)
-    return model
 
 
 def _digits_task(
     name: str, factory, *, epochs: int, description: str, calibration_samples: int = 256
 ) -> Task:
     tx, ty, ex, ey = digits_splits()
-    model = _cached_model(name, factory, tx, ty, epochs=epochs)
-    task = Task(
-        name=name,
-        model=model,
-        calibration_inputs=tx[:calibration_samples],
-        eval_inputs=ex,
-        eval_targets=ey,
-        metric=top1_accuracy,
-        input_shape=(1, 1, 8, 8),
-        description=description,
+
+    def task_of(model: nn.Module) -> Task:
+        return Task(
+            name=name,
+            model=model,
+            calibration_inputs=tx[:calibration_samples],
+            eval_inputs=ex,
+            eval_targets=ey,
+            metric=top1_accuracy,
+            input_shape=(1, 1, 8, 8),
+            description=description,
+        )
+
+    model, accuracy = _cached_model(
+        name, factory, tx, ty, epochs=epochs, score=lambda m: evaluate(task_of(m), m)
     )
-    accuracy = evaluate(task, model)
     if accuracy < MIN_FP32_ACCURACY:
         raise RuntimeError(f"built-in task {name} trained to {accuracy:.3f} < {MIN_FP32_ACCURACY}")
-    return task
+    return task_of(model)
 
 
 def digits_cnn() -> Task:

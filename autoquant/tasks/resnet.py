@@ -117,28 +117,31 @@ def digits_resnet(*, epochs: int = 12, calibration_samples: int = 256) -> Task:
     name = "digits-resnet"
     tx, ty, ex, ey = digits_splits()
     tx, ex = upsample(tx), upsample(ex)
-    model = _cached_model(
+
+    def task_of(model: nn.Module) -> Task:
+        return Task(
+            name=name,
+            model=model,
+            calibration_inputs=tx[:calibration_samples],
+            eval_inputs=ex,
+            eval_targets=ey,
+            metric=top1_accuracy,
+            input_shape=(1, 1, IMAGE_SIZE, IMAGE_SIZE),
+            description="ResNet (4 stages of 1 BasicBlock, widths 64-512, Conv+BatchNorm, "
+            "residual adds) on scikit-learn digits upsampled to 32x32, 4.9M params, "
+            "about 63M MACs per image",
+        )
+
+    model, accuracy = _cached_model(
         name,
         DigitsResNet,
         tx,
         ty,
         epochs=epochs,
+        score=lambda m: evaluate(task_of(m), m),
         train=_train_resnet,
         recipe=f"resnet-{RESNET_RECIPE_VERSION}-{IMAGE_SIZE}",
     )
-    task = Task(
-        name=name,
-        model=model,
-        calibration_inputs=tx[:calibration_samples],
-        eval_inputs=ex,
-        eval_targets=ey,
-        metric=top1_accuracy,
-        input_shape=(1, 1, IMAGE_SIZE, IMAGE_SIZE),
-        description="ResNet (4 stages of 1 BasicBlock, widths 64-512, Conv+BatchNorm, "
-        "residual adds) on scikit-learn digits upsampled to 32x32, 4.9M params, "
-        "about 63M MACs per image",
-    )
-    accuracy = evaluate(task, model)
     if accuracy < MIN_FP32_ACCURACY:
         raise RuntimeError(f"built-in task {name} trained to {accuracy:.3f} < {MIN_FP32_ACCURACY}")
-    return task
+    return task_of(model)
