@@ -19,3 +19,7 @@ class UserError(AutoquantError):
         self.key = key
         where = ": ".join(p for p in (file, key) if p)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class MachineError(AutoquantError):
+    """A machine or a dependency failed (a storage lost for too long): one line, exit code 1."""
