@@ -4,7 +4,6 @@ one line and exit 2; no password ever reaches a file or the output."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, write
 from pg import PgServer, start_server
 
@@ -64,24 +62,26 @@ def cli(args: list, env: dict, **kw) -> subprocess.Popen:
     )
 
 
-def ledger(url: str, name: str):
+def ledger(url: str, name: str, password: str):
     import optuna
 
     from autoquant.search.ledger import entries
     from autoquant.search.storage import check_url
 
-    study = optuna.load_study(study_name=name, storage=check_url(url, file=None, key="t"))
-    return entries(study)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSWORD", password)
+        study = optuna.load_study(study_name=name, storage=check_url(url, file=None, key="t"))
+        return entries(study)
 
 
 def states(url: str, name: str, password: str) -> tuple[set[int], dict[int, str]]:
     """(numbers of COMPLETE trials, running trial number -> worker) straight from SQL."""
     import psycopg
 
-    from autoquant.search.storage import check_url  # noqa: F401 - the driver is there
-
-    conninfo = url.replace("postgresql://", "postgresql://") + f"?password={password}"
+    conninfo = f"{url}?password={password}"
     with psycopg.connect(conninfo, connect_timeout=5) as conn:
+        if conn.execute("select to_regclass('trials')").fetchone()[0] is None:
+            return set(), {}  # no worker has created the study yet
         rows = conn.execute(
             "select t.number, t.state, a.value_json from trials t join studies s using (study_id) "
             "left join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'worker' "
@@ -146,7 +146,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
 
     from autoquant.search.ledger import is_measured
 
-    entries_ = ledger(url, "shared")
+    entries_ = ledger(url, "shared", pg.password)
     by_number = {e.number: e for e in entries_}
     # 0 completed trials lost
     assert all(by_number[n].state == "COMPLETE" for n in seen_complete)
@@ -264,4 +264,3 @@ def test_storage_lost_mid_run_exits_1_with_finished_trials_safe(pg, tmp_path):
     assert "lost for" in lines[-1] and "safe" in lines[-1]
     assert pg.password not in err.decode()
     assert before <= states(url, "lost", pg.password)[0]
-    assert os.environ.get("PGPASSWORD") != pg.password
