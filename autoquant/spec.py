@@ -245,6 +245,25 @@ class SearchSettings(_Strict):
     population_size: int = Field(default=20, ge=2)
 
 
+class WorkerSettings(_Strict):
+    """Workers sharing a study (``storage``): Optuna's heartbeat, and how long a worker keeps
+    retrying a storage that went away before it gives up (exit 1, its finished trials safe)."""
+
+    heartbeat_interval_s: int = Field(default=10, ge=1, le=3600)
+    grace_period_s: int = Field(
+        default=30, ge=1, le=86400, description="a running trial without a heartbeat this long is failed and its config returns to the pool"
+    )
+    retry_s: float = Field(default=120.0, ge=0, le=86400)
+
+    @field_validator("grace_period_s")
+    @classmethod
+    def _grace_after_beats(cls, value: int, info: ValidationInfo) -> int:
+        beat = info.data.get("heartbeat_interval_s")
+        if beat is not None and value <= beat:
+            raise ValueError(f"must exceed heartbeat_interval_s ({beat}), or live trials fail")
+        return value
+
+
 class EvaluationSettings(_Strict):
     """How configs are calibrated and measured.
 
@@ -281,6 +300,12 @@ class RunSpec(_Strict):
     constraints: ConstraintsSpec = ConstraintsSpec()
     search: SearchSettings = SearchSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    storage: str | None = Field(
+        default=None,
+        description="the study's database: none = RUN/study.db; sqlite:///PATH or "
+        "postgresql://USER@HOST:PORT/DB, the password from PGPASSWORD or ~/.pgpass",
+    )
+    workers: WorkerSettings = WorkerSettings()
     hardware: list[str] = Field(
         default_factory=list,
         description="hardware profiles (built-in names or YAML paths relative to the spec); "
@@ -420,6 +445,10 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
     path = Path(path)
     spec: RunSpec = parse_model(RunSpec, read_yaml(path), file=str(path))
     hardware_paths(spec, path)
+    if spec.storage is not None:
+        from autoquant.search.storage import check_url
+
+        check_url(spec.storage, file=str(path), key="storage")
     if isinstance(spec.space, SearchSpaceSpec):
         return spec, spec.space
     space_path = Path(spec.space)

@@ -40,7 +40,7 @@ def trial_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for entry in ledger:
-        if entry.reused_from is not None:
+        if entry.reused_from is not None or entry.skipped:
             continue
         if entry.state not in ("COMPLETE", "FAIL"):
             continue
@@ -166,8 +166,9 @@ def write_tables(run_dir: Path, ledger: list[LedgerEntry], objectives: tuple[Obj
     return frame, front
 
 
-def write_run_info(run_dir: Path, outcome: Any) -> None:
-    """``run.json``: the budget the last invocation used and the versions it ran with."""
+def write_run_info(run_dir: Path, outcome: Any, extra: dict[str, Any] | None = None) -> None:
+    """``run.json``: the budget the last invocation used and the versions it ran with (and
+    ``extra``: where the study lives, redacted, for a shared one)."""
     import json
 
     from autoquant.versions import package_versions
@@ -181,5 +182,6 @@ def write_run_info(run_dir: Path, outcome: Any) -> None:
         "stopped_because": outcome.stopped_because,
         "elapsed_s": outcome.elapsed_s,
         "versions": package_versions(),
+        **(extra or {}),
     }
     _atomic_write(run_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2)))

@@ -12,11 +12,11 @@ from typing import Any
 from autoquant.errors import UserError, naming
 from autoquant.measurement import Measurement
 from autoquant.search.ledger import (
-    INTERRUPTED,
     LedgerEntry,
     entries,
     entry_from_trial,
     fail_interrupted,
+    is_measured,
     open_study,
     sqlite_url,
 )
@@ -103,9 +103,9 @@ class TrialRecorder:
         self.failed: dict[str, QuantConfig] = {
             e.config_hash: e.config
             for e in done
-            if e.state == "FAIL" and e.fail_reason != INTERRUPTED and e.config_hash and e.config
+            if e.state == "FAIL" and is_measured(e) and e.config_hash and e.config
         }
-        self.n_failed = sum(1 for e in done if e.state == "FAIL" and e.fail_reason != INTERRUPTED)
+        self.n_failed = sum(1 for e in done if e.state == "FAIL" and is_measured(e))
         self.fp32_accuracy = _fp32_accuracy(done)
         self.new = 0
         self.reused = 0
@@ -133,7 +133,11 @@ class TrialRecorder:
             study.tell(trial, [previous.figures[o.figure].value for o in self.objectives])
             self.reused += 1
             return "reused"
-        measurement: Measurement = run.evaluator.measure(config)
+        refused = self.admit(trial, config)
+        if refused is not None:
+            return refused
+        with self.measuring(trial):
+            measurement: Measurement = run.evaluator.measure(config)
         trial.set_user_attr("figures", json.dumps(measurement.figures_dict()))
         self.new += 1
         failure = measurement.failure
@@ -152,6 +156,18 @@ class TrialRecorder:
         frozen = study.tell(trial, [values[o.figure] for o in self.objectives])
         self.measured[config.hash] = entry_from_trial(frozen)
         return "measured"
+
+    def admit(self, trial: Any, config: QuantConfig) -> str | None:
+        """Whether a new config may be measured: None to measure it, else what became of the
+        trial instead. The embedded ledger has one process: always. Workers sharing a study
+        claim the config first (``autoquant.search.workers``)."""
+        return None
+
+    def measuring(self, trial: Any):
+        """Context held while the config is measured (a worker's heartbeat)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def run_search(

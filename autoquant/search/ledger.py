@@ -16,6 +16,9 @@ from autoquant.space import QuantConfig
 
 STUDY_NAME = "autoquant"
 INTERRUPTED = "interrupted: the process ended before the trial finished"
+# A worker's trial whose config another worker had claimed first, or whose budget slot went to
+# another worker: bookkeeping, not a measurement (no row in the tables, not in the budget).
+SKIPPED = "skipped: "
 
 
 def sqlite_url(run_dir: Path) -> str:
@@ -35,6 +38,19 @@ class LedgerEntry:
     duration_s: float | None
     constraints: tuple[float, ...] | None
     predicted: str | None = None  # JSON: what the guided sampler's predictor said before measuring
+    worker: str | None = None  # host:pid of the worker that ran it (shared storages)
+
+    @property
+    def skipped(self) -> bool:
+        return (self.fail_reason or "").startswith(SKIPPED)
+
+
+def is_measured(entry: LedgerEntry) -> bool:
+    """A distinct measurement: complete, or failed as a measurement (a config that cannot run
+    is data); not a repeat answered from the ledger, an interruption or a skip."""
+    if entry.state == "COMPLETE":
+        return entry.reused_from is None
+    return entry.state == "FAIL" and entry.fail_reason != INTERRUPTED and not entry.skipped
 
 
 def entry_from_trial(trial: Any) -> LedgerEntry:
@@ -45,6 +61,11 @@ def entry_from_trial(trial: Any) -> LedgerEntry:
     if trial.datetime_start and trial.datetime_complete:
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
     constraints = attrs.get("constraints")
+    fail_reason = attrs.get("fail_reason")
+    if trial.state.name == "FAIL" and fail_reason is None:
+        # a measurement failure always says why: this one was failed by Optuna's heartbeat
+        # check (its worker died or was cut off mid-trial)
+        fail_reason = INTERRUPTED
     return LedgerEntry(
         number=trial.number,
         state=trial.state.name,
@@ -53,10 +74,11 @@ def entry_from_trial(trial: Any) -> LedgerEntry:
         figures=figures,
         reference=attrs.get("reference"),
         reused_from=attrs.get("reused_from"),
-        fail_reason=attrs.get("fail_reason"),
+        fail_reason=fail_reason,
         duration_s=duration,
         constraints=tuple(constraints) if constraints is not None else None,
         predicted=attrs.get("predicted"),
+        worker=attrs.get("worker"),
     )
 
 
