@@ -46,6 +46,13 @@ def search(
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
     sampler: Annotated[SamplerName | None, typer.Option(help="search strategy (guided: XGBoost-predictor-guided)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    workers: Annotated[
+        int, typer.Option(min=0, help="worker processes sharing the study (0: this process)")
+    ] = 0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="shared study database, postgresql://USER@HOST:PORT/DB (password from PGPASSWORD or ~/.pgpass) [default: the spec's storage, else RUN/study.db]"),
+    ] = None,
 ) -> None:
     """Run (or resume) a search; write the run directory; print the Pareto front."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -83,6 +90,13 @@ def search(
 
         write_fidelity(run_dir, run.latency)
 
+    if workers or storage is not None or run.spec.storage is not None:
+        from autoquant.search.commands import search_with_workers
+
+        search_with_workers(
+            run, run_dir, storage=storage, n_workers=workers or 1, overrides=overrides, quiet=quiet
+        )
+        return
     objectives = objectives_for(run.spec.objectives)
     storage = sqlite_url(run_dir)
 
@@ -289,10 +303,13 @@ def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
     from autoquant.export.command import export
     from autoquant.hw.command import hw, profile
+    from autoquant.search.commands import collect, worker
 
     app.command("export")(export)
     app.command("profile")(profile)
     app.command("hw")(hw)
+    app.command("worker")(worker)
+    app.command("collect")(collect)
 
 
 _register_leaf_commands()
