@@ -101,14 +101,23 @@ class _Busy(Exception):
     """Another process holds the lock; the message says which."""
 
 
-def _take_lock(run_dir: Path) -> tuple[int, bool]:
-    """(an fd holding the lock on ``run_dir``'s lock file, whether this call created
-    ``run_dir``); ``_Busy`` when another process holds it."""
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _take_lock(run_dir: Path) -> tuple[int, list[Path]]:
+    """(an fd holding the lock on ``run_dir``'s lock file, the directories this call created,
+    deepest first); ``_Busy`` when another process holds it."""
     import fcntl
 
     lock_path = run_dir / LOCK_FILE
     while True:
-        created = not run_dir.exists()
+        created = _missing_dirs(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -174,7 +183,10 @@ def owner_lock(
         # Removed while still held: a process that opened the old file meanwhile sees it gone
         # once it gets the lock, and starts over (``_take_lock``).
         (run_dir / LOCK_FILE).unlink(missing_ok=True)
-        if created and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        for directory in created:  # a failed command leaves no empty directories behind
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: something was written there
+                break
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -114,8 +114,9 @@ def open_study(storage: str, directions: list[str], sampler: Any, *, create: boo
 
 
 def fail_interrupted(study: Any) -> int:
-    """Mark trials left RUNNING by a process that died as FAIL, with the reason. With the
-    embedded SQLite ledger one process owns the study, so any RUNNING trial at start is stale."""
+    """Mark trials left RUNNING by a process that died as FAIL, with the reason. The run
+    directory's owner lock (``autoquant.rundir``) makes the search the study's one user, so any
+    RUNNING trial at start is stale."""
     import optuna
 
     storage = study._storage
