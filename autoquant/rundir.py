@@ -168,6 +168,12 @@ def owner_lock(
         )
     try:
         fd, created = _take_lock(run_dir)
+    except OSError as exc:  # read-only or not ours: nothing could be written there anyway
+        raise UserError(
+            f"bad value {str(run_dir)!r}: cannot write into it ({type(exc).__name__}: "
+            f"{exc.strerror or exc}); allowed: a directory this user can write",
+            key=key,
+        ) from None
     except _Busy as busy:
         raise UserError(
             f"bad value {str(run_dir)!r}: the run directory is in use by {busy}; allowed: wait "
