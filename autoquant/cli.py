@@ -55,17 +55,8 @@ def search(
     ] = None,
 ) -> None:
     """Run (or resume) a search; write the run directory; print the Pareto front."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from autoquant.report.html import write_report
-    from autoquant.report.results import write_run_info, write_tables
-    from autoquant.report.rundata import load_run
-    from autoquant.report.terminal import front_table
-    from autoquant.search.driver import check_resumable, run_search
-    from autoquant.search.ledger import entries, open_study, sqlite_url
-    from autoquant.search.objectives import objectives_for
-    from autoquant.search.run import prepare
-    from autoquant.spec import dump_yaml
+    from autoquant.rundir import owner_lock
+    from autoquant.spec import load_spec
 
     overrides = {
         "trials": trials,
@@ -73,24 +64,45 @@ def search(
         "seed": seed,
         "sampler": sampler.value if sampler else None,
     }
+    # The run directory is owned before the task loads, so a second search on it is refused
+    # at once; the spec is checked first, so a bad one creates no directory.
+    name = load_spec(spec)[0].name
+    run_dir = out if out is not None else Path("results") / name
+    with owner_lock(run_dir, "autoquant search", key="--out"):
+        _search_owned(spec, run_dir, overrides, quiet=quiet, workers=workers, storage=storage)
+
+
+def _search_owned(
+    spec: Path, run_dir: Path, overrides: dict, *, quiet: bool, workers: int, storage: str | None
+) -> None:
+    """``search`` once it owns ``run_dir``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoquant.report.html import write_report
+    from autoquant.report.results import write_run_info, write_tables
+    from autoquant.report.rundata import load_run
+    from autoquant.report.terminal import front_table
+    from autoquant.rundir import atomic_write_text
+    from autoquant.search.driver import check_resumable, run_search
+    from autoquant.search.ledger import check_ledger, entries, open_study, sqlite_url
+    from autoquant.search.objectives import objectives_for
+    from autoquant.search.run import prepare
+    from autoquant.spec import dump_yaml
+
     with console.status("loading the task (built-in tasks train once, then load from cache)") as st:
         run = prepare(spec, overrides=overrides, status=st.update)
-    run_dir = out if out is not None else Path("results") / run.spec.name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(
-            f"bad value {str(run_dir)!r}: exists and is not a directory; allowed: a directory path",
-            key="--out",
-        )
     resolved = run.resolved_spec()
     check_resumable(run, run_dir, resolved)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(dump_yaml(resolved))
+    shared = storage is not None or run.spec.storage is not None
+    if not shared:  # a shared storage is checked by the workers (the study's fingerprint)
+        check_ledger(run_dir, {ls.layer.name for ls in run.space.layers})
+    atomic_write_text(run_dir / "spec.yaml", dump_yaml(resolved))
     if run.latency:  # latency objectives: how far the predicted latency can be trusted
         from autoquant.hw.search_latency import write_fidelity
 
         write_fidelity(run_dir, run.latency)
 
-    if workers or storage is not None or run.spec.storage is not None:
+    if workers or shared:
         from autoquant.search.commands import search_with_workers
 
         search_with_workers(
@@ -257,9 +269,11 @@ def report(
     from autoquant.report.html import report_data, write_report
     from autoquant.report.rundata import load_run
     from autoquant.report.terminal import front_table
+    from autoquant.rundir import owner_lock
 
-    data = load_run(run)
-    path = write_report(data)
+    with owner_lock(run, "autoquant report", create=False):
+        data = load_run(run)
+        path = write_report(data)
     info = report_data(data)
     if not data.front.empty:
         console.print(front_table(data.front, title=f"{data.name}: Pareto front ({len(data.front)} points"

@@ -116,7 +116,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
                     break
                 time.sleep(0.02)
         else:
-            time.sleep(rng.uniform(0.2, 4.0))
+            time.sleep(rng.uniform(0.2, 1.5))
         complete, running = states(url, "shared", pg.password)
         seen_complete |= complete
         if proc.poll() is not None:
@@ -166,7 +166,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
 
 
 def test_two_workers_five_kills_lose_nothing(pg, tmp_path):
-    mid_trial, interrupted = kill_workers(pg, tmp_path, workers=2, kills=5, trials=24, seed=1)
+    mid_trial, interrupted = kill_workers(pg, tmp_path, workers=2, kills=5, trials=40, seed=1)
     # the kills reached inside trials, and the heartbeat freed them
     assert mid_trial >= 1 and interrupted
 

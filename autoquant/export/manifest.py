@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,9 +69,9 @@ def build_manifest(**fields: Any) -> dict[str, Any]:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_default) + "\n")
-    tmp.replace(path)
+    from autoquant.rundir import atomic_write_text
+
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False, default=_default) + "\n")
 
 
 def _default(obj: Any) -> Any:

@@ -140,6 +140,36 @@ def load_front(run_dir: Path) -> RunFront:
     return RunFront(run_dir, frame, objectives, spec)
 
 
+def check_in_ledger(front: RunFront, rows: list[Any]) -> None:
+    """Each front row must be a trial the run's ledger (``study.db``) measured, with the same
+    config: pareto.csv is a table written from the ledger, so a row the ledger does not back
+    (an edited trial number or config) is refused. A run directory without its ledger (a copy
+    of the tables alone) is checked by the export's own validation only."""
+    from autoquant.search.ledger import read_ledger
+
+    done = read_ledger(front.run_dir, key="RUN")
+    if done is None:
+        return
+    by_number = {e.number: e for e in done}
+    for row in rows:
+        number = int(row["trial"])
+        entry = by_number.get(number)
+        problem = None
+        if entry is None:
+            problem = "is not in the ledger study.db"
+        elif entry.state != "COMPLETE" or entry.reused_from is not None:
+            problem = f"is {entry.state.lower()} in the ledger study.db, not a measured config"
+        elif entry.config_hash != row["config_hash"]:
+            problem = f"has config {entry.config_hash} in the ledger study.db, not {row['config_hash']}"
+        if problem:
+            raise UserError(
+                f"bad value {number}: trial {number} {problem}; allowed: the trials of pareto.csv "
+                "as autoquant search wrote it (rerun autoquant search to rewrite it)",
+                file=str(front.run_dir / "pareto.csv"),
+                key="trial",
+            )
+
+
 def _objective_from_columns(name: str, frame: Any, spec_path: Path):
     """An objective this autoquant does not register (e.g. one latency per hardware profile):
     its figure is the pareto.csv column named like it; every such cost is minimized."""

@@ -16,8 +16,9 @@ import numpy as np
 
 from autoquant import formats
 from autoquant.errors import UserError
-from autoquant.export.pick import Pick, RunFront, choose, load_front
+from autoquant.export.pick import Pick, RunFront, check_in_ledger, choose, load_front
 from autoquant.export.validate import Tolerances, Validation, session_threads
+from autoquant.rundir import atomic_write
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -142,8 +143,7 @@ def export_point(
         nbits_accuracy_level=options.nbits_accuracy_level,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILE
-    onnx.save(graph.model, str(model_path))
+    model_path = atomic_write(out_dir / MODEL_FILE, lambda p: onnx.save(graph.model, str(p), format="protobuf"))
     sim = ctx.simulate(config)
     validation = validate_export(
         model_path,
@@ -254,8 +254,23 @@ def export_run(
     options: ExportOptions = ExportOptions(),
 ) -> list[ExportResult]:
     """Pick (or take all front points), export, validate. Input errors raise ``UserError``
-    before anything is written."""
-    front = load_front(Path(run_dir))
+    before anything is written. An export into the run directory (the default) owns it for its
+    duration (``autoquant.rundir.owner_lock``)."""
+    from contextlib import nullcontext
+
+    from autoquant.rundir import owner_lock
+
+    run_dir = Path(run_dir)
+    into_run = out is None or Path(out).resolve().is_relative_to(run_dir.resolve())
+    owning = into_run and run_dir.is_dir()
+    with owner_lock(run_dir, "autoquant export", create=False) if owning else nullcontext():
+        return _export_run(run_dir, pick=pick, out=out, all_=all_, options=options)
+
+
+def _export_run(
+    run_dir: Path, *, pick: str, out: Path | None, all_: bool, options: ExportOptions
+) -> list[ExportResult]:
+    front = load_front(run_dir)
     if all_:
         rows = [front.frame.iloc[i] for i in range(len(front.frame))]
         base = out if out is not None else front.run_dir / "exports"
@@ -270,6 +285,7 @@ def export_run(
         targets = [(row, base, parsed.text)]
     for _, target, _ in targets:
         check_out_dir(target)
+    check_in_ledger(front, [row for row, _, _ in targets])
     results = []
     with tempfile.TemporaryDirectory(prefix="autoquant-export-") as tmp:
         ctx = ExportContext(front, Path(tmp))
@@ -335,4 +351,5 @@ def write_summary(path: Path, results: list[ExportResult]) -> None:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(summary_rows(results), columns=list(SUMMARY_COLUMNS)).to_csv(path, index=False)
+    frame = pd.DataFrame(summary_rows(results), columns=list(SUMMARY_COLUMNS))
+    atomic_write(path, lambda p: frame.to_csv(p, index=False))

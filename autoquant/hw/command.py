@@ -246,7 +246,9 @@ def profile(
         data = result.to_dict()
         if checked is not None:
             data["validation"] = checked.to_dict()
-        json_path.write_text(json.dumps(strict_json(data), indent=1))
+        from autoquant.rundir import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(strict_json(data), indent=1))
     console.print(
         f"{prof.name}: {result.measured_now} kernels measured now, "
         f"{result.count(reused=True)} reused from {result.table_path}, "

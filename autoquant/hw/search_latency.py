@@ -32,6 +32,7 @@ from autoquant.hw.latency_model import LatencyModel
 from autoquant.hw.timing import KernelTiming
 from autoquant.hw.validation import check_latency_model, strict_json
 from autoquant.measurement import Figure
+from autoquant.rundir import atomic_write_text
 from autoquant.search.objectives import latency_figure, latency_objective
 from autoquant.space.searchspace import Exclusion, SearchSpace
 from autoquant.space.values import QuantChoice, QuantConfig
@@ -203,9 +204,7 @@ def write_fidelity(run_dir: Path, latencies: tuple[RunLatency, ...]) -> Path:
         "latency_source": "predicted by the latency model; validation rows measured end to end",
         "profiles": {r.profile: r.fidelity for r in latencies},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
     return path
 
 
@@ -294,9 +293,7 @@ def check_front(
             check["error"] = fast_t.error if not fast_t.ok else fp32_t.error
         data["profiles"].setdefault(lat.profile, {})["front_check"] = strict_json(check)
         checks.append(check)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
     return checks
 
 

@@ -170,13 +170,21 @@ class AccuracyPredictor:
     # --- persistence -----------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``predictor.json`` and ``member_<i>.ubj`` into ``directory``; returns it."""
+        """Write ``predictor.json`` and its ``member_<i>_<digest>.ubj`` files into ``directory``;
+        returns it. All or nothing: the members go to files named by their content, the manifest
+        naming them replaces the old one last, then the old members are removed; a save cut
+        short at any point leaves the previous predictor loadable and whole."""
+        import hashlib
+
+        from autoquant.rundir import atomic_write_bytes, atomic_write_text
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         members = []
         for i, booster in enumerate(self._members):
-            name = f"member_{i}.ubj"
-            booster.save_model(str(directory / name))
+            raw = bytes(booster.save_raw(raw_format="ubj"))
+            name = f"member_{i}_{hashlib.sha256(raw).hexdigest()[:16]}.ubj"
+            atomic_write_bytes(directory / name, raw)
             members.append(name)
         manifest = {
             "_type": "AccuracyPredictor",
@@ -195,9 +203,10 @@ class AccuracyPredictor:
                 },
             },
         }
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest))
-        tmp.replace(directory / MANIFEST)
+        atomic_write_text(directory / MANIFEST, json.dumps(manifest))
+        for old in directory.glob("member_*.ubj"):
+            if old.name not in members:
+                old.unlink(missing_ok=True)
         return directory
 
     @classmethod

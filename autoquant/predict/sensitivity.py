@@ -67,6 +67,7 @@ from typing import Any
 
 from autoquant import formats
 from autoquant.records import record_data
+from autoquant.rundir import atomic_write_text
 from autoquant.space import QuantChoice, SearchSpace
 
 SENSITIVITY_VERSION = 2
@@ -913,7 +914,5 @@ def load_or_compute(
         previous=previous,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=True))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=1, allow_nan=True))
     return result

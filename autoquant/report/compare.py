@@ -191,8 +191,10 @@ def render_compare(comp: Comparison) -> str:
 def write_compare(comp: Comparison, out_dir) -> tuple[Any, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out_dir / "compare.html", out_dir / "compare.json"
-    html_path.write_text(render_compare(comp), encoding="utf-8")
-    json_path.write_text(json.dumps(comp.to_json(), indent=2, default=str))
+    from autoquant.rundir import atomic_write_text
+
+    atomic_write_text(html_path, render_compare(comp))
+    atomic_write_text(json_path, json.dumps(comp.to_json(), indent=2, default=str))
     return html_path, json_path
 
 

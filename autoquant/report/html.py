@@ -374,11 +374,6 @@ def _yaml(data: Any) -> str:
 
 def write_report(run: RunData) -> Any:
     """Write ``report.html`` into the run directory (atomically) and return its path."""
-    import os
+    from autoquant.rundir import atomic_write_text
 
-    html = render_report(report_data(run))
-    path = run.path / "report.html"
-    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(run.path / "report.html", render_report(report_data(run)))

@@ -14,7 +14,6 @@ noise (its paired interval contains 0): True / False, or None where the ledger h
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from autoquant.pareto import non_dominated_mask
 from autoquant.predict.record import predicted_columns
+from autoquant.rundir import atomic_write
 from autoquant.search.ledger import LedgerEntry
 from autoquant.search.objectives import Objective
 
@@ -151,18 +151,12 @@ def pareto_frame(frame, objectives: tuple[Objective, ...]):
     return front.sort_values(cost + ["trial"]).reset_index(drop=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    tmp.replace(path)
-
-
 def write_tables(run_dir: Path, ledger: list[LedgerEntry], objectives: tuple[Objective, ...]):
     """Write ``trials.parquet`` and ``pareto.csv``; returns (trials, pareto) frames."""
     frame = trials_frame(trial_rows(ledger, objectives))
     front = pareto_frame(frame, objectives)
-    _atomic_write(run_dir / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
-    _atomic_write(run_dir / "pareto.csv", lambda p: front.to_csv(p, index=False))
+    atomic_write(run_dir / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write(run_dir / "pareto.csv", lambda p: front.to_csv(p, index=False))
     return frame, front
 
 
@@ -184,4 +178,4 @@ def write_run_info(run_dir: Path, outcome: Any, extra: dict[str, Any] | None = N
         "versions": package_versions(),
         **(extra or {}),
     }
-    _atomic_write(run_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    atomic_write(run_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2)))

@@ -48,6 +48,7 @@ import numpy as np
 
 from autoquant.errors import UserError
 from autoquant.predict.record import predicted_columns
+from autoquant.rundir import atomic_write, atomic_write_text
 from autoquant.search.driver import (
     SearchOutcome,
     TrialRecorder,
@@ -506,43 +507,46 @@ def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | No
             feature_names=encoder.feature_names, n_members=loop.gs.n_members, seed=fold
         ).fit(X[~test], y[~test])
         oof[test] = model.predict(X[test]).mean
-    path = loop.predictor_dir / "predictions.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
+    rows = [
+        [
+            "trial",
+            "config_hash",
+            "accuracy_measured",
+            "accuracy_predicted",
+            "accuracy_predicted_std",
+            "acquisition",
+            f"accuracy_predicted_{folds}fold",
+        ]
+    ]
+    for e, cv in zip(usable, oof):
+        trial = trials.get(e.number)
+        cols = predicted_columns(trial.user_attrs.get("predicted") if trial else None)
+        rows.append(
             [
-                "trial",
-                "config_hash",
-                "accuracy_measured",
-                "accuracy_predicted",
-                "accuracy_predicted_std",
-                "acquisition",
-                f"accuracy_predicted_{folds}fold",
+                e.number,
+                e.config_hash,
+                e.figures["accuracy"].value,
+                cols["accuracy_predicted"],
+                cols["accuracy_predicted_std"],
+                cols["acquisition"],
+                float(cv),
             ]
         )
-        for e, cv in zip(usable, oof):
-            trial = trials.get(e.number)
-            cols = predicted_columns(trial.user_attrs.get("predicted") if trial else None)
-            writer.writerow(
-                [
-                    e.number,
-                    e.config_hash,
-                    e.figures["accuracy"].value,
-                    cols["accuracy_predicted"],
-                    cols["accuracy_predicted_std"],
-                    cols["acquisition"],
-                    float(cv),
-                ]
-            )
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+
+    path = loop.predictor_dir / "predictions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 def _write_quality(loop: _Loop, encoder: Any) -> None:
     figures = _predictions_quality(loop, encoder)
     path = loop.predictor_dir / "quality.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=1))
+    atomic_write_text(path, json.dumps(figures, indent=1))
 
 
 def _with_costs(

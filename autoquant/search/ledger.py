@@ -2,6 +2,11 @@
 
 Trial user attributes carry the config (versioned JSON), its hash, every figure with its source,
 and, for a trial that re-proposed an already measured config, ``reused_from``.
+
+Nothing is read out of the ledger unchecked: a trial's config must parse, match its hash and the
+labels Optuna recorded as the trial's params (``entry_from_trial``). ``check_ledger`` refuses a
+run directory whose results the ledger no longer backs (study.db deleted, emptied, unreadable,
+or without trials the tables hold), so a search never overwrites them with a fresh study.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoquant.errors import UserError
 from autoquant.measurement import Figure
 from autoquant.space import QuantConfig
 
@@ -19,6 +25,10 @@ INTERRUPTED = "interrupted: the process ended before the trial finished"
 # A worker's trial whose config another worker had claimed first, or whose budget slot went to
 # another worker: bookkeeping, not a measurement (no row in the tables, not in the budget).
 SKIPPED = "skipped: "
+LEDGER_FILE = "study.db"
+# What a search writes from the ledger: if any is there, the ledger must be too.
+RESULT_FILES = ("trials.parquet", "pareto.csv", "report.html", "run.json")
+_RESTORE = "allowed: the run's own study.db (restore it), or another run directory"
 
 
 def sqlite_url(run_dir: Path) -> str:
@@ -53,9 +63,37 @@ def is_measured(entry: LedgerEntry) -> bool:
     return entry.state == "FAIL" and entry.fail_reason != INTERRUPTED and not entry.skipped
 
 
-def entry_from_trial(trial: Any) -> LedgerEntry:
+def _checked_config(trial: Any, file: str | None) -> QuantConfig | None:
+    """The trial's config, refused unless it parses, matches its stored hash and is the config
+    the trial's params name (a config edited in study.db fails one of the three)."""
     attrs = trial.user_attrs
-    config = QuantConfig.from_json(attrs["config"]) if "config" in attrs else None
+    if "config" not in attrs:
+        return None
+    text = str(attrs["config"])
+
+    def refuse(problem: str) -> UserError:
+        return UserError(
+            f"bad value {text[:60]!r}: trial {trial.number}'s config {problem}; {_RESTORE}",
+            file=file,
+            key=f"trial {trial.number}",
+        )
+
+    try:
+        config = QuantConfig.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise refuse(f"does not parse ({type(exc).__name__})") from None
+    if config.hash != attrs.get("config_hash"):
+        raise refuse(f"has hash {config.hash}, the ledger records {attrs.get('config_hash')!r}")
+    labels = {name: choice.label for name, choice in config.choices}
+    if trial.params and labels != trial.params:
+        wrong = sorted(n for n in labels.keys() | trial.params.keys() if labels.get(n) != trial.params.get(n))
+        raise refuse(f"disagrees with the trial's params on layer {wrong[0]!r}")
+    return config
+
+
+def entry_from_trial(trial: Any, *, file: str | None = None) -> LedgerEntry:
+    attrs = trial.user_attrs
+    config = _checked_config(trial, file)
     figures = {k: Figure.from_dict(v) for k, v in json.loads(attrs.get("figures", "{}")).items()}
     duration = None
     if trial.datetime_start and trial.datetime_complete:
@@ -98,8 +136,9 @@ def open_study(storage: str, directions: list[str], sampler: Any, *, create: boo
 
 
 def fail_interrupted(study: Any) -> int:
-    """Mark trials left RUNNING by a process that died as FAIL, with the reason. With the
-    embedded SQLite ledger one process owns the study, so any RUNNING trial at start is stale."""
+    """Mark trials left RUNNING by a process that died as FAIL, with the reason. The run
+    directory's owner lock (``autoquant.rundir``) makes the search the study's one user, so any
+    RUNNING trial at start is stale."""
     import optuna
 
     storage = study._storage
@@ -111,5 +150,79 @@ def fail_interrupted(study: Any) -> int:
     return count
 
 
-def entries(study: Any) -> list[LedgerEntry]:
-    return [entry_from_trial(t) for t in study.get_trials(deepcopy=False)]
+def entries(study: Any, *, file: str | None = None) -> list[LedgerEntry]:
+    return [entry_from_trial(t, file=file) for t in study.get_trials(deepcopy=False)]
+
+
+def read_ledger(run_dir: Path, *, key: str = "RUN") -> list[LedgerEntry] | None:
+    """The checked entries of ``run_dir/study.db``, read without creating or changing it; None
+    when there is no ledger (missing or zero bytes). ``UserError`` when it is unreadable (not
+    SQLite, truncated, another schema, no autoquant study) or a trial's config was edited."""
+    import optuna
+
+    path = run_dir / LEDGER_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(sqlite_url(run_dir), skip_table_creation=True)
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+    except Exception as exc:  # whatever stops reading it, the ledger is not there to build on
+        cause = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise UserError(
+            f"bad value {str(run_dir)!r}: {LEDGER_FILE} is not a readable autoquant ledger "
+            f"({type(exc).__name__}: {cause}); {_RESTORE}",
+            file=str(path),
+            key=key,
+        ) from None
+    return [entry_from_trial(t, file=str(path)) for t in trials]
+
+
+def check_ledger(run_dir: Path, layer_names: set[str], *, key: str = "--out") -> None:
+    """Refuse (``UserError``) a run directory a search would lose results in: result files
+    without a ledger (missing, empty, unreadable), a ledger without the trials ``trials.parquet``
+    holds, or a ledger whose configs are edited or name layers the task does not have."""
+    path = run_dir / LEDGER_FILE
+    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    done = read_ledger(run_dir, key=key)
+    if done is None:
+        if results:
+            what = "missing" if not path.exists() else "empty"
+            raise UserError(
+                f"bad value {str(run_dir)!r}: the run directory holds {', '.join(results)} but "
+                f"its ledger {LEDGER_FILE} is {what}; a search would start a new study and "
+                f"overwrite them; {_RESTORE}",
+                key=key,
+            )
+        return
+    lost = _table_trials(run_dir) - {e.number for e in done if e.state in ("COMPLETE", "FAIL")}
+    if lost:
+        raise UserError(
+            f"bad value {str(run_dir)!r}: trials.parquet holds trial(s) "
+            f"{', '.join(map(str, sorted(lost)[:5]))} that the ledger {LEDGER_FILE} does not "
+            f"({len(lost)} in all); a search would overwrite them; {_RESTORE}",
+            key=key,
+        )
+    for entry in done:
+        if entry.config is None:
+            continue
+        extra = {name for name, _ in entry.config.choices} ^ layer_names
+        if extra:
+            raise UserError(
+                f"bad value {sorted(extra)[0]!r}: trial {entry.number}'s config does not have "
+                f"the task's layers (differs on {len(extra)}); {_RESTORE}",
+                file=str(path),
+                key=f"trial {entry.number}",
+            )
+
+
+def _table_trials(run_dir: Path) -> set[int]:
+    """Trial numbers in ``trials.parquet``; none if it is absent or unreadable (the ledger is
+    the source of truth: a corrupt table is rewritten from it)."""
+    import pandas as pd
+
+    try:
+        return {int(t) for t in pd.read_parquet(run_dir / "trials.parquet", columns=["trial"])["trial"]}
+    except Exception:
+        return set()
