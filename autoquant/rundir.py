@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from autoquant.errors import UserError
+from autoquant.errors import UserError, machine_failure
 
 LOCK_FILE = ".autoquant.lock"
 _TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")
@@ -168,7 +168,12 @@ def owner_lock(
         )
     try:
         fd, created = _take_lock(run_dir)
-    except OSError as exc:  # read-only or not ours: nothing could be written there anyway
+    except OSError as exc:
+        # A full or read-only disk is the machine's failure (exit 1, one line); other refusals
+        # (a path through a file, a name too long) are the user's.
+        failure = machine_failure(exc, file=run_dir / LOCK_FILE)
+        if failure is not None:
+            raise failure from None
         raise UserError(
             f"bad value {str(run_dir)!r}: cannot write into it ({type(exc).__name__}: "
             f"{exc.strerror or exc}); allowed: a directory this user can write",

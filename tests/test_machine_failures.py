@@ -96,7 +96,9 @@ def test_truncated_ledger_on_resume_is_one_line(finished_run, tmp_path, capsys):
         ["search", run / "spec.yaml", "--out", run, "--quiet", "--trials", "8"], capsys
     )
     line = one_line(err)
-    assert code == 1 and str(run / "study.db") in line and "SQLite" in line
+    # an unreadable ledger is refused before anything is rewritten from it (exit 2, the
+    # "refuse, never overwrite" rule), naming the file
+    assert code == 2 and str(run) in line and "study.db is not a readable" in line
 
 
 def test_full_disk_during_search_is_one_line(tmp_path):

@@ -82,7 +82,12 @@ def _checked_config(trial: Any, file: str | None) -> QuantConfig | None:
         config = QuantConfig.from_json(text)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise refuse(f"does not parse ({type(exc).__name__})") from None
-    if config.hash != attrs.get("config_hash"):
+    recorded = attrs.get("config_hash")
+    # A process killed between writing the config and its hash leaves an unfinished trial
+    # with no hash: nothing to check it against, and nothing measured in it.
+    if recorded is None and trial.state.name != "COMPLETE":
+        return config
+    if config.hash != recorded:
         raise refuse(f"has hash {config.hash}, the ledger records {attrs.get('config_hash')!r}")
     labels = {name: choice.label for name, choice in config.choices}
     if trial.params and labels != trial.params:
