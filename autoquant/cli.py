@@ -20,8 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False)  # names come from run directories: never markup
+err_console = Console(stderr=True, markup=False)
 
 
 class SamplerName(str, enum.Enum):
@@ -128,7 +128,7 @@ def _search_owned(
         write_report(load_run(run_dir))
 
     console.print(
-        f"[bold]{run.spec.name}[/]: task {run.task.name}, {len(run.space.layers)} layers, "
+        f"{run.spec.name}: task {run.task.name}, {len(run.space.layers)} layers, "
         f"{run.space.size:,} configs in the space, sampler {run.spec.search.sampler}, "
         f"budget {run.spec.search.trials} trials"
         + (f" / {run.spec.search.timeout_s:g} s" if run.spec.search.timeout_s else "")
@@ -238,7 +238,7 @@ def space(
         )
     console.print(table)
     for ls in run.space.layers:
-        console.print(f"[bold]{ls.layer.name}[/]: " + " ".join(c.label for c in ls.choices))
+        console.print(f"{ls.layer.name}: " + " ".join(c.label for c in ls.choices))
     reasons: dict[str, int] = {}
     for e in run.space.exclusions:
         reasons[e.reason] = reasons.get(e.reason, 0) + 1

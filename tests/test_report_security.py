@@ -195,3 +195,19 @@ def test_csp_stops_markup_that_escaping_missed(hostile, tmp_path):
     assert any("Content Security Policy" in line for line in rendered.console), rendered.console
     marks = re.search(r'data-rendered-marks="(\d+)"', rendered.dom)
     assert marks and int(marks.group(1)) > 0, "the page's own script did not run"
+
+
+def test_terminal_prints_names_that_look_like_console_markup(tmp_path, capsys):
+    """rich reads ``[/b]`` as a closing tag: a run directory named so made ``report`` and
+    ``compare`` die with a MarkupError traceback. The consoles take every string literally."""
+    spec = small_spec(tmp_path / "spec", trials=4)
+    run = tmp_path / "[/b]run[bold red]"
+    code, _, err = run_cli(["search", spec, "--out", run, "--quiet"], capsys)
+    assert code == 0, err
+    other = tmp_path / "[/]other"
+    shutil.copytree(run, other)
+    code, out, err = run_cli(["report", other], capsys)
+    assert code == 0, err
+    assert "[/]other" in out.replace("\n", "")
+    code, out, err = run_cli(["compare", run, other, "--out", tmp_path / "cmp"], capsys)
+    assert code == 0, err

@@ -92,7 +92,7 @@ def export(
     from autoquant.export.pipeline import ExportOptions, export_run
     from autoquant.export.validate import Tolerances
 
-    console = Console()
+    console = Console(markup=False)  # names come from run directories: never markup
     options = ExportOptions(
         threads=threads,
         latency_repeats=latency_repeats,

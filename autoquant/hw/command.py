@@ -18,7 +18,7 @@ from autoquant.errors import UserError
 from autoquant.hw.validation import strict_json
 from autoquant.space.values import QuantChoice
 
-console = Console()
+console = Console(markup=False)  # names come from run directories: never markup
 
 
 def _task_layers(task: str):

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from autoquant.errors import MachineError, UserError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False)  # names come from run directories: never markup
+err_console = Console(stderr=True, markup=False)
 
 SamplerOption = Annotated[
     str | None, typer.Option(help="search strategy: nsga2, tpe or random")
@@ -213,7 +213,7 @@ def search_with_workers(
             key="search.sampler",
         )
     console.print(
-        f"[bold]{run.spec.name}[/]: {n_workers} workers, study {name!r} on {shared.shown}, "
+        f"{run.spec.name}: {n_workers} workers, study {name!r} on {shared.shown}, "
         f"budget {run.spec.search.trials} distinct configs",
         highlight=False,
     )
