@@ -79,7 +79,7 @@ def search(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(dump_yaml(resolved))
     if run.latency:  # latency objectives: how far the predicted latency can be trusted
-        from autoquant.hw.search_latency import write_fidelity
+        from autoquant.search.latency import write_fidelity
 
         write_fidelity(run_dir, run.latency)
 
@@ -129,7 +129,7 @@ def search(
     write_run_info(run_dir, outcome)
     checks = []
     if run.latency and not front.empty:  # is the fastest point really faster? measure it
-        from autoquant.hw.search_latency import check_front
+        from autoquant.search.latency import check_front
 
         with console.status("timing the fastest front point and float32 end to end") as st:
             checks = check_front(
@@ -154,7 +154,7 @@ def search(
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
     if run.latency:
-        from autoquant.hw.search_latency import front_check_line, summary_line
+        from autoquant.search.latency import front_check_line, summary_line
 
         for lat in run.latency:
             console.print(summary_line(lat))
@@ -287,8 +287,8 @@ def compare(
 
 def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
+    from autoquant.commands.profile import hw, profile
     from autoquant.export.command import export
-    from autoquant.hw.command import hw, profile
 
     app.command("export")(export)
     app.command("profile")(profile)
