@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import write_profile
 
+from autoquant.errors import UserError
 from autoquant.latency.profiling import parse_label, profile_layers
 from autoquant.latency.table import LatencyTable
 from autoquant.measure.timing import KernelTiming
@@ -77,6 +78,25 @@ def test_contract_fingerprint(backend, tmp_path):
     assert backend.fingerprint_hash() == backend.fingerprint_hash()
     with backend_for(make_profile(tmp_path, name="b4", batch_size=4)) as other:
         assert other.fingerprint_hash() != backend.fingerprint_hash()
+
+
+def test_execution_provider_from_the_profile(tmp_path):
+    """Sessions run on the profile's execution provider; one this onnxruntime build lacks is
+    the profile's mistake (one line naming the key), not a crash at the first session."""
+    import onnxruntime
+
+    from autoquant.backends.registry import backend_for
+
+    available = onnxruntime.get_available_providers()
+    chosen = available[0]
+    with backend_for(make_profile(tmp_path, name="ep", execution_provider=chosen)) as b:
+        assert b.provider == chosen and b.fingerprint()["execution_provider"] == chosen
+    missing = make_profile(tmp_path, name="noep", execution_provider="NoSuchExecutionProvider")
+    with pytest.raises(UserError) as info:
+        backend_for(missing)
+    message = str(info.value)
+    assert "execution_provider" in message and "NoSuchExecutionProvider" in message
+    assert "CPUExecutionProvider" in message and "\n" not in message
 
 
 def test_contract_exclusion_is_reported_not_timed(tmp_path, mlp_layers):

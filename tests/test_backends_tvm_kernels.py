@@ -67,11 +67,11 @@ def host():
     return tvm, target
 
 
-def run_kernel(host, spec, *, tensorize=True):
+def run_kernel(host, spec, *, tensorize=True, **schedule):
     from autoquant.backends.tvm import kernels as tvm_kernels
 
     tvm, target = host
-    ex, names = tvm_kernels.build(spec, target, threads=2, tensorize=tensorize)
+    ex, names = tvm_kernels.build(spec, target, threads=2, tensorize=tensorize, **schedule)
     data = make_data(spec, seed=3)
     dev = tvm.cpu(0)
     args = [tvm.runtime.tensor(data.inputs[n], dev) for n in names[:-1]]
@@ -267,21 +267,20 @@ def test_conv_geometry_and_exclusions():
     ids=lambda c: c.label,
 )
 @pytest.mark.parametrize(("layer", "batch"), [(DENSE, 6), (CONV, 2)], ids=["dense", "conv"])
-def test_multithreaded_schedules(host, layer, batch, choice, monkeypatch):
-    """Small kernels run single-threaded; force the parallel schedules on the same shapes."""
-    from autoquant.backends.tvm import kernels as tvm_kernels
-
-    monkeypatch.setattr(tvm_kernels, "PARALLEL_MIN_MACS", 0)
+def test_multithreaded_schedules(host, layer, batch, choice):
+    """Small kernels run single-threaded; force the parallel schedules on the same shapes (a
+    profile's ``schedule.parallel_min_macs: 0``)."""
+    parallel = {"parallel_min_macs": 0}
     if layer.kind == "conv" and choice.granularity == "per_group":
         choice = C(choice.weight_bits, choice.act_bits, "per_group", 4, choice.symmetric)
     spec = kernel_spec(layer, choice, batch, vnni=False)
-    data, out = run_kernel(host, spec)
+    data, out = run_kernel(host, spec, **parallel)
     assert check_output(spec, data, out) is None
     if choice.act_bits == 8 and choice.granularity != "per_group":
         vnni_spec = kernel_spec(layer, choice, batch, vnni=True)
-        data, out = run_kernel(host, vnni_spec, tensorize=False)
+        data, out = run_kernel(host, vnni_spec, tensorize=False, **parallel)
         assert check_output(vnni_spec, data, out) is None
     if choice.act_bits == 8 and choice.granularity != "per_group":
         madd_spec = kernel_spec(layer, choice, batch, vnni=False, avx2=True)
-        data, out = run_kernel(host, madd_spec, tensorize=has_avx2(host))
+        data, out = run_kernel(host, madd_spec, tensorize=has_avx2(host), **parallel)
         assert check_output(madd_spec, data, out) is None

@@ -42,6 +42,23 @@ def test_fingerprint_has_the_tuning_settings(tmp_path):
             assert fewer.fingerprint_hash() != tuned.fingerprint_hash()
 
 
+def test_machine_constants_enter_the_fingerprint_only_when_set(tmp_path):
+    """``tuning.build_timeout_s`` and ``schedule.parallel_min_macs`` moved from code into the
+    profile: at their defaults the fingerprint (and every table keyed by it) is as before."""
+    tuning = {"trials_per_kernel": 8, "budget_s": 30}
+    default = tvm_backend(
+        fast_profile(tmp_path, name="d", tuning={**tuning, "build_timeout_s": 180})
+    )
+    slow = tvm_backend(fast_profile(tmp_path, name="s", tuning={**tuning, "build_timeout_s": 600}))
+    serial = tvm_backend(fast_profile(tmp_path, name="p", schedule={"parallel_min_macs": 0}))
+    with default, slow, serial:
+        assert default.fingerprint()["tuning"] == {"trials_per_kernel": 8, "budget_s": 30.0}
+        assert "schedule" not in default.fingerprint()
+        assert slow.fingerprint()["tuning"]["build_timeout_s"] == 600
+        assert serial.fingerprint()["schedule"] == {"parallel_min_macs": 0}
+        assert len({b.fingerprint_hash() for b in (default, slow, serial)}) == 3
+
+
 def test_rpc_profile_is_never_tuned(tmp_path):
     from autoquant.backends.tvm.tuning import tuning_refusal
 

@@ -74,6 +74,14 @@ def test_good_profile_defaults(tmp_path):
             "(top level)",
             ["mcpu", "auto"],
         ),
+        ({"schedule": {"parallel_min_macs": -1}}, "schedule.parallel_min_macs", ["-1"]),
+        ({"tuning": {"build_timeout_s": 0}}, "tuning.build_timeout_s", ["0"]),
+        ({"execution_provider": "cuda"}, "execution_provider", ["cuda", "ExecutionProvider"]),
+        (
+            {"execution_provider": "CUDAExecutionProvider"},
+            "(top level)",
+            ["execution_provider", "onnxruntime"],
+        ),
     ],
 )
 def test_profile_errors_are_one_line(tmp_path, change, key, words):

@@ -17,7 +17,9 @@ Example::
     measure: {warmup: 1, number: 1, repeat: 3, min_repeat_ms: 200, timeout_s: 60, rounds: 5,
               visit_ms: 10, statistic: median}
     end_to_end: {calibration_configs: 10, rounds: 7, repeat: 3}   # whole-model timing, model fit
-    tuning: {trials_per_kernel: 64, budget_s: 600}   # optional; hand schedules when absent
+    tuning: {trials_per_kernel: 64, budget_s: 600, build_timeout_s: 180}   # optional
+    schedule: {parallel_min_macs: 524288}   # hand schedules: one thread below this many MACs
+    execution_provider: CPUExecutionProvider   # runtime onnxruntime: CUDA, OpenVINO, ... if built
     formats: [fp32, fp16, weight_only, w8a8, wNa8]
 """
 
@@ -177,6 +179,38 @@ class TuningSpec(_Strict):
         description="seconds of tuning over a whole profiling run; the kernel that runs past it "
         "is stopped and keeps its hand schedule",
     )
+    build_timeout_s: float = Field(
+        default=180,
+        gt=0,
+        description="seconds meta_schedule's builder gives one candidate: its default (30 s) can "
+        "be shorter than a fresh builder worker's start on a slow machine. Part of the table's "
+        "fingerprint only when set otherwise",
+    )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings in the latency table's fingerprint: ``build_timeout_s`` only when it
+        differs from its default, so tables of profiles written before it existed still hit."""
+        default = TuningSpec.model_fields["build_timeout_s"].default
+        return self.model_dump(
+            exclude={"build_timeout_s"} if self.build_timeout_s == default else None
+        )
+
+
+class ScheduleSpec(_Strict):
+    """Machine-tuned constants of the hand-written kernel schedules (TVM runtime)."""
+
+    parallel_min_macs: int = Field(
+        default=1 << 19,
+        ge=0,
+        description="below this many multiply-accumulates a kernel runs on one thread: waking "
+        "the thread pool costs more than splitting a small kernel saves, and where the two "
+        "cross depends on the machine (``benchmarks/kernels.py`` measures it)",
+    )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that differ from their defaults (empty for a default schedule, which
+        the fingerprint of a profile written before these settings existed assumed)."""
+        return self.model_dump(exclude_defaults=True)
 
 
 class HardwareProfileSpec(_Strict):
@@ -191,6 +225,14 @@ class HardwareProfileSpec(_Strict):
     measure: MeasureSpec = MeasureSpec()
     end_to_end: EndToEndSpec = EndToEndSpec()
     tuning: TuningSpec | None = None
+    schedule: ScheduleSpec = ScheduleSpec()
+    execution_provider: str = Field(
+        default="CPUExecutionProvider",
+        pattern=r"^[A-Za-z0-9]+ExecutionProvider$",
+        description="the ONNX Runtime execution provider sessions run on (runtime: "
+        "onnxruntime): CPUExecutionProvider, or one this onnxruntime build has, e.g. "
+        "CUDAExecutionProvider or OpenVINOExecutionProvider",
+    )
     formats: list[KernelFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
 
     @field_validator("target")
@@ -219,6 +261,13 @@ class HardwareProfileSpec(_Strict):
                 raise ValueError("target.mcpu: auto describes this machine; name the remote CPU")
             if self.threads == "auto":
                 raise ValueError("threads: auto describes this machine; give the remote's count")
+        return self
+
+    @model_validator(mode="after")
+    def _provider_is_ort(self) -> HardwareProfileSpec:
+        default = HardwareProfileSpec.model_fields["execution_provider"].default
+        if self.runtime != "onnxruntime" and self.execution_provider != default:
+            raise ValueError("execution_provider goes with runtime: onnxruntime")
         return self
 
 

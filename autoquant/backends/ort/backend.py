@@ -39,6 +39,7 @@ import numpy as np
 
 from autoquant.backends.contract import LatencyBackend, PreparedModel, short_error
 from autoquant.backends.inputs import InputsLike, ModelInputs
+from autoquant.errors import UserError
 from autoquant.hardware.kernels import kernel_format
 from autoquant.hardware.profile import HardwareProfile
 from autoquant.measure.interleave import TIMING_METHOD
@@ -50,7 +51,6 @@ from autoquant.versions import cpu_name
 # Bump when export_graph's graph form or the one-layer wrapping here changes: timings of the old
 # graphs then stop matching the fingerprint and are measured again.
 EXPORT_FORM_VERSION = 2  # 2: weight-only layers folded (export default), N-D Linear via Gemm
-PROVIDER = "CPUExecutionProvider"
 LEVEL = "enable_all"
 THREAD_POOL = "shared"
 LAYER_NAME = "layer"  # the attribute the one-layer module keeps its layer under
@@ -161,6 +161,16 @@ class OrtBackend(LatencyBackend):
 
         self.profile = profile
         self.ort_version = str(ort.__version__)
+        # the profile's execution provider (CPU unless it names another this build has)
+        self.provider = profile.spec.execution_provider
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise UserError(
+                f"bad value {self.provider!r}: this onnxruntime build has no such execution "
+                f"provider; allowed: {', '.join(available)}",
+                file=profile.path,
+                key="execution_provider",
+            )
         # the one-layer sessions measured here, kept open for more rounds (``kernel_visitor``)
         self._loaded: dict[tuple[LayerInfo, str], tuple[Any, dict[str, np.ndarray], float]] = {}
 
@@ -178,7 +188,7 @@ class OrtBackend(LatencyBackend):
             "host_arch": platform.machine(),
             "runtime": "onnxruntime",
             "runtime_version": self.ort_version,
-            "execution_provider": PROVIDER,
+            "execution_provider": self.provider,
             "optimization": LEVEL,
             "timing": TIMING_METHOD,
             "threads": p.threads,
@@ -415,9 +425,9 @@ class OrtBackend(LatencyBackend):
         data = model.SerializeToString()
         with tempfile.TemporaryDirectory(prefix="autoquant-ort-") as tmp:
             path = os.path.join(tmp, "optimized.onnx")
-            ort.InferenceSession(data, self._options(path), providers=[PROVIDER])
+            ort.InferenceSession(data, self._options(path), providers=[self.provider])
             ops = sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node})
-        return ort.InferenceSession(data, self._options(), providers=[PROVIDER]), ops
+        return ort.InferenceSession(data, self._options(), providers=[self.provider]), ops
 
     def _build_timeout(self, build_s: float) -> str | None:
         limit = self.profile.spec.measure.timeout_s

@@ -101,7 +101,9 @@ class TvmBackend(LatencyBackend):
             "tensorize": self.tensorize,
             # only with tuning: untuned fingerprints (and the tables keyed by them) stay as
             # they were, and tuned timings are never shared with untuned ones
-            **({"tuning": p.spec.tuning.model_dump()} if p.spec.tuning else {}),
+            **({"tuning": p.spec.tuning.fingerprint()} if p.spec.tuning else {}),
+            # only when set otherwise than the defaults every earlier table was measured with
+            **({"schedule": schedule} if (schedule := p.spec.schedule.fingerprint()) else {}),
         }
 
     def spec_for(self, layer: LayerInfo, choice: QuantChoice) -> KernelSpec | str:
@@ -229,6 +231,7 @@ class TvmBackend(LatencyBackend):
                 work_dir=tempfile.mkdtemp(prefix="tune-", dir=self._tmp.name),
                 deadline_s=tuning.budget_s - self._tuning_used_s,
                 worker=self._tuner,
+                build_timeout_s=tuning.build_timeout_s,
             )
             tuning_s = time.monotonic() - start
             self._tuning_used_s += tuning_s
@@ -282,7 +285,11 @@ class TvmBackend(LatencyBackend):
         }
         try:
             ex, names = tvm_kernels.build(
-                spec, self.target, threads=self.profile.threads, tensorize=self.tensorize
+                spec,
+                self.target,
+                threads=self.profile.threads,
+                tensorize=self.tensorize,
+                parallel_min_macs=self.profile.spec.schedule.parallel_min_macs,
             )
         except Exception as exc:
             return KernelTiming.failed(
@@ -396,6 +403,7 @@ class TvmBackend(LatencyBackend):
                 threads=self.profile.threads,
                 vnni=self.vnni,
                 avx2=self.avx2,
+                parallel_min_macs=self.profile.spec.schedule.parallel_min_macs,
             )
         except UnsupportedModel as exc:
             return KernelTiming.excluded(

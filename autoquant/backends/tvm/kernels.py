@@ -13,7 +13,8 @@ One template per family, all on a ``[M, K] x [Np/16, K, 16]`` blocked layout:
   zero-point corrections from precomputed weight sums, requantized to uint8.
 
 Convolutions add an im2col stage (in the same function) in front of the dense core. Kernels
-below ``PARALLEL_MIN_MACS`` run on one thread; larger ones split over the profile's threads.
+below the profile's ``schedule.parallel_min_macs`` run on one thread; larger ones split over the
+profile's threads.
 
 The VNNI intrinsic is registered here with ``uint8x64``/``int8x64`` operands: TVM 0.27's built-in
 ``dot_16x4_vnni`` passes ``<16 x i32>`` and fails LLVM 22's verifier. Its description is written
@@ -26,12 +27,13 @@ from typing import Any
 
 from autoquant.hardware._tvm import load_tvm
 from autoquant.hardware.kernels import LANES, KernelSpec, input_dtype, output_dtype
+from autoquant.hardware.profile import ScheduleSpec
 
 VNNI_INTRIN = "autoquant_dot_16x4_u8i8i32_vnni"
 MADD16_INTRIN = "autoquant_dot_16x2_i16i8i32_avx2"
-# Below this many multiply-accumulates a kernel runs on one thread: waking the thread pool
-# costs microseconds, more than splitting a small kernel saves (``benchmarks/kernels.py``).
-PARALLEL_MIN_MACS = 1 << 19
+# A profile's ``schedule.parallel_min_macs`` when none is given (the machine constant lives in
+# the profile schema: where one thread beats the pool depends on the machine).
+DEFAULT_PARALLEL_MIN_MACS = ScheduleSpec().parallel_min_macs
 _REGISTERED: set[str] = set()
 
 
@@ -380,7 +382,14 @@ def build_prim_func(spec: KernelSpec) -> tuple[Any, list[str]]:
     return te.create_prim_func(args), names
 
 
-def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = True) -> Any:
+def schedule(
+    spec: KernelSpec,
+    func: Any,
+    *,
+    threads: int,
+    tensorize: bool = True,
+    parallel_min_macs: int = DEFAULT_PARALLEL_MIN_MACS,
+) -> Any:
     """Apply the hand schedule for ``spec`` to its PrimFunc; returns the IRModule.
 
     ``tensorize=False`` keeps the VNNI data layout and loop structure but leaves the 16x4 inner
@@ -397,7 +406,7 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
     # Parallel over blocks of 16 output channels when there are enough of them, else over rows.
     parallel_n = nb >= 2 * threads or spec.m // mfac < 2
     # Waking the thread pool costs microseconds: small kernels run on one thread.
-    use_threads = threads > 1 and spec.m * spec.np_ * spec.k >= PARALLEL_MIN_MACS
+    use_threads = threads > 1 and spec.m * spec.np_ * spec.k >= parallel_min_macs
 
     def parallel(loop: Any) -> None:
         if use_threads:
@@ -502,10 +511,17 @@ def schedule(spec: KernelSpec, func: Any, *, threads: int, tensorize: bool = Tru
 
 
 def build(
-    spec: KernelSpec, target: Any, *, threads: int, tensorize: bool = True
+    spec: KernelSpec,
+    target: Any,
+    *,
+    threads: int,
+    tensorize: bool = True,
+    parallel_min_macs: int = DEFAULT_PARALLEL_MIN_MACS,
 ) -> tuple[Any, list[str]]:
     """Compile ``spec`` for ``target`` (a ``tvm.target.Target``): (Executable, argument names)."""
     tvm = load_tvm()
     func, names = build_prim_func(spec)
-    mod = schedule(spec, func, threads=threads, tensorize=tensorize)
+    mod = schedule(
+        spec, func, threads=threads, tensorize=tensorize, parallel_min_macs=parallel_min_macs
+    )
     return tvm.compile(mod, target=target), names

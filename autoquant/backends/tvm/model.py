@@ -107,11 +107,13 @@ def build_model(
     vnni: bool,
     avx2: bool = False,
     model_weights: bool = False,
+    parallel_min_macs: int | None = None,
 ) -> Any:
     """Compile ``model`` under ``config`` at ``batch`` into a relax Executable.
 
     ``model_weights``: float32 layers use the model's own weights and biases (for checking the
     composition against torch); otherwise every layer gets random weights of its format.
+    ``parallel_min_macs``: the profile's ``schedule.parallel_min_macs`` (None: its default).
     """
     import torch.fx
 
@@ -164,7 +166,14 @@ def build_model(
 
     def call_kernel(layer: LayerInfo, spec: KernelSpec, x: Any) -> Any:
         func, names = tvm_kernels.build_prim_func(spec)
-        mod = tvm_kernels.schedule(spec, func, threads=threads)
+        mod = tvm_kernels.schedule(
+            spec,
+            func,
+            threads=threads,
+            parallel_min_macs=tvm_kernels.DEFAULT_PARALLEL_MIN_MACS
+            if parallel_min_macs is None
+            else parallel_min_macs,
+        )
         symbol = f"k_{layer.name.replace('.', '_')}"
         gv = bb.add_func(mod["main"].with_attr("global_symbol", symbol), symbol)
         data = make_data(spec)

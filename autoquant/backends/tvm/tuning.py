@@ -33,10 +33,11 @@ from typing import Any
 
 from autoquant.backends.contract import short_error
 from autoquant.hardware.kernels import KernelSpec
+from autoquant.hardware.profile import TuningSpec
 
-# meta_schedule's default builder timeout (30 s) can be shorter than a fresh builder worker's
-# start on a small machine; this leaves room even if a worker imports tvm.s_tir.tensor_intrin.
-BUILD_TIMEOUT_S = 180
+# A profile's ``tuning.build_timeout_s`` when none is given (the machine constant lives in the
+# profile schema: meta_schedule's default, 30 s, can be shorter than a builder worker's start).
+DEFAULT_BUILD_TIMEOUT_S = TuningSpec.model_fields["build_timeout_s"].default
 TRIALS_PER_ITER = 32
 # a run record slower than this is meta_schedule's marker for a candidate that failed (1e10 s)
 _FAILED_RUN_S = 1e9
@@ -74,10 +75,12 @@ def tune_kernel(
     work_dir: str | Path,
     deadline_s: float,
     worker: TuningWorker | None = None,
+    build_timeout_s: float = DEFAULT_BUILD_TIMEOUT_S,
 ) -> TunedKernel | str:
     """Tune ``spec`` for ``target`` (a ``tvm.target.Target`` or its dict) with at most ``trials``
     candidates, within ``deadline_s`` seconds from now; a reason string when there is no tuned
-    kernel. ``worker`` reuses a running ``TuningWorker`` (else one is started and stopped)."""
+    kernel. ``worker`` reuses a running ``TuningWorker`` (else one is started and stopped);
+    ``build_timeout_s`` is the profile's ``tuning.build_timeout_s`` (per candidate build)."""
     start = time.monotonic()
     target_dict = _jsonable(target if isinstance(target, dict) else dict(target.export()))
     kind = str(target_dict.get("kind"))
@@ -93,7 +96,10 @@ def tune_kernel(
     if worker is None:
         worker = TuningWorker(threads, work_dir / "worker.log")
     try:
-        reply = worker.request(("tune", spec, target_dict, int(trials), str(work_dir)), deadline_s)
+        reply = worker.request(
+            ("tune", spec, target_dict, int(trials), str(work_dir), float(build_timeout_s)),
+            deadline_s,
+        )
     finally:
         if own:
             worker.close()
@@ -204,7 +210,11 @@ def _serve(fd: int) -> None:
 
 
 def _tune_here(
-    spec: KernelSpec, target_dict: dict[str, Any], trials: int, work_dir: str
+    spec: KernelSpec,
+    target_dict: dict[str, Any],
+    trials: int,
+    work_dir: str,
+    build_timeout_s: float = DEFAULT_BUILD_TIMEOUT_S,
 ) -> tuple[Any, ...]:
     from autoquant.backends.tvm import kernels as tvm_kernels
     from autoquant.hardware._tvm import load_tvm
@@ -229,7 +239,7 @@ def _tune_here(
         num_tuning_cores=cores,
         seed=0,
         builder=ms.builder.LocalBuilder(
-            max_workers=cores, timeout_sec=BUILD_TIMEOUT_S, f_build=_make_build()
+            max_workers=cores, timeout_sec=build_timeout_s, f_build=_make_build()
         ),
     )
     records = db.get_all_tuning_records()
