@@ -98,7 +98,7 @@ def _search_owned(
         check_ledger(run_dir, {ls.layer.name for ls in run.space.layers})
     atomic_write_text(run_dir / "spec.yaml", dump_yaml(resolved))
     if run.latency:  # latency objectives: how far the predicted latency can be trusted
-        from autoquant.hw.search_latency import write_fidelity
+        from autoquant.search.latency import write_fidelity
 
         write_fidelity(run_dir, run.latency)
 
@@ -155,7 +155,7 @@ def _search_owned(
     write_run_info(run_dir, outcome)
     checks = []
     if run.latency and not front.empty:  # is the fastest point really faster? measure it
-        from autoquant.hw.search_latency import check_front
+        from autoquant.search.latency import check_front
 
         with console.status("timing the fastest front point and float32 end to end") as st:
             checks = check_front(
@@ -180,7 +180,7 @@ def _search_owned(
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
     if run.latency:
-        from autoquant.hw.search_latency import front_check_line, summary_line
+        from autoquant.search.latency import front_check_line, summary_line
 
         for lat in run.latency:
             console.print(summary_line(lat))
@@ -315,8 +315,8 @@ def compare(
 
 def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
+    from autoquant.commands.profile import hw, profile
     from autoquant.export.command import export
-    from autoquant.hw.command import hw, profile
     from autoquant.search.commands import collect, worker
 
     app.command("export")(export)

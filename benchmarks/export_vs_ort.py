@@ -127,7 +127,7 @@ def picked_rows(frame, points: int | None) -> list[int]:
 
 def profile_threads() -> int:
     """The intra-op threads of the cpu-local-ort profile (``auto``: this machine's cores)."""
-    from autoquant.hw.profile import load_profile
+    from autoquant.hardware.profile import load_profile
 
     return int(load_profile(ROOT / "hw_profiles" / "cpu-local-ort.yaml").threads)
 
@@ -161,7 +161,7 @@ def bench_task(task: str, args, work: Path) -> list[dict]:
     front = load_front(run_dir)
     ctx = ExportContext(front, work)
     graphs: dict[str, dict] = {"fp32": {"path": ctx.fp32_path, "kind": "fp32", "promised": None}}
-    from autoquant.tasks.inputs import take, to_feeds
+    from autoquant.model_inputs import take, to_feeds
 
     calib = to_feeds(take(ctx.task.calibration_inputs, ctx.run.spec.evaluation.calibration_samples))
     if len(calib) == 1:

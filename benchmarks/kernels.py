@@ -95,8 +95,8 @@ def main() -> None:
 
     import yaml
 
-    from autoquant.hw.profile import HardwareProfileSpec, resolve
-    from autoquant.hw.tvm_backend import TvmBackend
+    from autoquant.backends.tvm.backend import TvmBackend
+    from autoquant.hardware.profile import HardwareProfileSpec, resolve
 
     spec = HardwareProfileSpec.model_validate(
         yaml.safe_load(f"""

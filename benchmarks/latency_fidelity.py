@@ -50,7 +50,7 @@ def profile(args: argparse.Namespace, out: Path, name: str, extra: list[str]) ->
 
 def loopback_device(threads: int) -> tuple[list[subprocess.Popen], int, str]:
     """A tracker and one RPC server registered under ``loopback`` (both on 127.0.0.1)."""
-    from autoquant.hw.rpc import probe_tracker
+    from autoquant.backends.tvm.rpc import probe_tracker
 
     port, key = free_port(), "loopback"
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}

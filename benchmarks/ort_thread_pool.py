@@ -5,7 +5,7 @@
 
 The ORT backend measures eight one-layer graphs of the task (its own sessions, in the
 exporter's form), each first alone (the backend's first round), then all of them visited in
-turn for ``--cycles`` cycles (``autoquant.hw.interleave``: ``visit_ms`` visits, as the later
+turn for ``--cycles`` cycles (``autoquant.measure.interleave``: ``visit_ms`` visits, as the later
 kernel rounds and every whole-model round are timed). Two ways, each in a child process (a
 process has one or the other):
 
@@ -39,9 +39,9 @@ PICKS = (
 
 
 def child(args: argparse.Namespace) -> None:
+    from autoquant.backends.registry import backend_for
     from autoquant.export import validate
-    from autoquant.hw.backend import backend_for
-    from autoquant.hw.profile import load_profile
+    from autoquant.hardware.profile import load_profile
     from autoquant.space.discovery import discover_layers
     from autoquant.space.values import QuantChoice
     from autoquant.tasks import load_task

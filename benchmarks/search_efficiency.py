@@ -110,7 +110,7 @@ def _ground_truth_key(run: Any) -> str:
     (the digest the table has been cached under since its first version)."""
     import hashlib
 
-    from autoquant.tasks.inputs import fingerprint_bytes, is_named
+    from autoquant.model_inputs import fingerprint_bytes, is_named
 
     digest = hashlib.sha256(b"v1")
     for name, tensor in sorted(run.task.model.state_dict().items()):

@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from autoquant.hw.backend import backend_for
-    from autoquant.hw.profile import load_profile
-    from autoquant.hw.timing import KernelTiming
+    from autoquant.backends.registry import backend_for
+    from autoquant.hardware.profile import load_profile
+    from autoquant.measure.timing import KernelTiming
     from autoquant.space.discovery import discover_layers
     from autoquant.space.values import QuantChoice, QuantConfig
     from autoquant.tasks import load_task

@@ -75,7 +75,7 @@ def write_profile(tmp_path: Path, data: dict):
     """A hardware profile from ``data``, written as ``<name>.yaml`` under ``tmp_path`` and loaded."""
     import yaml
 
-    from autoquant.hw.profile import load_profile
+    from autoquant.hardware.profile import load_profile
 
     path = tmp_path / f"{data['name']}.yaml"
     path.write_text(yaml.safe_dump(data))

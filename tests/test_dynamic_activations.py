@@ -58,8 +58,8 @@ def test_features_tell_dynamic_from_static_int8():
 
 
 def test_kernel_format_and_class_of_dynamic_choices():
-    from autoquant.hw.kernels import FORMATS, kernel_format, kernel_spec
-    from autoquant.hw.latency_model import kernel_class
+    from autoquant.hardware.kernels import FORMATS, kernel_format, kernel_spec
+    from autoquant.latency.model import kernel_class
 
     assert kernel_format(A8D) == "w8a8_dynamic" and "w8a8_dynamic" in FORMATS
     assert kernel_format(A8) == "w8a8"
@@ -70,7 +70,7 @@ def test_kernel_format_and_class_of_dynamic_choices():
 
 
 def test_ort_profile_lists_dynamic_format_and_tvm_profiles_do_not():
-    from autoquant.hw.profile import PROFILES_DIR, load_profile_spec
+    from autoquant.hardware.profile import PROFILES_DIR, load_profile_spec
 
     assert "w8a8_dynamic" in load_profile_spec(PROFILES_DIR / "cpu-local-ort.yaml").formats
     assert "w8a8_dynamic" not in load_profile_spec(PROFILES_DIR / "cpu-local.yaml").formats

@@ -19,16 +19,16 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from autoquant.export.graph import export_graph, float_graph  # noqa: E402
-from autoquant.export.mapping import LayerNode, Unmapped, map_layers  # noqa: E402
 from autoquant.export.validate import open_session, validate_export  # noqa: E402
+from autoquant.model_inputs import is_named, run_model, take, to_feeds  # noqa: E402
+from autoquant.onnxgraph.graph import export_graph, float_graph  # noqa: E402
+from autoquant.onnxgraph.mapping import LayerNode, Unmapped, map_layers  # noqa: E402
 from autoquant.quant import apply, calibrate  # noqa: E402
 from autoquant.quant.fake import ActivationParams, runs_integer_kernel  # noqa: E402
 from autoquant.quant.fold import fold_batchnorm  # noqa: E402
 from autoquant.space.discovery import discover_layers  # noqa: E402
 from autoquant.space.values import FP32, QuantChoice, QuantConfig  # noqa: E402
 from autoquant.tasks.base import top1_accuracy  # noqa: E402
-from autoquant.tasks.inputs import is_named, run_model, take, to_feeds  # noqa: E402
 
 C = QuantChoice
 INT8 = C(8, 8, "per_channel", None, True)

@@ -65,7 +65,7 @@ def test_space_excludes_what_fp8_cannot_run_with_its_reason():
 
 def test_latency_backends_exclude_fp8_for_want_of_a_kernel(tmp_path):
     pytest.importorskip("onnxruntime")
-    from autoquant.hw.backend import backend_for
+    from autoquant.backends.registry import backend_for
 
     profile = {
         "version": 1,

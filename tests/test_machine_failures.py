@@ -141,8 +141,8 @@ def test_read_only_run_directory_is_one_line(finished_run, tmp_path, capsys):
 
 
 def _damaged_table(path: Path) -> bytes:
-    from autoquant.hw.table import LatencyTable
-    from autoquant.hw.timing import KernelTiming
+    from autoquant.latency.table import LatencyTable
+    from autoquant.measure.timing import KernelTiming
     from autoquant.space.values import LayerInfo, QuantChoice
 
     with LatencyTable(path) as table:
@@ -158,7 +158,7 @@ def _damaged_table(path: Path) -> bytes:
 
 
 def test_latency_table_with_a_damaged_page_is_refused(tmp_path, capsys):
-    from autoquant.hw.table import LatencyTable
+    from autoquant.latency.table import LatencyTable
 
     path = tmp_path / "latency.sqlite"
     before = _damaged_table(path)

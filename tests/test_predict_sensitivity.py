@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from autoquant.model_inputs import run_model, take
 from autoquant.predict import sensitivity as sens
 from autoquant.predict.sensitivity import (
     LayerSensitivity,
@@ -26,7 +27,6 @@ from autoquant.space import QuantChoice, QuantConfig, build_space
 from autoquant.space.discovery import discover_layers, quantizable_modules
 from autoquant.spec import SearchSpaceSpec
 from autoquant.tasks.base import Task
-from autoquant.tasks.inputs import run_model, take
 
 WEIGHT_ONLY = [{"match": {}, "weight_bits": [4, 8, 32], "act_bits": [32]}]
 WIDE = [

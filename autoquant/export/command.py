@@ -195,7 +195,7 @@ def export_dry_run_lines(run, spec: Path) -> list[str]:
         UserError: the fp32 export fails (the cause, on one line).
     """
     from autoquant.errors import UserError
-    from autoquant.export.mapping import LayerNode, dry_run
+    from autoquant.onnxgraph.mapping import LayerNode, dry_run
 
     try:
         nodes, mapped = dry_run(

@@ -60,10 +60,10 @@ class ExportContext:
         import onnx
         import torch
 
-        from autoquant.export.graph import INPUT_NAME, float_graph
+        from autoquant.model_inputs import is_named, run_model, take, to_feeds
+        from autoquant.onnxgraph.graph import INPUT_NAME, float_graph
         from autoquant.quant.fake import ActivationParams
         from autoquant.search.run import prepare
-        from autoquant.tasks.inputs import is_named, run_model, take, to_feeds
 
         self.front = front
         self.spec_path = front.run_dir / "spec.yaml"
@@ -91,8 +91,8 @@ class ExportContext:
     def simulate(self, config) -> np.ndarray:
         import torch
 
+        from autoquant.model_inputs import batches, run_model
         from autoquant.quant import apply
-        from autoquant.tasks.inputs import batches, run_model
 
         model = self.task.model if config is None else apply(self.task.model, config, self.calibration)
         with torch.no_grad():
@@ -114,7 +114,6 @@ def export_point(
     """Export, validate and describe one front row into ``out_dir``."""
     import onnx
 
-    from autoquant.export.graph import export_graph
     from autoquant.export.manifest import (
         build_manifest,
         promised_figures,
@@ -122,6 +121,7 @@ def export_point(
         write_manifest,
     )
     from autoquant.export.validate import feed_count, feed_slice, validate_export
+    from autoquant.onnxgraph.graph import export_graph
     from autoquant.quant.fake import runs_integer_kernel
     from autoquant.space.values import QuantConfig
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SCALE_BYTES = 4  # float32 scales, as the export stores them
 KernelClass = Literal["float", "weight_only", "integer"]
 # How the ONNX export writes a weight: "float32" untouched; "float16" a float16 initializer and
-# a Cast; "integer" the integer forms of ``autoquant.export.graph`` (QDQ, MatMulNBits, folded,
+# a Cast; "integer" the integer forms of ``autoquant.onnxgraph.graph`` (QDQ, MatMulNBits, folded,
 # DynamicQuantizeMatMul); "dequantize" the stored codes of ``WeightFormat.export_weight`` and
 # one ``DequantizeLinear``.
 ExportForm = Literal["float32", "float16", "integer", "dequantize"]
@@ -118,7 +118,7 @@ class WeightFormat:
         return packed + self.n_scales(layer, choice) * SCALE_BYTES
 
     def kernel_family(self, choice: ChoiceLike) -> str:
-        """The kernel a backend needs (``autoquant.hw.kernels.KernelFormat`` names the ones
+        """The kernel a backend needs (``autoquant.hardware.kernels.KernelFormat`` names the ones
         that exist; a profile lists the ones its target runs)."""
         raise NotImplementedError
 

@@ -266,7 +266,7 @@ def sample_count(task: Any, space: SearchSpace, max_samples: int | None = None) 
     """Calibration samples the pass uses: up to ``max_samples`` (default ``MAX_SAMPLES``), fewer
     for a model whose pass over them would exceed ``PASS_MACS``, never fewer than
     ``MIN_SAMPLES`` (or what the task has)."""
-    from autoquant.tasks.inputs import sample_count as available
+    from autoquant.model_inputs import sample_count as available
 
     cap = MAX_SAMPLES if max_samples is None else max_samples
     macs = max(sum(ls.layer.macs for ls in space.layers), 1)
@@ -279,7 +279,7 @@ def fingerprint(
 ) -> str:
     """Changes when the model's weights, the calibration inputs (the subset the pass may use),
     the activation ranges, the space's choices or the pass's settings change."""
-    from autoquant.tasks.inputs import fingerprint_bytes
+    from autoquant.model_inputs import fingerprint_bytes
 
     digest = hashlib.sha256()
     digest.update(f"v{SENSITIVITY_VERSION}-p{HUTCHINSON_PROBES}".encode())
@@ -393,8 +393,8 @@ class _Pass:
     ) -> None:
         import copy
 
+        from autoquant.model_inputs import take
         from autoquant.space.discovery import quantizable_modules
-        from autoquant.tasks.inputs import take
 
         self.space = space
         self.calibration = calibration
@@ -429,7 +429,7 @@ class _Pass:
     def run(self) -> Any:
         import torch
 
-        from autoquant.tasks.inputs import batches, run_model
+        from autoquant.model_inputs import batches, run_model
 
         with torch.no_grad():
             outs = [run_model(self.model, b) for b in batches(self.inputs, self.batch)]
@@ -445,7 +445,7 @@ class _Pass:
     def shrink_to(self, units: float) -> None:
         """Fewer samples when ``units`` passes of the reference's cost would not fit in the time
         left (the reference outputs are sliced, not recomputed)."""
-        from autoquant.tasks.inputs import take
+        from autoquant.model_inputs import take
 
         left = self.time_left()
         planned = units * self.pass_seconds
@@ -468,7 +468,7 @@ class _Pass:
         (``time.monotonic()``; at least one); past it no further batch starts."""
         import torch
 
-        from autoquant.tasks.inputs import batches, sample_count
+        from autoquant.model_inputs import batches, sample_count
 
         names = [ls.layer.name for ls in self.space.layers]
         params: list[Any] = [self.modules[n].weight for n in names]
@@ -500,7 +500,7 @@ class _Pass:
         the batch's ``sum ||y||^2``."""
         import torch
 
-        from autoquant.tasks.inputs import run_model
+        from autoquant.model_inputs import run_model
 
         with torch.enable_grad():
             out = run_model(self.model, batch)
@@ -874,7 +874,7 @@ def _probe_layers(
 
 
 def _fingerprint_inputs(task: Any, space: SearchSpace, max_samples: int | None) -> Any:
-    from autoquant.tasks.inputs import take
+    from autoquant.model_inputs import take
 
     return take(task.calibration_inputs, sample_count(task, space, max_samples))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoquant.model_inputs import Inputs
 from autoquant.quant.fake import (
     ActivationParams,
     fake_quantize_activation,
@@ -18,7 +19,6 @@ from autoquant.quant.fake import (
 )
 from autoquant.space.discovery import quantizable_modules
 from autoquant.space.values import QuantConfig
-from autoquant.tasks.inputs import Inputs
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ def relu_fed_layers(model: torch.nn.Module, names) -> frozenset[str]:
 
 def calibrate(model: torch.nn.Module, inputs: Inputs, *, batch_size: int = 256) -> Calibration:
     """Min/max observers on each Linear/Conv2d input and output (``inputs``: one tensor or
-    named tensors, see ``autoquant.tasks.inputs``). A layer the forward never reaches has no
+    named tensors, see ``autoquant.model_inputs``). A layer the forward never reaches has no
     ranges."""
-    from autoquant.tasks.inputs import batches, run_model
+    from autoquant.model_inputs import batches, run_model
 
     modules = quantizable_modules(model)
     lo_in: dict[str, float] = {}

@@ -278,7 +278,7 @@ def _latency_section(run: RunData) -> str:
 
         check = prof.get("front_check")
         if isinstance(check, dict):
-            from autoquant.hw.search_latency import front_check_line
+            from autoquant.search.latency import front_check_line
 
             parts.append(f"<p class='note'>{html_text(front_check_line(check))}</p>")
 

@@ -34,7 +34,7 @@ class Evaluator:
     calibration: object  # autoquant.quant.Calibration
     other_param_bytes: int
     batch_size: int = 512
-    # One autoquant.hw.search_latency.RunLatency per hardware profile: each adds the figure
+    # One autoquant.search.latency.RunLatency per hardware profile: each adds the figure
     # latency_ms@<profile>, predicted by its latency model (never measured here).
     latency: tuple = ()
     resamples: int = BOOTSTRAP_RESAMPLES

@@ -18,7 +18,7 @@ class PreparedRun:
     task: object
     space: SearchSpace
     evaluator: object
-    latency: tuple = ()  # autoquant.hw.search_latency.RunLatency, one per hardware profile
+    latency: tuple = ()  # autoquant.search.latency.RunLatency, one per hardware profile
 
     def references(self) -> list[tuple[str, QuantConfig]]:
         """fp32 first, then uniform int8 (weights per-channel symmetric, activations int8) as far
@@ -54,7 +54,7 @@ def prepare(
     """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input.
 
     With ``hardware`` profiles in the spec (and ``with_evaluator``), each profile's latency
-    model is prepared (``autoquant.hw.search_latency``): the space loses the choices a profile
+    model is prepared (``autoquant.search.latency``): the space loses the choices a profile
     has no kernel for, and the evaluator predicts ``latency_ms@<profile>`` for every config.
     The spec's ``latency`` objective becomes one ``latency@<profile>`` objective per profile.
     ``status(text)`` is told what is going on (profiling can take minutes the first time)."""
@@ -90,9 +90,9 @@ def prepare(
         )
     evaluator = None
     if with_evaluator:
+        from autoquant.model_inputs import take
         from autoquant.quant import calibrate
         from autoquant.search.evaluator import Evaluator
-        from autoquant.tasks.inputs import take
 
         calib = take(task.calibration_inputs, spec.evaluation.calibration_samples)
         evaluator = Evaluator(
@@ -108,8 +108,8 @@ def prepare(
 
 def _discover(task, spec_path: Path):
     """The task's layers; a forward that fails on the task's own inputs is the task's fault."""
+    from autoquant.model_inputs import shapes
     from autoquant.space.discovery import discover_layers
-    from autoquant.tasks.inputs import shapes
 
     probe = task.example_inputs()
     try:
@@ -127,7 +127,7 @@ def _discover(task, spec_path: Path):
 
 def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status):
     """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile)."""
-    from autoquant.hw.profile import load_profile_spec
+    from autoquant.hardware.profile import load_profile_spec
     from autoquant.search.objectives import expand_objectives
     from autoquant.spec import hardware_paths
 
@@ -165,7 +165,7 @@ def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, 
     spec = spec.model_copy(update={"objectives": expanded, "hardware": hardware})
     if not profile:
         return spec, space, ()
-    from autoquant.hw.search_latency import prepare_run_latency
+    from autoquant.search.latency import prepare_run_latency
 
     latency = []
     for i, path in enumerate(paths):

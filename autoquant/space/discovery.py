@@ -30,7 +30,7 @@ def discover_layers(model: torch.nn.Module, probe: Any) -> tuple[LayerInfo, ...]
     quantizable layers: nothing they compute reaches the output, so they stay float."""
     import torch
 
-    from autoquant.tasks.inputs import run_model
+    from autoquant.model_inputs import run_model
 
     if isinstance(probe, tuple) and all(isinstance(d, int) for d in probe):
         probe = torch.zeros(probe)

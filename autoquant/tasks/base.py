@@ -33,7 +33,7 @@ class Task:
         calibration_inputs: model inputs (first axis = samples) used to calibrate activation
             ranges: one float tensor, or a mapping ``name -> tensor`` for a model with several
             inputs (``{"input_ids": ..., "attention_mask": ...}``, integer dtypes allowed), which
-            is then called as ``model(**inputs)``; see ``autoquant.tasks.inputs``. A few hundred
+            is then called as ``model(**inputs)``; see ``autoquant.model_inputs``. A few hundred
             samples are plenty.
         eval_inputs, eval_targets: held-out data the metric is measured on (same kind of inputs
             as ``calibration_inputs``).
@@ -69,7 +69,7 @@ class Task:
         (token ids of zeros would not be a sentence)."""
         import torch
 
-        from autoquant.tasks.inputs import is_named, take
+        from autoquant.model_inputs import is_named, take
 
         if is_named(self.calibration_inputs):
             return take(self.calibration_inputs, batch)
@@ -93,7 +93,7 @@ def eval_outputs(task: Task, model: torch.nn.Module, *, batch_size: int = 512) -
     """``model``'s outputs on the task's evaluation data, batch by batch, in eval mode."""
     import torch
 
-    from autoquant.tasks.inputs import batches, run_model
+    from autoquant.model_inputs import batches, run_model
 
     model.eval()
     with torch.no_grad():
@@ -116,7 +116,7 @@ def evaluate(task: Task, model: torch.nn.Module, *, batch_size: int = 512) -> fl
 
 
 def eval_sample_count(task: Task) -> int:
-    from autoquant.tasks.inputs import sample_count
+    from autoquant.model_inputs import sample_count
 
     return sample_count(task.eval_inputs)
 
@@ -131,7 +131,7 @@ def with_eval_samples(
     import dataclasses
 
     from autoquant.errors import UserError
-    from autoquant.tasks.inputs import take
+    from autoquant.model_inputs import take
 
     have = eval_sample_count(task)
     if samples is None or samples == have:
@@ -162,7 +162,7 @@ def bootstrap_indices(
 
 
 def _select(data: Any, index: torch.Tensor) -> Any:
-    from autoquant.tasks.inputs import is_named
+    from autoquant.model_inputs import is_named
 
     if is_named(data):
         return {name: t[index] for name, t in data.items()}

@@ -364,7 +364,7 @@ def minilm_embed(
 ) -> Task:
     """all-MiniLM-L6-v2 sentence embeddings, scored by ``neighbour_recall@k`` against float32 on
     generated sentences; ``eval_targets`` are the float32 embeddings of the eval sentences."""
-    from autoquant.tasks.inputs import batches, take
+    from autoquant.model_inputs import batches, take
 
     for name, value, least in (
         ("calibration_samples", calibration_samples, 1),

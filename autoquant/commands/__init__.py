@@ -1,0 +1,1 @@
+"""Typer commands registered by ``autoquant.cli`` (one module per command group)."""
