@@ -103,7 +103,7 @@ def _search_owned(
         write_fidelity(run_dir, run.latency)
 
     if workers or shared:
-        from autoquant.search.commands import search_with_workers
+        from autoquant.commands.workers import search_with_workers
 
         search_with_workers(
             run, run_dir, storage=storage, n_workers=workers or 1, overrides=overrides, quiet=quiet
@@ -316,8 +316,8 @@ def compare(
 def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
     from autoquant.commands.profile import hw, profile
+    from autoquant.commands.workers import collect, worker
     from autoquant.export.command import export
-    from autoquant.search.commands import collect, worker
 
     app.command("export")(export)
     app.command("profile")(profile)

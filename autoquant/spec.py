@@ -350,7 +350,7 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
     spec: RunSpec = parse_model(RunSpec, read_yaml(path), file=str(path))
     hardware_paths(spec, path)
     if spec.storage is not None:
-        from autoquant.search.storage import check_url
+        from autoquant.storage import check_url
 
         check_url(spec.storage, file=str(path), key="storage")
     if isinstance(spec.space, SearchSpaceSpec):

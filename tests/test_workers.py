@@ -66,7 +66,7 @@ def ledger(url: str, name: str, password: str):
     import optuna
 
     from autoquant.search.ledger import entries
-    from autoquant.search.storage import check_url
+    from autoquant.storage import check_url
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PGPASSWORD", password)

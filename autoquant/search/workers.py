@@ -40,7 +40,7 @@ from autoquant.search.ledger import (
 )
 from autoquant.search.objectives import objectives_for
 from autoquant.search.run import PreparedRun
-from autoquant.search.storage import (
+from autoquant.storage import (
     StorageSettings,
     check_url,
     open_shared_study,

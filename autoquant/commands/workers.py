@@ -43,8 +43,8 @@ def worker(
     """Measure configs of a shared study until its budget is spent (run it on any number of
     machines; the password comes from PGPASSWORD or ~/.pgpass)."""
     from autoquant.search.run import prepare
-    from autoquant.search.storage import redact
     from autoquant.search.workers import resolve_storage, run_worker, worker_name
+    from autoquant.storage import redact
 
     overrides = {"trials": trials, "timeout_s": timeout, "seed": seed, "sampler": sampler}
     run = prepare(spec, overrides=overrides)
@@ -82,8 +82,8 @@ def _resolved_spec(run_dir: Path) -> dict:
 
 
 def _settings(resolved: dict):
-    from autoquant.search.storage import StorageSettings
     from autoquant.spec import WorkerSettings
+    from autoquant.storage import StorageSettings
 
     w = WorkerSettings.model_validate(resolved.get("workers") or {})
     return StorageSettings(w.heartbeat_interval_s, w.grace_period_s, w.retry_s)
@@ -128,7 +128,7 @@ def write_from_ledger(run_dir: Path, url: str, name: str, resolved: dict, *, sta
 
 def _storage_of(run_dir: Path, resolved: dict, storage: str | None) -> tuple[str, str]:
     from autoquant.search.ledger import STUDY_NAME, sqlite_url
-    from autoquant.search.storage import check_url
+    from autoquant.storage import check_url
 
     given = storage if storage is not None else resolved.get("storage")
     if given is not None:
@@ -151,7 +151,7 @@ def collect(
     """Write RUN's trials.parquet, pareto.csv, run.json and report from the shared ledger (at any
     time: running trials are left out; stale ones are failed and their configs freed)."""
     from autoquant.report.terminal import front_table
-    from autoquant.search.storage import redact
+    from autoquant.storage import redact
 
     started = time.monotonic()
     resolved = _resolved_spec(run)
@@ -184,13 +184,13 @@ def search_with_workers(
     directory, rewrites its tables as they go and once more at the end."""
     from autoquant.report.terminal import front_table
     from autoquant.search.objectives import objectives_for
-    from autoquant.search.storage import spec_fingerprint
     from autoquant.search.workers import (
         open_shared,
         resolve_storage,
         storage_settings,
         worker_name,
     )
+    from autoquant.storage import spec_fingerprint
 
     started = time.monotonic()
     url, name = resolve_storage(run, storage, run_dir)
