@@ -7,6 +7,7 @@ key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -344,17 +345,36 @@ def load_space(path: Path) -> SearchSpaceSpec:
     return parse_model(SearchSpaceSpec, read_yaml(path), file=str(path))
 
 
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A run spec as read: the spec, its search space, and its hardware profiles (found and
+    validated once, ``autoquant.hardware.resolve_hardware``)."""
+
+    spec: RunSpec
+    space: SearchSpaceSpec
+    hardware: tuple  # autoquant.hardware.ResolvedProfile, one per ``hardware`` entry
+
+
 def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
     """Read a run spec and the search space it names (a path relative to the spec, or inline)."""
+    loaded = read_spec(path)
+    return loaded.spec, loaded.space
+
+
+def read_spec(path: str | Path) -> LoadedSpec:
+    """``load_spec`` with the spec's hardware profiles, each read and validated once."""
+    from autoquant.hardware import resolve_hardware
+
     path = Path(path)
     spec: RunSpec = parse_model(RunSpec, read_yaml(path), file=str(path))
-    hardware_paths(spec, path)
+    _latency_needs_hardware(spec, path)
+    hardware = resolve_hardware(spec.hardware, path)
     if spec.storage is not None:
         from autoquant.storage import check_url
 
         check_url(spec.storage, file=str(path), key="storage")
     if isinstance(spec.space, SearchSpaceSpec):
-        return spec, spec.space
+        return LoadedSpec(spec, spec.space, hardware)
     space_path = Path(spec.space)
     if not space_path.is_absolute():
         space_path = path.parent / space_path
@@ -365,58 +385,30 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
             file=str(path),
             key="space",
         )
-    return spec, load_space(space_path)
+    return LoadedSpec(spec, load_space(space_path), hardware)
 
 
-def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
-    """The profile file of each ``hardware`` entry (a built-in name, or a path relative to the
-    spec), checked to exist and to be a valid profile; imports no TVM."""
-    from autoquant.hardware.profile import PROFILES_DIR, builtin_profiles, load_profile_spec
-
-    if not spec.hardware:
-        latency = [i for i, o in enumerate(spec.objectives) if o.startswith("latency")]
-        if latency:
-            raise UserError(
-                f"bad value {spec.objectives[latency[0]]!r}: the latency objective needs "
-                "hardware profiles; allowed: add hardware: [cpu-local] (or another profile), or "
-                "drop latency",
-                file=str(spec_path),
-                key=f"objectives[{latency[0]}]",
-            )
-        if spec.constraints.max_latency_ms is not None:
-            raise UserError(
-                f"bad value {spec.constraints.max_latency_ms!r}: a latency limit needs hardware "
-                "profiles; allowed: add hardware: [cpu-local] (or another profile)",
-                file=str(spec_path),
-                key="constraints.max_latency_ms",
-            )
-    out = []
-    for i, entry in enumerate(spec.hardware):
-        candidate = Path(entry)
-        if not candidate.is_absolute():
-            candidate = spec_path.parent / candidate
-        if candidate.suffix in (".yaml", ".yml") or "/" in entry or candidate.is_file():
-            if not candidate.is_file():
-                raise UserError(
-                    f"bad value {entry!r}: profile file not found (looked at {candidate}); allowed: "
-                    "a built-in profile name or a YAML path relative to the spec",
-                    file=str(spec_path),
-                    key=f"hardware[{i}]",
-                )
-            path = candidate
-        else:
-            path = PROFILES_DIR / f"{entry}.yaml"
-            if not path.is_file():
-                known = ", ".join(p.stem for p in builtin_profiles()) or "none"
-                raise UserError(
-                    f"bad value {entry!r}: no such hardware profile; allowed: one of {known}, "
-                    "or a YAML path relative to the spec",
-                    file=str(spec_path),
-                    key=f"hardware[{i}]",
-                )
-        load_profile_spec(path)
-        out.append(path)
-    return out
+def _latency_needs_hardware(spec: RunSpec, spec_path: Path) -> None:
+    """A latency objective or limit without hardware profiles is the spec's mistake. The
+    profiles themselves are found and validated by ``autoquant.hardware.resolve_hardware``."""
+    if spec.hardware:
+        return
+    latency = [i for i, o in enumerate(spec.objectives) if o.startswith("latency")]
+    if latency:
+        raise UserError(
+            f"bad value {spec.objectives[latency[0]]!r}: the latency objective needs "
+            "hardware profiles; allowed: add hardware: [cpu-local] (or another profile), or "
+            "drop latency",
+            file=str(spec_path),
+            key=f"objectives[{latency[0]}]",
+        )
+    if spec.constraints.max_latency_ms is not None:
+        raise UserError(
+            f"bad value {spec.constraints.max_latency_ms!r}: a latency limit needs hardware "
+            "profiles; allowed: add hardware: [cpu-local] (or another profile)",
+            file=str(spec_path),
+            key="constraints.max_latency_ms",
+        )
 
 
 def dump_yaml(data: Any) -> str:

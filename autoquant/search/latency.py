@@ -28,6 +28,8 @@ from typing import Any
 
 from autoquant.backends.inputs import task_inputs
 from autoquant.errors import UserError
+from autoquant.hardware import ResolvedProfile
+from autoquant.hardware.profile import HardwareProfile
 from autoquant.latency.model import LatencyModel
 from autoquant.latency.validation import check_latency_model, strict_json
 from autoquant.measure.timing import KernelTiming
@@ -47,6 +49,7 @@ class RunLatency:
     profile: str
     model: LatencyModel
     fidelity: dict[str, Any]  # JSON-able: written to latency_fidelity.json
+    hardware: HardwareProfile | None = None  # what the front check measures on again
 
     @property
     def figure(self) -> str:
@@ -83,8 +86,30 @@ def restrict_space(
     return SearchSpace(tuple(layers), (*space.exclusions, *dropped)), dropped, empty
 
 
+@dataclass(frozen=True)
+class _ProfileRun:
+    """What every step of ``prepare_run_latency`` shares: the profile, the task, and where a
+    refusal is reported."""
+
+    resolved: ResolvedProfile
+    prof: HardwareProfile
+    task: Any
+    file: str
+    key: str
+    status: Callable[[str], None] | None
+
+    def say(self, text: str) -> None:
+        if self.status is not None:
+            self.status(f"{self.prof.name}: {text}")
+
+    def refuse(self, why: str, allowed: str) -> UserError:
+        return UserError(
+            f"bad value {self.prof.name!r}: {why}; allowed: {allowed}", file=self.file, key=self.key
+        )
+
+
 def prepare_run_latency(
-    profile_path: Path,
+    profile: ResolvedProfile,
     task: Any,
     space: SearchSpace,
     *,
@@ -101,84 +126,116 @@ def prepare_run_latency(
     model for this task: no float32 kernel for a layer, a layer left with no choice that has a
     kernel, or a float32 model that does not run end to end on the profile's device."""
     from autoquant.backends.registry import backend_for
-    from autoquant.hardware.profile import load_profile
-    from autoquant.latency.profiling import profile_layers
-    from autoquant.latency.table import LatencyTable, model_signature
-
-    def say(text: str) -> None:
-        if status is not None:
-            status(text)
+    from autoquant.latency.table import LatencyTable
 
     start = time.monotonic()
-    prof = load_profile(profile_path)
-    layers = space.layer_infos
+    run = _ProfileRun(profile, profile.hardware(), task, file, key, status)
+    with backend_for(run.prof) as backend, LatencyTable(table_path) as table:
+        result = _profile_kernels(run, backend, table, space)
+        lookup = result.lookup()
+        _require_fp32_kernels(run, space, lookup)
+        restricted, dropped = _restrict_or_refuse(run, space, lookup)
+        checked = _check_model(run, backend, table, restricted, lookup, n_validate=n_validate, seed=seed)
+        measured_on = {
+            "fingerprint_hash": backend.fingerprint_hash(),
+            "fingerprint": backend.fingerprint(),
+            "table": str(table.path),
+        }
+    fidelity = _fidelity(run, measured_on, result, dropped, checked)
+    fidelity |= {"seed": seed, "elapsed_s": time.monotonic() - start}
+    latency = RunLatency(run.prof.name, checked.model, strict_json(fidelity), run.prof)
+    return latency, restricted
+
+
+def _profile_kernels(run: _ProfileRun, backend: Any, table: Any, space: SearchSpace) -> Any:
+    """Every (layer, choice) of the space plus every layer's float32 kernel (the float32 config
+    anchors the calibration), reusing the table's timings."""
+    from autoquant.latency.profiling import profile_layers
+
     fp32 = QuantChoice()
     work = [
         (ls.layer, [*ls.choices, *([] if fp32 in ls.choices else [fp32])]) for ls in space.layers
     ]
-    with backend_for(prof) as backend, LatencyTable(table_path) as table:
-        result = profile_layers(
-            backend,
-            work,
-            table,
-            on_result=lambda e: say(f"{prof.name}: profiling {e.layer.name} {e.choice.label}"),
-            status=lambda text: say(f"{prof.name}: {text}"),
+    return profile_layers(
+        backend,
+        work,
+        table,
+        on_result=lambda e: run.say(f"profiling {e.layer.name} {e.choice.label}"),
+        status=run.say,
+    )
+
+
+def _require_fp32_kernels(
+    run: _ProfileRun, space: SearchSpace, lookup: dict[tuple[str, str], KernelTiming]
+) -> None:
+    for layer in space.layer_infos:
+        timing = lookup[(layer.name, QuantChoice().label)]
+        if not timing.ok:
+            raise run.refuse(
+                f"no float32 kernel timing for layer {layer.name} ({timing.status}: "
+                f"{timing.error}), so the latency model has no calibration anchor",
+                "a profile with fp32 kernels for every layer",
+            )
+
+
+def _restrict_or_refuse(
+    run: _ProfileRun, space: SearchSpace, lookup: dict[tuple[str, str], KernelTiming]
+) -> tuple[SearchSpace, list[Exclusion]]:
+    restricted, dropped, empty = restrict_space(space, lookup, run.prof.name)
+    if empty:
+        reasons = "; ".join(sorted({d.reason for d in dropped if d.layer in empty}))
+        raise run.refuse(
+            f"layer(s) {', '.join(empty)} have no choice with a kernel on this device ({reasons})",
+            "a space with a choice this profile can run on every layer",
         )
-        lookup = result.lookup()
-        for layer in layers:
-            timing = lookup[(layer.name, fp32.label)]
-            if not timing.ok:
-                raise UserError(
-                    f"bad value {prof.name!r}: no float32 kernel timing for layer {layer.name} "
-                    f"({timing.status}: {timing.error}), so the latency model has no "
-                    "calibration anchor; allowed: a profile with fp32 kernels for every layer",
-                    file=file,
-                    key=key,
-                )
-        restricted, dropped, empty = restrict_space(space, lookup, prof.name)
-        if empty:
-            reasons = "; ".join(sorted({d.reason for d in dropped if d.layer in empty}))
-            raise UserError(
-                f"bad value {prof.name!r}: layer(s) {', '.join(empty)} have no choice with a "
-                f"kernel on this device ({reasons}); allowed: a space with a choice this "
-                "profile can run on every layer",
-                file=file,
-                key=key,
-            )
-        inputs = task_inputs(task, prof.spec.batch_size)
-        try:
-            checked = check_latency_model(
-                backend,
-                task.model,
-                inputs,
-                layers,
-                lookup,
-                {ls.layer.name: ls.choices for ls in restricted.layers},
-                n_validate=n_validate,
-                seed=seed,
-                table=table,
-                model_key=model_signature(task.model, inputs, layers),
-                status=lambda text: say(f"{prof.name}: {text}"),
-            )
-        except RuntimeError as exc:
-            raise UserError(
-                f"bad value {prof.name!r}: {exc}; allowed: a profile whose runtime runs this "
-                "model end to end",
-                file=file,
-                key=key,
-            ) from None
-        fingerprint = backend.fingerprint()
-        fp_hash = backend.fingerprint_hash()
-        table_file = str(table.path)
-    fidelity = {
+    return restricted, dropped
+
+
+def _check_model(
+    run: _ProfileRun,
+    backend: Any,
+    table: Any,
+    restricted: SearchSpace,
+    lookup: dict[tuple[str, str], KernelTiming],
+    *,
+    n_validate: int,
+    seed: int,
+) -> Any:
+    """The latency model fitted and checked end to end (``validation.check_latency_model``)."""
+    from autoquant.latency.table import model_signature
+
+    layers = restricted.layer_infos
+    inputs = task_inputs(run.task, run.prof.spec.batch_size)
+    try:
+        return check_latency_model(
+            backend,
+            run.task.model,
+            inputs,
+            layers,
+            lookup,
+            {ls.layer.name: ls.choices for ls in restricted.layers},
+            n_validate=n_validate,
+            seed=seed,
+            table=table,
+            model_key=model_signature(run.task.model, inputs, layers),
+            status=run.say,
+        )
+    except RuntimeError as exc:
+        raise run.refuse(str(exc), "a profile whose runtime runs this model end to end") from None
+
+
+def _fidelity(
+    run: _ProfileRun, measured_on: dict[str, Any], result: Any, dropped: list[Exclusion], checked: Any
+) -> dict[str, Any]:
+    """What ``latency_fidelity.json`` records for the profile (before seed and elapsed time)."""
+    prof = run.prof
+    return {
         "profile": prof.name,
-        "profile_file": str(profile_path),
+        "profile_file": str(run.resolved.path),
         "objective": latency_objective(prof.name).name,
         "figure": latency_figure(prof.name),
         "figure_source": "predicted",
-        "fingerprint_hash": fp_hash,
-        "fingerprint": fingerprint,
-        "table": table_file,
+        **measured_on,
         "batch_size": prof.spec.batch_size,
         "threads": prof.threads,
         "kernels": {
@@ -191,10 +248,7 @@ def prepare_run_latency(
             {"layer": d.layer, "choice": d.choice, "reason": d.reason} for d in dropped
         ],
         **checked.to_dict(),
-        "seed": seed,
-        "elapsed_s": time.monotonic() - start,
     }
-    return RunLatency(prof.name, checked.model, strict_json(fidelity)), restricted
 
 
 def write_fidelity(run_dir: Path, latencies: tuple[RunLatency, ...]) -> Path:
@@ -242,7 +296,6 @@ def check_front(
     the run states whether its fastest point is really faster. Written into
     ``latency_fidelity.json`` under ``front_check``; a failure is recorded, never raised."""
     from autoquant.backends.registry import backend_for
-    from autoquant.hardware.profile import load_profile
     from autoquant.latency.validation import measure_configs
 
     path = run_dir / FIDELITY_FILE
@@ -265,7 +318,9 @@ def check_front(
             "source": "measured end to end now, the two configs side by side",
         }
         try:
-            prof = load_profile(Path(lat.fidelity["profile_file"]))
+            prof = lat.hardware
+            if prof is None:
+                raise RuntimeError("the run's latency model carries no hardware profile")
             with backend_for(prof) as backend:
                 (fast_t, _), (fp32_t, _) = measure_configs(
                     backend,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autoquant.errors import UserError
 from autoquant.space import QuantChoice, QuantConfig, SearchSpace, build_space
-from autoquant.spec import RunSpec, SearchSpaceSpec, load_spec
+from autoquant.spec import RunSpec, SearchSpaceSpec, read_spec
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ def prepare(
     from autoquant.tasks.base import with_eval_samples
 
     spec_path = Path(spec_path)
-    spec, space_spec = load_spec(spec_path)
+    loaded = read_spec(spec_path)
+    spec, space_spec = loaded.spec, loaded.space
     if overrides:
         search = spec.search.model_copy(
             update={k: v for k, v in overrides.items() if v is not None}
@@ -86,7 +87,7 @@ def prepare(
     latency: tuple = ()
     if spec.hardware:
         spec, space, latency = _prepare_hardware(
-            spec, spec_path, task, space, profile=with_evaluator, status=status
+            spec, spec_path, loaded.hardware, task, space, profile=with_evaluator, status=status
         )
     evaluator = None
     if with_evaluator:
@@ -125,24 +126,21 @@ def _discover(task, spec_path: Path):
         ) from None
 
 
-def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, *, profile: bool, status):
-    """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile)."""
-    from autoquant.hardware.profile import load_profile_spec
+def _prepare_hardware(
+    spec: RunSpec,
+    spec_path: Path,
+    hardware: tuple,
+    task,
+    space: SearchSpace,
+    *,
+    profile: bool,
+    status,
+):
+    """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile);
+    ``hardware``: the spec's ``ResolvedProfile``s (``autoquant.hardware.resolve_hardware``)."""
     from autoquant.search.objectives import expand_objectives
-    from autoquant.spec import hardware_paths
 
-    paths = hardware_paths(spec, spec_path)
-    names: list[str] = []
-    for i, path in enumerate(paths):
-        name = load_profile_spec(path).name
-        if name in names:
-            raise UserError(
-                f"bad value {spec.hardware[i]!r}: profile name {name!r} is already given by "
-                f"hardware[{names.index(name)}]; allowed: profiles with distinct names",
-                file=str(spec_path),
-                key=f"hardware[{i}]",
-            )
-        names.append(name)
+    names = [resolved.name for resolved in hardware]
     expanded = expand_objectives(list(spec.objectives), names)
     for name in expanded:
         if name.startswith("latency@") and name.removeprefix("latency@") not in names:
@@ -159,18 +157,16 @@ def _prepare_hardware(spec: RunSpec, spec_path: Path, task, space: SearchSpace, 
             file=str(spec_path),
             key="objectives",
         )
-    # Profile files given as paths are stored absolute: the resolved spec (run/spec.yaml) lives
-    # in another directory than the spec they were relative to.
-    hardware = [e if e == p.stem and "/" not in e else str(p.resolve()) for e, p in zip(spec.hardware, paths)]
-    spec = spec.model_copy(update={"objectives": expanded, "hardware": hardware})
+    stored = [resolved.stored_entry for resolved in hardware]
+    spec = spec.model_copy(update={"objectives": expanded, "hardware": stored})
     if not profile:
         return spec, space, ()
     from autoquant.search.latency import prepare_run_latency
 
     latency = []
-    for i, path in enumerate(paths):
+    for i, resolved in enumerate(hardware):
         run_latency, space = prepare_run_latency(
-            path,
+            resolved,
             task,
             space,
             n_validate=spec.hardware_validation,
