@@ -298,12 +298,31 @@ def _group_blocks(values: np.ndarray, np_: int) -> np.ndarray:
 
 def make_data(spec: KernelSpec, seed: int = 0) -> KernelData:
     """Random operands for ``spec``: full-range integer codes, positive scales."""
-    rng = np.random.default_rng(seed)
-    m, n, k, np_ = spec.m, spec.n, spec.k, spec.np_
+    rng = np.random.default_rng(seed)  # drawn in order: activations, weights, bias
     act = {"sa": 0.02, "za": 7.0, "so": 0.05, "zo": 128.0}
     inputs: dict[str, np.ndarray] = {}
+    x, inputs["x"] = _random_activations(spec, rng, act)
+    if spec.fmt in ("fp32", "fp16"):
+        w = _random_float_weights(spec, rng, inputs)
+    else:
+        w = _random_integer_weights(spec, rng, inputs)
+    bias = None
+    if spec.has_bias:
+        bias = rng.standard_normal(spec.n).astype(np.float32) * 0.1
+        padded = np.zeros(spec.np_, dtype=np.float32)
+        padded[: spec.n] = bias
+        inputs["bias"] = padded
+    if spec.act_bits == 8:
+        inputs["aq"] = np.array([act["sa"], act["za"], act["so"], act["zo"]], dtype=np.float32)
+    return KernelData(inputs=inputs, x=x, w=w, bias=bias, act=act)
 
-    # activations
+
+def _random_activations(
+    spec: KernelSpec, rng: np.random.Generator, act: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the logical input, the kernel's ``x`` argument): float for madd16 (the kernel quantizes
+    it back to exactly these codes), K or C padded with the zero point for VNNI."""
+    m, k = spec.m, spec.k
     x_shape = (
         (m, k)
         if spec.conv is None
@@ -316,90 +335,101 @@ def make_data(spec: KernelSpec, seed: int = 0) -> KernelData:
     else:
         x = rng.standard_normal(x_shape).astype(np.float32)
     x_arg = x
-    if spec.madd16:  # float input the kernel quantizes back to exactly these codes
+    if spec.madd16:
         x_arg = ((x.astype(np.float32) - np.float32(act["za"])) * np.float32(act["sa"])).astype(
             np.float32
         )
-    if spec.vnni:  # pad K (dense) or C (conv) to a multiple of 4 with the zero point
+    if spec.vnni:
         if spec.conv is None:
             x_arg = np.full((m, spec.kp), int(act["za"]), dtype=np.uint8)
             x_arg[:, :k] = x
         else:
             x_arg = np.full((*x_shape[:3], spec.cp), int(act["za"]), dtype=np.uint8)
             x_arg[..., : spec.conv.channels] = x
-    inputs["x"] = np.ascontiguousarray(x_arg)
+    return x, np.ascontiguousarray(x_arg)
 
-    # weights
-    groups = spec.n_groups
+
+def _random_float_weights(
+    spec: KernelSpec, rng: np.random.Generator, inputs: dict[str, np.ndarray]
+) -> np.ndarray:
+    """float32 or float16 weights: the logical ``[N, K]`` float32 weight; ``inputs['w']`` packed."""
+    n, k = spec.n, spec.k
     if spec.fmt == "fp32":
         w = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(np.float32)
-        inputs["w"] = _pack_blocks(w, np_)
-    elif spec.fmt == "fp16":
-        w16 = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(np.float16)
-        w = w16.astype(np.float32)
-        inputs["w"] = _pack_blocks(w16, np_)
+        inputs["w"] = _pack_blocks(w, spec.np_)
+        return w
+    w16 = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(np.float16)
+    inputs["w"] = _pack_blocks(w16, spec.np_)
+    return w16.astype(np.float32)
+
+
+def _random_integer_weights(
+    spec: KernelSpec, rng: np.random.Generator, inputs: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Signed integer codes with their scales and zero points: the logical (dequantized) weight;
+    ``inputs`` gets ``w`` (and ``wsum``) packed for the template, ``scale`` and ``zero``."""
+    n, k = spec.n, spec.k
+    half = 1 << (spec.weight_bits - 1)
+    q = rng.integers(-half, half, size=(n, k))  # signed codes
+    if spec.granularity == "per_tensor":
+        s = np.full((n, 1), 0.7 / (half * math.sqrt(k)), dtype=np.float32)
+        z = np.full((n, 1), 0 if spec.symmetric else int(rng.integers(-half, half)))
     else:
-        bits = spec.weight_bits
-        half = 1 << (bits - 1)
-        q = rng.integers(-half, half, size=(n, k))  # signed codes
-        if spec.granularity == "per_tensor":
-            s = np.full((n, 1), 0.7 / (half * math.sqrt(k)), dtype=np.float32)
-            z = np.full((n, 1), 0 if spec.symmetric else int(rng.integers(-half, half)))
-        else:
-            s = (rng.uniform(0.5, 1.5, size=(n, groups)) / (half * math.sqrt(k))).astype(np.float32)
-            z = (
-                np.zeros((n, groups), dtype=np.int64)
-                if spec.symmetric
-                else rng.integers(-half, half, size=(n, groups))
+        groups = spec.n_groups
+        s = (rng.uniform(0.5, 1.5, size=(n, groups)) / (half * math.sqrt(k))).astype(np.float32)
+        z = (
+            np.zeros((n, groups), dtype=np.int64)
+            if spec.symmetric
+            else rng.integers(-half, half, size=(n, groups))
+        )
+    gsize = k // (1 if spec.granularity == "per_tensor" else spec.n_groups)
+    s_full = np.repeat(s, gsize, axis=1)
+    z_full = np.repeat(z, gsize, axis=1)
+    w = ((q - z_full) * s_full.astype(np.float64)).astype(np.float32)
+    _pack_integer_weights(spec, q, inputs)
+    signed = spec.vnni or spec.madd16  # signed codes, int32 zero points
+    if spec.granularity == "per_tensor":
+        inputs["scale"] = s[:1, 0].copy()
+        if not spec.symmetric:
+            inputs["zero"] = (z[:1, 0] + (0 if signed else half)).astype(
+                np.int32 if signed else np.uint8
             )
-        gsize = k // (1 if spec.granularity == "per_tensor" else groups)
-        s_full = np.repeat(s, gsize, axis=1)
-        z_full = np.repeat(z, gsize, axis=1)
-        w = ((q - z_full) * s_full.astype(np.float64)).astype(np.float32)
-        if spec.vnni:
-            q8 = np.zeros((np_, spec.kp), dtype=np.int8)
-            if spec.conv is None:
-                q8[:n, :k] = q
-            else:  # K ordered (kh, kw, c): pad c to cp
-                kk = spec.conv.kh * spec.conv.kw
-                q8[:n].reshape(n, kk, spec.cp)[:, :, : spec.conv.channels] = q.reshape(
-                    n, kk, spec.conv.channels
-                )
-            inputs["w"] = np.ascontiguousarray(
-                q8.reshape(np_ // LANES, LANES, spec.kp // 4, 4).transpose(0, 2, 1, 3)
-            )
-            wsum = np.zeros(np_, dtype=np.int32)
-            wsum[:n] = q8[:n].astype(np.int64).sum(axis=1)
-            inputs["wsum"] = wsum
-        elif spec.madd16:
-            q8 = np.zeros((np_, spec.kp), dtype=np.int8)
+    else:
+        inputs["scale"] = _group_blocks(s, spec.np_)
+        if not spec.symmetric:
+            zz = z + (0 if signed else half)
+            inputs["zero"] = _group_blocks(zz.astype(np.int32 if signed else np.uint8), spec.np_)
+    return w
+
+
+def _pack_integer_weights(spec: KernelSpec, q: np.ndarray, inputs: dict[str, np.ndarray]) -> None:
+    """Signed codes ``[N, K]`` in the template's layout: int8 ``[Np/16, Kp/4, 16, 4]`` and
+    weight sums (VNNI), int8 ``[Np/16, Kp/2, 16, 2]`` (madd16), else bit-packed unsigned."""
+    n, k, np_ = spec.n, spec.k, spec.np_
+    if spec.vnni:
+        q8 = np.zeros((np_, spec.kp), dtype=np.int8)
+        if spec.conv is None:
             q8[:n, :k] = q
-            inputs["w"] = np.ascontiguousarray(
-                q8.reshape(np_ // LANES, LANES, spec.kp // 2, 2).transpose(0, 2, 1, 3)
+        else:  # K ordered (kh, kw, c): pad c to cp
+            kk = spec.conv.kh * spec.conv.kw
+            q8[:n].reshape(n, kk, spec.cp)[:, :, : spec.conv.channels] = q.reshape(
+                n, kk, spec.conv.channels
             )
-        else:
-            inputs["w"] = pack_bits((q + half).astype(np.int64), bits, np_)
-        signed = spec.vnni or spec.madd16  # signed codes, int32 zero points
-        if spec.granularity == "per_tensor":
-            inputs["scale"] = s[:1, 0].copy()
-            if not spec.symmetric:
-                inputs["zero"] = (z[:1, 0] + (0 if signed else half)).astype(
-                    np.int32 if signed else np.uint8
-                )
-        else:
-            inputs["scale"] = _group_blocks(s, np_)
-            if not spec.symmetric:
-                zz = z + (0 if signed else half)
-                inputs["zero"] = _group_blocks(zz.astype(np.int32 if signed else np.uint8), np_)
-    bias = None
-    if spec.has_bias:
-        bias = rng.standard_normal(n).astype(np.float32) * 0.1
-        padded = np.zeros(np_, dtype=np.float32)
-        padded[:n] = bias
-        inputs["bias"] = padded
-    if spec.act_bits == 8:
-        inputs["aq"] = np.array([act["sa"], act["za"], act["so"], act["zo"]], dtype=np.float32)
-    return KernelData(inputs=inputs, x=x, w=w, bias=bias, act=act)
+        inputs["w"] = np.ascontiguousarray(
+            q8.reshape(np_ // LANES, LANES, spec.kp // 4, 4).transpose(0, 2, 1, 3)
+        )
+        wsum = np.zeros(np_, dtype=np.int32)
+        wsum[:n] = q8[:n].astype(np.int64).sum(axis=1)
+        inputs["wsum"] = wsum
+    elif spec.madd16:
+        q8 = np.zeros((np_, spec.kp), dtype=np.int8)
+        q8[:n, :k] = q
+        inputs["w"] = np.ascontiguousarray(
+            q8.reshape(np_ // LANES, LANES, spec.kp // 2, 2).transpose(0, 2, 1, 3)
+        )
+    else:
+        half = 1 << (spec.weight_bits - 1)
+        inputs["w"] = pack_bits((q + half).astype(np.int64), spec.weight_bits, np_)
 
 
 def im2col(x: np.ndarray, geo: ConvGeometry, pad_value: float) -> np.ndarray:
