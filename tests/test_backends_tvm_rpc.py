@@ -218,7 +218,7 @@ def test_profile_over_rpc_on_loopback(tmp_path, capsys):
             profiled = profile_layers(backend, [(layer, choices) for layer in layers], t)
             checked = check_latency_model(
                 backend, mlp, (1, 1, 8, 8), layers, profiled.lookup(),
-                {layer.name: choices for layer in layers}, n_validate=1, table=t,
+                options={layer.name: choices for layer in layers}, n_validate=1, table=t,
                 model_key="mlp",
             )
             last = t.get_model(backend.fingerprint_hash(), "mlp", checked.rows[0].config.hash)

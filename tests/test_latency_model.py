@@ -500,10 +500,10 @@ def test_check_latency_model_on_digits_mlp(cpu, tmp_path):
         profiled = profile_layers(backend, [(layer, choices) for layer in layers], table)
         kwargs = dict(n_validate=2, seed=1, table=table, model_key="mlp")
         result = check_latency_model(
-            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options, **kwargs
+            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options=options, **kwargs
         )
         again = check_latency_model(
-            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options, **kwargs
+            backend, model, (1, 1, 8, 8), layers, profiled.lookup(), options=options, **kwargs
         )
     assert result.fp32_e2e_us > 0 and len(result.calibration) == 3 and len(result.rows) == 2
     assert result.measured_now == 5 and result.reused == 0

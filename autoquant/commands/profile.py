@@ -92,77 +92,91 @@ def _task_and_work(task: str | None, spec: Path | None, choices: str | None, spa
     return loaded, layers, _work(layers, choices, space)
 
 
+# The options of ``profile``, named so its signature reads as a list of settings.
+HwProfileArg = Annotated[
+    Path, typer.Argument(help="hardware profile YAML, or a built-in name such as cpu-local")
+]
+TaskOption = Annotated[
+    str | None,
+    typer.Option(help="built-in task (see autoquant tasks) or package.module:function; or --spec"),
+]
+SpecOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="run spec YAML: profile its task (with its args, from the spec's folder) "
+        "over the choices its search space gives; instead of --task"
+    ),
+]
+ValidateOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="random configs whose measured end-to-end latency is compared with the "
+        "latency model",
+    ),
+]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="write every timing as JSON here")]
+ChoicesOption = Annotated[
+    str | None,
+    typer.Option(help="comma-separated choice labels, e.g. f32-a32,w8cs-a8,w4g32s-a32"),
+]
+SpaceOption = Annotated[
+    Path | None,
+    typer.Option(help="search space YAML: profile every choice it gives each layer"),
+]
+TableOption = Annotated[
+    Path | None,
+    typer.Option(help="latency table file [default: $AUTOQUANT_CACHE_DIR/latency.sqlite]"),
+]
+BatchSizeOption = Annotated[
+    int | None, typer.Option(min=1, help="override the profile's batch size")
+]
+MinRepeatOption = Annotated[
+    float | None, typer.Option(min=0, help="override measure.min_repeat_ms")
+]
+RepeatOption = Annotated[int | None, typer.Option(min=3, help="override measure.repeat")]
+StatisticOption = Annotated[
+    str | None,
+    typer.Option(
+        help="override measure.statistic (min or median): which sample stands for a "
+        "timing; every sample is kept, so this re-measures nothing"
+    ),
+]
+RetryFailedOption = Annotated[
+    bool, typer.Option(help="measure again the kernels that failed before")
+]
+QuietOption = Annotated[bool, typer.Option(help="print only the summary line")]
+RpcTrackerOption = Annotated[
+    str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker: overrides the profile's")
+]
+RpcKeyOption = Annotated[
+    str | None,
+    typer.Option(help="device key registered at the tracker: overrides the profile's"),
+]
+
+
 def profile(
-    hw_profile: Annotated[
-        Path, typer.Argument(help="hardware profile YAML, or a built-in name such as cpu-local")
-    ],
-    task: Annotated[
-        str | None,
-        typer.Option(
-            help="built-in task (see autoquant tasks) or package.module:function; or --spec"
-        ),
-    ] = None,
-    spec: Annotated[
-        Path | None,
-        typer.Option(
-            help="run spec YAML: profile its task (with its args, from the spec's folder) "
-            "over the choices its search space gives; instead of --task"
-        ),
-    ] = None,
-    validate: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="random configs whose measured end-to-end latency is compared with the "
-            "latency model",
-        ),
-    ] = 0,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="write every timing as JSON here")
-    ] = None,
-    choices: Annotated[
-        str | None,
-        typer.Option(help="comma-separated choice labels, e.g. f32-a32,w8cs-a8,w4g32s-a32"),
-    ] = None,
-    space: Annotated[
-        Path | None,
-        typer.Option(help="search space YAML: profile every choice it gives each layer"),
-    ] = None,
-    table: Annotated[
-        Path | None,
-        typer.Option(help="latency table file [default: $AUTOQUANT_CACHE_DIR/latency.sqlite]"),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="override the profile's batch size")
-    ] = None,
-    min_repeat_ms: Annotated[
-        float | None, typer.Option(min=0, help="override measure.min_repeat_ms")
-    ] = None,
-    repeat: Annotated[int | None, typer.Option(min=3, help="override measure.repeat")] = None,
-    statistic: Annotated[
-        str | None,
-        typer.Option(
-            help="override measure.statistic (min or median): which sample stands for a "
-            "timing; every sample is kept, so this re-measures nothing"
-        ),
-    ] = None,
-    retry_failed: Annotated[
-        bool, typer.Option(help="measure again the kernels that failed before")
-    ] = False,
-    quiet: Annotated[bool, typer.Option(help="print only the summary line")] = False,
-    rpc_tracker: Annotated[
-        str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker: overrides the profile's")
-    ] = None,
-    rpc_key: Annotated[
-        str | None,
-        typer.Option(help="device key registered at the tracker: overrides the profile's"),
-    ] = None,
+    hw_profile: HwProfileArg,
+    *,
+    task: TaskOption = None,
+    spec: SpecOption = None,
+    validate: ValidateOption = 0,
+    json_path: JsonOption = None,
+    choices: ChoicesOption = None,
+    space: SpaceOption = None,
+    table: TableOption = None,
+    batch_size: BatchSizeOption = None,
+    min_repeat_ms: MinRepeatOption = None,
+    repeat: RepeatOption = None,
+    statistic: StatisticOption = None,
+    retry_failed: RetryFailedOption = False,
+    quiet: QuietOption = False,
+    rpc_tracker: RpcTrackerOption = None,
+    rpc_key: RpcKeyOption = None,
 ) -> None:
     """Measure each layer's kernel for each choice on the profile's device; reuse the table."""
     from autoquant.backends.registry import backend_for
     from autoquant.hardware.profile import load_profile
-    from autoquant.latency.profiling import profile_layers
-    from autoquant.latency.table import LatencyTable
 
     prof = load_profile(hw_profile).with_overrides(
         batch_size=batch_size,
@@ -179,62 +193,76 @@ def profile(
     with console.status(f"starting the {prof.spec.runtime} backend for {prof.name}"):
         backend = backend_for(prof)
     try:
-        with LatencyTable(table) as tab, console.status("profiling") as status:
-
-            def progress(entry) -> None:
-                status.update(f"profiling {entry.layer.name} {entry.choice.label}")
-
-            result = profile_layers(
-                backend,
-                work,
-                tab,
-                retry_failed=retry_failed,
-                on_result=progress,
-                status=status.update,
-            )
+        result = _profile_kernels(backend, work, table=table, retry_failed=retry_failed)
         checked = None
         if validate:
-            from autoquant.backends.inputs import task_inputs
-            from autoquant.latency.table import model_signature
-            from autoquant.latency.validation import check_latency_model
-
-            lookup = result.lookup()
-            options = {
-                layer.name: [c for c in cs if lookup[(layer.name, c.label)].ok]
-                for layer, cs in work
-            }
-            broken = [
-                f"{layer.name} ({lookup[(layer.name, 'f32-a32')].error})"
-                for layer, _ in work
-                if not lookup[(layer.name, "f32-a32")].ok
-            ]
-            if broken:
-                raise UserError(
-                    f"bad value {validate}: no float32 kernel timing for {', '.join(broken)}, "
-                    "so there is no model to check; allowed: 0",
-                    key="--validate",
-                )
-            inputs = task_inputs(loaded, prof.spec.batch_size)
-            with LatencyTable(table) as tab, console.status("end-to-end timing") as status:
-                try:
-                    checked = check_latency_model(
-                        backend,
-                        loaded.model,
-                        inputs,
-                        layers,
-                        lookup,
-                        options,
-                        n_validate=validate,
-                        table=tab,
-                        model_key=model_signature(loaded.model, inputs, layers),
-                        status=status.update,
-                    )
-                except RuntimeError as exc:
-                    raise UserError(
-                        f"bad value {validate}: {exc}; allowed: 0", key="--validate"
-                    ) from None
+            checked = _check_model(backend, loaded, layers, work, result, validate=validate, table=table)
     finally:
         backend.close()
+    _report(prof, result, checked, quiet=quiet, json_path=json_path)
+
+
+def _profile_kernels(backend, work, *, table: Path | None, retry_failed: bool):
+    from autoquant.latency.profiling import profile_layers
+    from autoquant.latency.table import LatencyTable
+
+    with LatencyTable(table) as tab, console.status("profiling") as status:
+
+        def progress(entry) -> None:
+            status.update(f"profiling {entry.layer.name} {entry.choice.label}")
+
+        return profile_layers(
+            backend,
+            work,
+            tab,
+            retry_failed=retry_failed,
+            on_result=progress,
+            status=status.update,
+        )
+
+
+def _check_model(backend, loaded, layers, work, result, *, validate: int, table: Path | None):
+    """``--validate``: the latency model fitted and checked on ``validate`` held-out configs."""
+    from autoquant.backends.inputs import task_inputs
+    from autoquant.latency.table import LatencyTable, model_signature
+    from autoquant.latency.validation import check_latency_model
+
+    lookup = result.lookup()
+    options = {
+        layer.name: [c for c in cs if lookup[(layer.name, c.label)].ok] for layer, cs in work
+    }
+    broken = [
+        f"{layer.name} ({lookup[(layer.name, 'f32-a32')].error})"
+        for layer, _ in work
+        if not lookup[(layer.name, "f32-a32")].ok
+    ]
+    if broken:
+        raise UserError(
+            f"bad value {validate}: no float32 kernel timing for {', '.join(broken)}, "
+            "so there is no model to check; allowed: 0",
+            key="--validate",
+        )
+    inputs = task_inputs(loaded, backend.profile.spec.batch_size)
+    with LatencyTable(table) as tab, console.status("end-to-end timing") as status:
+        try:
+            return check_latency_model(
+                backend,
+                loaded.model,
+                inputs,
+                layers,
+                lookup,
+                options=options,
+                n_validate=validate,
+                table=tab,
+                model_key=model_signature(loaded.model, inputs, layers),
+                status=status.update,
+            )
+        except RuntimeError as exc:
+            raise UserError(f"bad value {validate}: {exc}; allowed: 0", key="--validate") from None
+
+
+def _report(prof, result, checked, *, quiet: bool, json_path: Path | None) -> None:
+    """The tables and summary lines on the terminal; every timing as JSON with ``--json``."""
     if not quiet:
         console.print(timing_table(result))
     if checked is not None:

@@ -23,7 +23,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -122,18 +122,8 @@ def measure_configs(
     for a device fault (a config that fails to build or run is a ``failed`` timing).
     ``inputs``: a batch-1 input shape or the task's example inputs (``backends.inputs.task_inputs``:
     named or integer inputs are fed as they are)."""
-
-    def say(text: str) -> None:
-        if status is not None:
-            status(text)
-
     fp_hash = backend.fingerprint_hash() if table is not None else ""
     results: dict[int, tuple[KernelTiming, bool]] = {}
-    prepared: dict[int, Any] = {}
-    samples: dict[int, list[list[float]]] = {}
-    session_factor: dict[int, float] = {}
-    batch_of: dict[int, int] = {}  # config -> the batch (one device session) it was timed in
-    build_s: dict[int, float] = {}
     todo = []
     for i, config in enumerate(configs):
         if table is not None and model_key is not None:
@@ -144,54 +134,131 @@ def measure_configs(
         if any(config.hash == configs[j].hash for j in todo):
             continue  # timed once, copied below
         todo.append(i)
-    # A remote session ends after session_timeout_s and takes its loaded models with it: time
-    # the configs in batches that fit one session, interleaved within each batch. Sessions
-    # differ (a fresh server process, another moment of the machine), and whole batches can run
-    # tens of percent apart. So every later batch times the first configs again as
-    # anchors (float32 and the class-uniform calibration configs come first: one of each kind of
-    # kernel, since a moment of the machine can slow one kind more than another), and its
-    # samples are scaled by the geometric mean of how the anchors moved.
-    # The first batch is sized by the backend's estimate; every later one by how long the
-    # batches before it really took per model, with the same ``SESSION_SHARE`` (the estimate
-    # is cautious, and fewer, fuller sessions need less anchor scaling).
-    per_session = backend.models_per_session() or len(todo) or 1
-    split = 2 <= per_session < len(todo)
-    anchors = todo[: max(1, min(ANCHORS, per_session // 4))] if split else []
-    session_s = backend.profile.spec.device.session_timeout_s
-    anchor_first_us: dict[int, float] = {}  # each anchor's median in the first batch
-    m = backend.profile.spec.measure
-    visits = visits_per_round(backend.profile.spec.end_to_end.repeat, m.min_repeat_ms, m.visit_ms)
-    lost: dict[int, str] = {}  # config -> why its timing stopped, in the current batch
+    sessions = _SessionBatches(
+        backend=backend,
+        model=model,
+        inputs=inputs,
+        layers=layers,
+        configs=configs,
+        todo=todo,
+        rounds=rounds,
+        status=status,
+    )
+    sessions.run(results)
+    measure = backend.profile.spec.measure.model_dump()
+    for i in todo:
+        if i in results:
+            continue
+        timing = sessions.timing(i)
+        results[i] = (timing, False)
+        if table is not None and model_key is not None:
+            table.put_model(fp_hash, model_key, configs[i].hash, timing, measure=measure)
+    by_hash = {configs[i].hash: results[i] for i in results}
+    return [results.get(i, by_hash[c.hash]) for i, c in enumerate(configs)]
 
-    def progress(r: int, v: int) -> None:
-        say(
-            f"end-to-end timing of {len(prepared)} configs: round {r + 1}/{rounds}, "
-            f"visit {v + 1}/{visits}"
+
+@dataclass
+class _SessionBatches:
+    """The end-to-end timing of ``todo`` configs, batch by batch (one device session each).
+
+    A remote session ends after session_timeout_s and takes its loaded models with it: the
+    configs are timed in batches that fit one session, interleaved within each batch. Sessions
+    differ (a fresh server process, another moment of the machine), and whole batches can run
+    tens of percent apart. So every later batch times the first configs again as anchors
+    (float32 and the class-uniform calibration configs come first: one of each kind of kernel,
+    since a moment of the machine can slow one kind more than another), and its samples are
+    scaled by the geometric mean of how the anchors moved. The first batch is sized by the
+    backend's estimate; every later one by how long the batches before it really took per
+    model, with the same ``SESSION_SHARE`` (the estimate is cautious, and fewer, fuller
+    sessions need less anchor scaling)."""
+
+    backend: Any
+    model: Any
+    inputs: Any
+    layers: tuple[LayerInfo, ...]
+    configs: Sequence[QuantConfig]
+    todo: list[int]
+    rounds: int
+    status: Callable[[str], None] | None
+    samples: dict[int, list[list[float]]] = field(default_factory=dict)
+    session_factor: dict[int, float] = field(default_factory=dict)
+    batch_of: dict[int, int] = field(default_factory=dict)  # config -> its batch (session)
+    build_s: dict[int, float] = field(default_factory=dict)
+    anchor_first_us: dict[int, float] = field(default_factory=dict)  # median in the first batch
+
+    def __post_init__(self) -> None:
+        spec = self.backend.profile.spec
+        self.visits = visits_per_round(
+            spec.end_to_end.repeat, spec.measure.min_repeat_ms, spec.measure.visit_ms
         )
+        self.per_session = self.backend.models_per_session() or len(self.todo) or 1
+        self.split = 2 <= self.per_session < len(self.todo)
+        n_anchors = max(1, min(ANCHORS, self.per_session // 4))
+        self.anchors = self.todo[:n_anchors] if self.split else []
 
-    rest, number, spent_s, spent_models = list(todo), 0, 0.0, 0
-    while rest:
-        room = per_session if not number else max(1, per_session - len(anchors))
-        batch, rest = rest[:room], rest[room:]
-        timed = [*anchors, *batch] if number else batch
-        backend.renew_session()  # a full session for each batch
-        lost.clear()
-        started = time.monotonic()
+    def say(self, text: str) -> None:
+        if self.status is not None:
+            self.status(text)
+
+    def run(self, results: dict[int, tuple[KernelTiming, bool]]) -> None:
+        """Time every batch; a config that fails goes into ``results`` as it failed."""
+        session_s = self.backend.profile.spec.device.session_timeout_s
+        rest, number, spent_s, spent_models = list(self.todo), 0, 0.0, 0
+        while rest:
+            room = self.per_session if not number else max(1, self.per_session - len(self.anchors))
+            batch, rest = rest[:room], rest[room:]
+            timed = [*self.anchors, *batch] if number else batch
+            self.backend.renew_session()  # a full session for each batch
+            started = time.monotonic()
+            batch_samples, lost = self._time_batch(timed, batch, results)
+            factor = self._anchor_factor(number, batch_samples)
+            for i in batch:
+                self.batch_of[i] = number
+                if i in batch_samples:
+                    self.samples[i] = [[x * factor for x in rnd] for rnd in batch_samples[i]]
+                    if factor != 1.0:
+                        self.session_factor[i] = factor
+            if self.split and not lost:  # a batch cut short by a lost device says nothing of its pace
+                spent_s += time.monotonic() - started
+                spent_models += len(timed)
+                pace = spent_models / max(spent_s, 1e-9)  # models per second
+                self.per_session = max(self.per_session, int(SESSION_SHARE * session_s * pace))
+            number += 1
+
+    def _time_batch(
+        self, timed: list[int], batch: list[int], results: dict[int, tuple[KernelTiming, bool]]
+    ) -> tuple[dict[int, list[list[float]]], dict[int, str]]:
+        """(samples per config, why a config's timing stopped) of one session's batch."""
+        m = self.backend.profile.spec.measure
+        prepared: dict[int, Any] = {}
+        lost: dict[int, str] = {}  # config -> why its timing stopped
+
+        def progress(r: int, v: int) -> None:
+            self.say(
+                f"end-to-end timing of {len(prepared)} configs: round {r + 1}/{self.rounds}, "
+                f"visit {v + 1}/{self.visits}"
+            )
+
         try:
             for i in timed:
-                say(f"compiling config {todo.index(i) + 1}/{len(todo)} for end-to-end timing")
-                handle = backend.prepare_model(model, inputs, layers, configs[i])
+                self.say(
+                    f"compiling config {self.todo.index(i) + 1}/{len(self.todo)} for end-to-end "
+                    "timing"
+                )
+                handle = self.backend.prepare_model(
+                    self.model, self.inputs, self.layers, self.configs[i]
+                )
                 if isinstance(handle, KernelTiming):
                     if i in batch:  # a failed anchor leaves the scaling to the others
                         results[i] = (handle, False)
                     continue
                 prepared[i] = handle
                 if i in batch:
-                    build_s[i] = handle.build_s
+                    self.build_s[i] = handle.build_s
             batch_samples = visit_rounds(
                 {i: partial(handle.visit, m.visit_ms / 1000.0) for i, handle in prepared.items()},
-                rounds=rounds,
-                visits=visits,
+                rounds=self.rounds,
+                visits=self.visits,
                 on_failure=lambda i, exc: lost.setdefault(i, short_error(exc)),
                 progress=progress,
             )
@@ -203,51 +270,35 @@ def measure_configs(
             batch_samples.pop(i, None)
             if i in batch:
                 results[i] = (KernelTiming.failed(f"run error: {why}", "model"), False)
-        factor, moved = 1.0, []
-        for a in anchors:
+        return batch_samples, lost
+
+    def _anchor_factor(self, number: int, batch_samples: dict[int, list[list[float]]]) -> float:
+        """How much to scale batch ``number`` to the first: the geometric mean of how its
+        anchors moved (1 for the first batch, or with no anchor timed in both)."""
+        moved = []
+        for a in self.anchors:
             if a in batch_samples:
                 us = statistics.median(x for rnd in batch_samples[a] for x in rnd)
                 if number == 0:
-                    anchor_first_us[a] = us
-                elif a in anchor_first_us:
-                    moved.append(math.log(anchor_first_us[a] / us))
-        if moved:  # no anchor timed in both batches: unscaled
-            factor = math.exp(statistics.fmean(moved))
-        for i in batch:
-            batch_of[i] = number
-            if i in batch_samples:
-                samples[i] = [[x * factor for x in rnd] for rnd in batch_samples[i]]
-                if factor != 1.0:
-                    session_factor[i] = factor
-        if split and not lost:  # a batch cut short by a lost device says nothing of its pace
-            spent_s += time.monotonic() - started
-            spent_models += len(timed)
-            pace = spent_models / max(spent_s, 1e-9)  # models per second
-            per_session = max(per_session, int(SESSION_SHARE * session_s * pace))
-        number += 1
-    measure = backend.profile.spec.measure.model_dump()
-    for i in todo:
-        if i in results:
-            continue
-        per_round = samples[i]
-        round_medians = [statistics.median(s) * 1e6 for s in per_round]
-        timing = KernelTiming.from_samples(
+                    self.anchor_first_us[a] = us
+                elif a in self.anchor_first_us:
+                    moved.append(math.log(self.anchor_first_us[a] / us))
+        return math.exp(statistics.fmean(moved)) if moved else 1.0
+
+    def timing(self, i: int) -> KernelTiming:
+        per_round = self.samples[i]
+        return KernelTiming.from_samples(
             "model",
             [s for rnd in per_round for s in rnd],
-            build_s=build_s[i],
+            build_s=self.build_s[i],
             details={
                 "rounds": len(per_round),
-                "visits_per_round": visits,
-                "batch": batch_of[i],
-                "round_medians_us": round_medians,
-                **({"session_factor": session_factor[i]} if i in session_factor else {}),
+                "visits_per_round": self.visits,
+                "batch": self.batch_of[i],
+                "round_medians_us": [statistics.median(s) * 1e6 for s in per_round],
+                **({"session_factor": self.session_factor[i]} if i in self.session_factor else {}),
             },
         )
-        results[i] = (timing, False)
-        if table is not None and model_key is not None:
-            table.put_model(fp_hash, model_key, configs[i].hash, timing, measure=measure)
-    by_hash = {configs[i].hash: results[i] for i in results}
-    return [results.get(i, by_hash[c.hash]) for i, c in enumerate(configs)]
 
 
 def draw_configs(
@@ -314,8 +365,8 @@ def check_latency_model(
     inputs: Any,
     layers: tuple[LayerInfo, ...],
     per_layer: dict[tuple[str, str], KernelTiming],
-    options: dict[str, Sequence[QuantChoice]],
     *,
+    options: dict[str, Sequence[QuantChoice]],
     n_validate: int,
     n_calibrate: int | None = None,
     rounds: int | None = None,
@@ -358,29 +409,17 @@ def check_latency_model(
         if timing.ok
     ]
     latency_model = calibrate_latency_model(layers, per_layer, fitted, statistic=statistic)
-
-    def row(config: QuantConfig, timing: KernelTiming) -> ValidationRow:
-        predicted = latency_model.predict(config)
-        return ValidationRow(
-            config,
-            predicted.value,
-            timing.stat_us(statistic) / 1000.0 if timing.ok else float("nan"),
-            timing.spread,
-            (None if timing.ok else f"{timing.status}: {timing.error}") or predicted.reason,
-            latency_model.plain_sum_ms(config),
-        )
-
-    cal_rows = tuple(row(c, t) for c, (t, _) in zip(calibration, timings))
-    val_rows = tuple(row(c, t) for c, (t, _) in zip(validation, timings[len(calibration) :]))
+    cal_rows = tuple(
+        _validation_row(latency_model, statistic, c, t) for c, (t, _) in zip(calibration, timings)
+    )
+    val_rows = tuple(
+        _validation_row(latency_model, statistic, c, t)
+        for c, (t, _) in zip(validation, timings[len(calibration) :])
+    )
     reused = sum(1 for _, was_reused in timings if was_reused)
-    # rounds are shared only by timings taken together: a timing reused from the table came
-    # from another run, whose batch 0 is not this run's
-    fresh = [t for t, was_reused in timings if not was_reused]
     if local:
         load.append(host_load())
-    spread, drift = round_noise(fresh or [t for t, _ in timings])
-    held_out = [t for t, was_reused in timings[len(calibration) :] if not was_reused]
-    repeat, ceiling = repeatability(held_out)
+    spread, drift, repeat, ceiling = _timing_noise(timings, len(calibration))
     return ModelCheck(
         latency_model,
         cal_rows,
@@ -396,6 +435,33 @@ def check_latency_model(
         load_average=max(load) if load and len(timings) > reused else math.nan,
         cpus=os.cpu_count() or 0,
     )
+
+
+def _validation_row(
+    latency_model: LatencyModel, statistic: str, config: QuantConfig, timing: KernelTiming
+) -> ValidationRow:
+    predicted = latency_model.predict(config)
+    return ValidationRow(
+        config,
+        predicted.value,
+        timing.stat_us(statistic) / 1000.0 if timing.ok else float("nan"),
+        timing.spread,
+        (None if timing.ok else f"{timing.status}: {timing.error}") or predicted.reason,
+        latency_model.plain_sum_ms(config),
+    )
+
+
+def _timing_noise(
+    timings: Sequence[tuple[KernelTiming, bool]], n_calibration: int
+) -> tuple[float, float, float, float]:
+    """(round spread, round drift, held-out repeatability, its ceiling) of a check's timings."""
+    # rounds are shared only by timings taken together: a timing reused from the table came
+    # from another run, whose batch 0 is not this run's
+    fresh = [t for t, was_reused in timings if not was_reused]
+    spread, drift = round_noise(fresh or [t for t, _ in timings])
+    held_out = [t for t, was_reused in timings[n_calibration:] if not was_reused]
+    repeat, ceiling = repeatability(held_out)
+    return spread, drift, repeat, ceiling
 
 
 # A host whose 1-minute load average exceeds this many times its CPUs while timing is busy:

@@ -213,7 +213,7 @@ def _check_model(
             inputs,
             layers,
             lookup,
-            {ls.layer.name: ls.choices for ls in restricted.layers},
+            options={ls.layer.name: ls.choices for ls in restricted.layers},
             n_validate=n_validate,
             seed=seed,
             table=table,
