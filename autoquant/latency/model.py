@@ -191,14 +191,7 @@ def fit_latency_model(
     kernel_sum = LatencyModel(
         layers, dict(per_layer), calibration_configs=len(measured), statistic=statistic
     )
-    observed = []
-    for config, us in measured:
-        kernels = kernel_sum.kernel_times_us(config)
-        if isinstance(kernels, Figure):
-            raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
-        if not us > 0:
-            raise ValueError(f"calibration config {config.hash}: measured {us} µs")
-        observed.append((kernels, us, transition_elements(layers, config)))
+    observed = _observations(kernel_sum, layers, measured)
     if plain:
         return kernel_sum
     # Only the kernels some calibration config ran can be corrected (none: kernel_ridge None).
@@ -210,39 +203,9 @@ def fit_latency_model(
     # one scale for all classes: the same ranking as the plain sum, with its offset and slope
     scale_groups = [KERNEL_CLASSES] if shared_scale else [(c,) for c in KERNEL_CLASSES]
     n_class, n_kernel = len(scale_groups), len(used)
-    n_transition = 1 if transitions else 0
-    rows = []
-    for kernels, us, crossing in observed:
-        per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
-        per_kernel = dict.fromkeys(used, 0.0)
-        for name, (cls, label, kernel_us) in kernels.items():
-            per_class[cls] += kernel_us
-            if (name, label) in per_kernel:
-                per_kernel[(name, label)] += kernel_us
-        # Unknowns, all non-negative: intercept as (plus - minus), the class scales, then each
-        # kernel correction as (plus - minus), then the transition cost (µs per element).
-        kernel_cols = [per_kernel[k] / us for k in used]
-        rows.append(
-            [
-                1.0 / us,
-                -1.0 / us,
-                *(sum(per_class[c] for c in group) / us for group in scale_groups),
-                *kernel_cols,
-                *(-v for v in kernel_cols),
-                *([crossing / us] if transitions else []),
-            ]
-        )
-    n = 2 + n_class + 2 * n_kernel + n_transition
-    penalty = np.zeros((n, n))
-    penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
-    penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
+    rows = [_design_row(obs, used, scale_groups, transitions=transitions) for obs in observed]
+    penalty, prior = _ridge_rows(n_class, n_kernel, ridge, kernel_ridge, transitions=transitions)
     k0 = 2 + n_class
-    kernel_block = slice(k0, k0 + 2 * n_kernel)
-    penalty[kernel_block, kernel_block] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
-    if transitions:
-        penalty[-1, -1] = 1e-9  # like the intercept: free, but unique
-    prior = np.zeros(n)
-    prior[2 : 2 + n_class] = np.sqrt(ridge)
     a = np.vstack([np.asarray(rows), penalty])
     b = np.concatenate([np.ones(len(rows)), prior])
     solution, _ = nnls(a, b)
@@ -264,15 +227,7 @@ def fit_latency_model(
         transition_us_per_element=float(solution[-1]) if transitions else 0.0,
     )
     # The fastest config the table allows: its prediction must stay positive.
-    fastest = intercept
-    for layer in layers:
-        times = [
-            model.in_context(name, kernel_class(QuantChoice.from_label(label)), label)
-            * t.stat_us(statistic)
-            for (name, label), t in per_layer.items()
-            if name == layer.name and t.ok
-        ]
-        fastest += min(times, default=0.0)
+    fastest = intercept + _fastest_kernels_us(model, layers, per_layer, statistic)
     if not fastest > 0:
         return LatencyModel(
             layers,
@@ -311,6 +266,90 @@ MODEL_FORMS: dict[str, dict[str, Any]] = {
         "transitions": True,
     },
 }
+
+def _observations(
+    kernel_sum: LatencyModel, layers: tuple[LayerInfo, ...], measured: Sequence[tuple[QuantConfig, float]]
+) -> list[tuple[dict, float, int]]:
+    """(kernel times, measured µs, transition elements) per calibration config; ValueError for
+    a config with a layer without a usable kernel timing or a non-positive measurement."""
+    observed = []
+    for config, us in measured:
+        kernels = kernel_sum.kernel_times_us(config)
+        if isinstance(kernels, Figure):
+            raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
+        if not us > 0:
+            raise ValueError(f"calibration config {config.hash}: measured {us} µs")
+        observed.append((kernels, us, transition_elements(layers, config)))
+    return observed
+
+
+def _design_row(
+    observation: tuple[dict, float, int],
+    used: list[tuple[str, str]],
+    scale_groups: list[tuple[str, ...]],
+    *,
+    transitions: bool,
+) -> list[float]:
+    """One calibration config's row, divided by its measurement (relative errors). Unknowns,
+    all non-negative: intercept as (plus - minus), the class scales, then each kernel
+    correction as (plus - minus), then the transition cost (µs per element)."""
+    kernels, us, crossing = observation
+    per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    per_kernel = dict.fromkeys(used, 0.0)
+    for name, (cls, label, kernel_us) in kernels.items():
+        per_class[cls] += kernel_us
+        if (name, label) in per_kernel:
+            per_kernel[(name, label)] += kernel_us
+    kernel_cols = [per_kernel[k] / us for k in used]
+    return [
+        1.0 / us,
+        -1.0 / us,
+        *(sum(per_class[c] for c in group) / us for group in scale_groups),
+        *kernel_cols,
+        *(-v for v in kernel_cols),
+        *([crossing / us] if transitions else []),
+    ]
+
+
+def _ridge_rows(
+    n_class: int, n_kernel: int, ridge: float, kernel_ridge: float | None, *, transitions: bool
+) -> tuple[Any, Any]:
+    """(penalty rows, their targets): class scales pulled towards 1, kernel corrections
+    towards 0, the intercept and transition cost free but unique."""
+    import numpy as np
+
+    n = 2 + n_class + 2 * n_kernel + (1 if transitions else 0)
+    penalty = np.zeros((n, n))
+    penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
+    penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
+    k0 = 2 + n_class
+    kernel_block = slice(k0, k0 + 2 * n_kernel)
+    penalty[kernel_block, kernel_block] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
+    if transitions:
+        penalty[-1, -1] = 1e-9  # like the intercept: free, but unique
+    prior = np.zeros(n)
+    prior[2 : 2 + n_class] = np.sqrt(ridge)
+    return penalty, prior
+
+
+def _fastest_kernels_us(
+    model: LatencyModel,
+    layers: tuple[LayerInfo, ...],
+    per_layer: dict[tuple[str, str], KernelTiming],
+    statistic: str,
+) -> float:
+    """The calibrated kernel sum of the fastest config the table allows."""
+    fastest = 0.0
+    for layer in layers:
+        times = [
+            model.in_context(name, kernel_class(QuantChoice.from_label(label)), label)
+            * t.stat_us(statistic)
+            for (name, label), t in per_layer.items()
+            if name == layer.name and t.ok
+        ]
+        fastest += min(times, default=0.0)
+    return fastest
+
 
 
 def calibrate_latency_model(
