@@ -152,7 +152,9 @@ def profile_layers(
             if on_result is not None:
                 on_result(entry)
     if rounds > 1:
-        entries = _more_rounds(backend, entries, rounds, table, fp_hash, measure_settings, status)
+        entries = _more_rounds(
+            backend, entries, rounds, table, fp_hash=fp_hash, measure_settings=measure_settings, status=status
+        )
     return ProfileResult(
         backend.profile.name,
         fingerprint,
@@ -168,6 +170,7 @@ def _more_rounds(
     entries: list[LayerTiming],
     rounds: int,
     table: LatencyTable,
+    *,
     fp_hash: str,
     measure_settings: dict[str, Any],
     status: Callable[[str], None] | None = None,

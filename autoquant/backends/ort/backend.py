@@ -368,7 +368,7 @@ class OrtBackend(LatencyBackend):
                 build_s=build_s,
                 details=details,
             )
-        return _OrtModel(self, session, feed, once, build_s, details)
+        return _OrtModel(self, session, feed, once=once, build_s=build_s, details=details)
 
     # --- work -------------------------------------------------------------------------------
 
@@ -528,6 +528,7 @@ class _OrtModel(PreparedModel):
         backend: OrtBackend,
         session: Any,
         feed: dict[str, np.ndarray],
+        *,
         once: float,
         build_s: float,
         details: dict[str, Any],

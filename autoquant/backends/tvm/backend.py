@@ -267,7 +267,9 @@ class TvmBackend(LatencyBackend):
         per-kernel timeout counts from here: tuning has its own budget)."""
         start = time.monotonic()
         try:
-            return self._run(spec, tuned.executable, list(tuned.names), start, 0.0, details)
+            return self._run(
+                spec, tuned.executable, list(tuned.names), start=start, build_s=0.0, details=details
+            )
         except Exception as exc:
             return KernelTiming.failed(f"run error: {short_error(exc)}", spec.impl)
 
@@ -307,7 +309,7 @@ class TvmBackend(LatencyBackend):
                 details=details,
             )
         try:
-            return self._run(spec, ex, names, start, build_s, details)
+            return self._run(spec, ex, names, start=start, build_s=build_s, details=details)
         except _Unreachable as exc:
             return KernelTiming.unreachable(
                 str(exc), spec.impl, build_s=build_s, details=details
@@ -435,6 +437,7 @@ class TvmBackend(LatencyBackend):
         spec: KernelSpec,
         ex: Any,
         names: list[str],
+        *,
         start: float,
         build_s: float,
         details: dict[str, Any],
@@ -471,7 +474,7 @@ class TvmBackend(LatencyBackend):
         )
         samples = list(evaluator(*args).results)
         self._kernel_visits[spec] = _Visits(
-            mod, dev, args, float(np.median(samples)), m.warmup, func
+            mod, dev, args, per_call_s=float(np.median(samples)), warmup=m.warmup, call=func
         )
         return KernelTiming.from_samples(
             spec.impl,
@@ -501,7 +504,9 @@ class _TvmModel(PreparedModel):
         self.vm["main"](self.x)  # lazy initialisation happens here, not in the first sample
         once = self.vm.time_evaluator("main", dev, number=1, repeat=1)(self.x).results[0]
         warmup = backend.profile.spec.measure.warmup
-        self._visits = _Visits(self.vm, dev, [self.x], once, warmup, self.vm["main"])
+        self._visits = _Visits(
+            self.vm, dev, [self.x], per_call_s=once, warmup=warmup, call=self.vm["main"]
+        )
 
     def time(self) -> list[float]:
         m = self.backend.profile.spec.measure
@@ -530,7 +535,7 @@ class _Visits:
     of one kernel the others ran and took the cache."""
 
     def __init__(
-        self, timed: Any, dev: Any, args: list[Any], per_call_s: float, warmup: int, call: Any
+        self, timed: Any, dev: Any, args: list[Any], *, per_call_s: float, warmup: int, call: Any
     ) -> None:
         self.timed, self.dev, self.args, self.call = timed, dev, args, call
         self.per_call_s, self.warmup = max(per_call_s, 1e-9), warmup
