@@ -67,7 +67,7 @@ def search(
         "sampler": sampler.value if sampler else None,
     }
     with console.status("loading the task (built-in tasks train once, then load from cache)") as st:
-        run = prepare(spec, overrides=overrides, status=st.update)
+        run = prepare(spec, overrides=overrides, searching=True, status=st.update)
     run_dir = out if out is not None else Path("results") / run.spec.name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(
@@ -219,6 +219,8 @@ def space(
     console.print(
         f"space size: {run.space.size:,} configs; {len(run.space.exclusions)} choices excluded"
     )
+    if run.space.size == 1:
+        console.print("warning: a single config: autoquant search refuses a space with nothing to search")
     for reason, count in sorted(reasons.items()):
         console.print(f"  excluded x{count}: {reason}")
     if exclusions:

@@ -24,10 +24,11 @@ from pydantic import (
     model_serializer,
 )
 
-from autoquant.errors import UserError
+from autoquant.errors import SHOWN_CHARS, UserError, show
+from autoquant.safeyaml import MAX_YAML_BYTES, read_yaml  # noqa: F401 - spec readers import them here
 
-MAX_YAML_BYTES = 1 << 20
 SPEC_VERSION = 1
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeded generators take 0 .. 2**32 - 1
 
 WeightBits = Literal[2, 3, 4, 8, 16, 32]
 ActBits = Literal[8, 16, 32]
@@ -61,10 +62,9 @@ class LayerMatch(_Strict):
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression ({exc})") from None
+            from autoquant.space.namepattern import name_pattern
+
+            name_pattern(value)  # ValueError: not a valid one, or one that can take unbounded time
         return value
 
 
@@ -233,7 +233,7 @@ class SearchSettings(_Strict):
     sampler: SamplerName = "guided"
     trials: int = Field(default=100, ge=2, le=100_000)
     timeout_s: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     population_size: int = Field(default=20, ge=2)
 
 
@@ -310,33 +310,14 @@ class RunSpec(_Strict):
 # --- reading -------------------------------------------------------------------------------------
 
 
-def read_yaml(path: Path) -> Any:
-    """safe_load with a size cap; a missing or unreadable file is a UserError."""
-    if not path.exists():
-        raise UserError("file not found", file=str(path))
-    if not path.is_file():
-        raise UserError("is not a file", file=str(path))
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise UserError(f"file is {size} bytes; at most {MAX_YAML_BYTES} allowed", file=str(path))
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"not valid YAML{where}: {problem}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", file=str(path)) from None
-
-
 def _key_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            name = str(part) if len(str(part)) <= SHOWN_CHARS else show(part)
+            out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -383,11 +364,11 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], file: 
     if first["type"] == "extra_forbidden":
         holder = _model_at(model, tuple(first["loc"][:-1]))
         allowed = ", ".join(holder.model_fields) if holder else "see the documentation"
-        message = f"unknown key {loc[-1]!r}; allowed keys: {allowed}"
+        message = f"unknown key {show(loc[-1])}; allowed keys: {allowed}"
     elif first["type"] == "missing":
         message = "required key is missing"
     else:
-        message = f"bad value {value!r}: {first['msg'].removeprefix('Value error, ')}"
+        message = f"bad value {show(value)}: {first['msg'].removeprefix('Value error, ')}"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return UserError(message + more, file=file, key=key)
 
@@ -417,9 +398,9 @@ def load_spec(path: str | Path) -> tuple[RunSpec, SearchSpaceSpec]:
     space_path = Path(spec.space)
     if not space_path.is_absolute():
         space_path = path.parent / space_path
-    if not space_path.exists():
+    if not _is_file(space_path):
         raise UserError(
-            f"search space file {spec.space!r} not found (looked at {space_path}); "
+            f"search space file {show(spec.space)} not found (looked at {show(str(space_path))}); "
             "allowed: a path relative to the spec, or an inline mapping with rules",
             file=str(path),
             key="space",
@@ -436,7 +417,7 @@ def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
         latency = [i for i, o in enumerate(spec.objectives) if o.startswith("latency")]
         if latency:
             raise UserError(
-                f"bad value {spec.objectives[latency[0]]!r}: the latency objective needs "
+                f"bad value {show(spec.objectives[latency[0]])}: the latency objective needs "
                 "hardware profiles; allowed: add hardware: [cpu-local] (or another profile), or "
                 "drop latency",
                 file=str(spec_path),
@@ -454,10 +435,10 @@ def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
         candidate = Path(entry)
         if not candidate.is_absolute():
             candidate = spec_path.parent / candidate
-        if candidate.suffix in (".yaml", ".yml") or "/" in entry or candidate.is_file():
-            if not candidate.is_file():
+        if candidate.suffix in (".yaml", ".yml") or "/" in entry or _is_file(candidate):
+            if not _is_file(candidate):
                 raise UserError(
-                    f"bad value {entry!r}: profile file not found (looked at {candidate}); allowed: "
+                    f"bad value {show(entry)}: profile file not found (looked at {show(str(candidate))}); allowed: "
                     "a built-in profile name or a YAML path relative to the spec",
                     file=str(spec_path),
                     key=f"hardware[{i}]",
@@ -465,10 +446,10 @@ def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
             path = candidate
         else:
             path = PROFILES_DIR / f"{entry}.yaml"
-            if not path.is_file():
+            if not _is_file(path):
                 known = ", ".join(p.stem for p in builtin_profiles()) or "none"
                 raise UserError(
-                    f"bad value {entry!r}: no such hardware profile; allowed: one of {known}, "
+                    f"bad value {show(entry)}: no such hardware profile; allowed: one of {known}, "
                     "or a YAML path relative to the spec",
                     file=str(spec_path),
                     key=f"hardware[{i}]",
@@ -476,6 +457,14 @@ def hardware_paths(spec: RunSpec, spec_path: Path) -> list[Path]:
         load_profile_spec(path)
         out.append(path)
     return out
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system refuses (too long, say)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def dump_yaml(data: Any) -> str:

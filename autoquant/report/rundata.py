@@ -76,7 +76,8 @@ def within_noise(row: Any) -> bool | None:
 def load_run(path: Path) -> RunData:
     """Read ``spec.yaml``, ``trials.parquet``, ``pareto.csv`` and ``run.json`` of a run directory."""
     import pandas as pd
-    import yaml
+
+    from autoquant.safeyaml import read_mapping
 
     if not path.exists():
         raise UserError(f"bad value {str(path)!r}: no such run directory; allowed: a directory made by autoquant search", key="RUN")
@@ -88,7 +89,7 @@ def load_run(path: Path) -> RunData:
             f"bad value {str(path)!r}: not a finished run directory (missing {', '.join(missing)}); "
             "allowed: a directory made by autoquant search", key="RUN",
         )
-    spec = yaml.safe_load((path / "spec.yaml").read_text())
+    spec = read_mapping(path / "spec.yaml")
     named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
     objectives = tuple(o for o in named if o is not None)
     trials = pd.read_parquet(path / "trials.parquet")
