@@ -90,7 +90,7 @@ def _search_owned(
     from autoquant.spec import dump_yaml
 
     with console.status("loading the task (built-in tasks train once, then load from cache)") as st:
-        run = prepare(spec, overrides=overrides, status=st.update)
+        run = prepare(spec, overrides=overrides, searching=True, status=st.update)
     resolved = run.resolved_spec()
     check_resumable(run, run_dir, resolved)
     shared = storage is not None or run.spec.storage is not None
@@ -245,6 +245,8 @@ def space(
     console.print(
         f"space size: {run.space.size:,} configs; {len(run.space.exclusions)} choices excluded"
     )
+    if run.space.size == 1:
+        console.print("warning: a single config: autoquant search refuses a space with nothing to search")
     for reason, count in sorted(reasons.items()):
         console.print(f"  excluded x{count}: {reason}")
     if exclusions:

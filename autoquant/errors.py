@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+import reprlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -185,5 +186,32 @@ def exit_code_for(exc: BaseException) -> tuple[int, str] | None:
 
 
 __all__ = [
-    "AutoquantError", "MachineError", "UserError", "exit_code_for", "machine_failure", "naming",
+    "AutoquantError", "MachineError", "SHOWN_CHARS", "UserError", "exit_code_for",
+    "machine_failure", "naming", "show",
 ]
+
+
+SHOWN_CHARS = 60
+
+
+class _Prefix(reprlib.Repr):
+    """reprlib bounds the work as well as the text: a value read from YAML can be a list of
+    lists billions of items long once its aliases are followed, and repr() would build it all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
+        self.maxother = self.maxlong = SHOWN_CHARS + 1
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x[: SHOWN_CHARS + 1])
+
+
+_PREFIX = _Prefix()
+
+
+def show(value: object) -> str:
+    """``repr(value)`` cut to a short prefix: how an error message quotes a value it was given."""
+    text = _PREFIX.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."

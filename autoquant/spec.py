@@ -24,10 +24,11 @@ from pydantic import (
 )
 
 from autoquant import formats
-from autoquant.errors import UserError
+from autoquant.errors import UserError, show
 from autoquant.yamlfile import parse_model, read_yaml
 
 SPEC_VERSION = 1
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeded generators take 0 .. 2**32 - 1
 
 
 def _weight_bits(value: int) -> int:
@@ -70,10 +71,9 @@ class LayerMatch(_Strict):
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression ({exc})") from None
+            from autoquant.space.namepattern import name_pattern
+
+            name_pattern(value)  # ValueError: not a valid one, or one that can take unbounded time
         return value
 
 
@@ -239,7 +239,7 @@ class SearchSettings(_Strict):
     sampler: SamplerName = "guided"
     trials: int = Field(default=100, ge=2, le=100_000)
     timeout_s: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     population_size: int = Field(default=20, ge=2)
 
 
@@ -378,9 +378,9 @@ def read_spec(path: str | Path) -> LoadedSpec:
     space_path = Path(spec.space)
     if not space_path.is_absolute():
         space_path = path.parent / space_path
-    if not space_path.exists():
+    if not _is_file(space_path):
         raise UserError(
-            f"search space file {spec.space!r} not found (looked at {space_path}); "
+            f"search space file {show(spec.space)} not found (looked at {show(str(space_path))}); "
             "allowed: a path relative to the spec, or an inline mapping with rules",
             file=str(path),
             key="space",
@@ -396,7 +396,7 @@ def _latency_needs_hardware(spec: RunSpec, spec_path: Path) -> None:
     latency = [i for i, o in enumerate(spec.objectives) if o.startswith("latency")]
     if latency:
         raise UserError(
-            f"bad value {spec.objectives[latency[0]]!r}: the latency objective needs "
+            f"bad value {show(spec.objectives[latency[0]])}: the latency objective needs "
             "hardware profiles; allowed: add hardware: [cpu-local] (or another profile), or "
             "drop latency",
             file=str(spec_path),
@@ -409,6 +409,14 @@ def _latency_needs_hardware(spec: RunSpec, spec_path: Path) -> None:
             file=str(spec_path),
             key="constraints.max_latency_ms",
         )
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system refuses (too long, say)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def dump_yaml(data: Any) -> str:

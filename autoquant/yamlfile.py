@@ -1,40 +1,20 @@
 """A user's YAML file read and validated into a pydantic model: every mistake comes out as one
-``UserError`` line naming the file, the key path, the bad value and what is allowed. Shared by
-the run spec (``spec.py``) and the hardware profiles (``hardware/profile.py``)."""
+``UserError`` line naming the file, the key path, the bad value (cut to a short prefix) and what
+is allowed. Shared by the run spec (``spec.py``) and the hardware profiles
+(``hardware/profile.py``); the reading itself, with its limits, is ``autoquant.safeyaml``'s."""
 
 from __future__ import annotations
 
 import types
 import typing
-from pathlib import Path
 from typing import Any, Union
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from autoquant.errors import UserError
+from autoquant.errors import SHOWN_CHARS, UserError, show
+from autoquant.safeyaml import MAX_YAML_BYTES, read_yaml
 
-MAX_YAML_BYTES = 1 << 20
-
-
-def read_yaml(path: Path) -> Any:
-    """safe_load with a size cap; a missing or unreadable file is a UserError."""
-    if not path.exists():
-        raise UserError("file not found", file=str(path))
-    if not path.is_file():
-        raise UserError("is not a file", file=str(path))
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise UserError(f"file is {size} bytes; at most {MAX_YAML_BYTES} allowed", file=str(path))
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"not valid YAML{where}: {problem}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", file=str(path)) from None
+__all__ = ["MAX_YAML_BYTES", "format_validation_error", "parse_model", "read_yaml"]
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -43,7 +23,8 @@ def _key_path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            name = str(part) if len(str(part)) <= SHOWN_CHARS else show(part)
+            out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -90,11 +71,11 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], file: 
     if first["type"] == "extra_forbidden":
         holder = _model_at(model, tuple(first["loc"][:-1]))
         allowed = ", ".join(holder.model_fields) if holder else "see the documentation"
-        message = f"unknown key {loc[-1]!r}; allowed keys: {allowed}"
+        message = f"unknown key {show(loc[-1])}; allowed keys: {allowed}"
     elif first["type"] == "missing":
         message = "required key is missing"
     else:
-        message = f"bad value {value!r}: {first['msg'].removeprefix('Value error, ')}"
+        message = f"bad value {show(value)}: {first['msg'].removeprefix('Value error, ')}"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return UserError(message + more, file=file, key=key)
 

@@ -104,8 +104,8 @@ def load_front(run_dir: Path) -> RunFront:
     """Read ``RUN/spec.yaml`` and ``RUN/pareto.csv``; ``UserError`` if either is missing or the
     front is empty."""
     import pandas as pd
-    import yaml
 
+    from autoquant.safeyaml import read_mapping
     from autoquant.search.objectives import objectives_for
 
     run_dir = Path(run_dir)
@@ -131,7 +131,7 @@ def load_front(run_dir: Path) -> RunFront:
             f"run {str(run_dir)!r} has no Pareto front yet (pareto.csv is empty); run more trials",
             key="RUN",
         )
-    spec = yaml.safe_load(spec_path.read_text()) or {}
+    spec = read_mapping(spec_path)
     names = list(spec.get("objectives") or ["accuracy", "size"])
     try:
         objectives = objectives_for(names)

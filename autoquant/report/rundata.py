@@ -129,7 +129,8 @@ def _check_tables(run: Path, trials: Any, front: Any, objectives: tuple[Objectiv
 def load_run(path: Path) -> RunData:
     """Read ``spec.yaml``, ``trials.parquet``, ``pareto.csv`` and ``run.json`` of a run directory."""
     import pandas as pd
-    import yaml
+
+    from autoquant.safeyaml import read_mapping
 
     if not path.exists():
         raise UserError(f"bad value {str(path)!r}: no such run directory; allowed: a directory made by autoquant search", key="RUN")
@@ -141,9 +142,7 @@ def load_run(path: Path) -> RunData:
             f"bad value {str(path)!r}: not a finished run directory (missing {', '.join(missing)}); "
             "allowed: a directory made by autoquant search", key="RUN",
         )
-    spec = _read(path, "spec.yaml", lambda p: yaml.safe_load(p.read_text()))
-    if not isinstance(spec, dict):
-        raise _damaged(path, "spec.yaml", f"holds a {type(spec).__name__}, not a mapping")
+    spec = _read(path, "spec.yaml", read_mapping)
     named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
     objectives = tuple(o for o in named if o is not None)
     trials = _read(path, "trials.parquet", pd.read_parquet)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import UserError, naming
+from autoquant.errors import UserError, naming, show
 from autoquant.measurement import Measurement
 from autoquant.search.ledger import (
     LedgerEntry,
@@ -22,7 +22,7 @@ from autoquant.search.ledger import (
 )
 from autoquant.search.objectives import objectives_for
 from autoquant.search.run import PreparedRun
-from autoquant.search.samplers import make_sampler
+from autoquant.search.samplers import derived_seed, make_sampler
 from autoquant.space import QuantConfig
 
 MAX_CONSECUTIVE_REPEATS = 200
@@ -219,7 +219,7 @@ def _run_search(
     # its first proposals as repeats.
     sampler = make_sampler(
         settings.sampler,
-        seed=settings.seed + len(done),
+        seed=derived_seed(settings.seed, len(done)),
         population_size=settings.population_size,
         constraints_func=_constraints_func
         if run.spec.constraints.model_dump(exclude_none=True)
@@ -275,17 +275,17 @@ def _run_search(
 
 def check_resumable(run: PreparedRun, run_dir: Path, resolved: dict) -> None:
     """A run directory continues only the search it was made for."""
-    import yaml
+    from autoquant.safeyaml import read_mapping
 
     stored_path = run_dir / "spec.yaml"
     if not stored_path.exists():
         return
-    stored = yaml.safe_load(stored_path.read_text())
+    stored = read_mapping(stored_path)
     for key in ("task", "space", "objectives", "constraints", "evaluation"):
         if stored.get(key) != resolved.get(key):
             raise UserError(
                 f"bad value: the run directory holds a search with a different {key!r} "
-                f"(stored {json.dumps(stored.get(key))[:80]}); allowed: the same spec, or another --out",
+                f"(stored {show(stored.get(key))}); allowed: the same spec, or another --out",
                 file=str(run.spec_path),
                 key=key,
             )

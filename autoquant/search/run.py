@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoquant.errors import UserError
+from pydantic import ValidationError
+
+from autoquant.errors import UserError, show
 from autoquant.space import QuantChoice, QuantConfig, SearchSpace, build_space
-from autoquant.spec import RunSpec, SearchSpaceSpec, read_spec
+from autoquant.space.searchspace import check_searchable
+from autoquant.spec import RunSpec, SearchSettings, SearchSpaceSpec, read_spec
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def prepare(
     *,
     overrides: dict | None = None,
     with_evaluator: bool = True,
+    searching: bool = False,
     status=None,
 ) -> PreparedRun:
     """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input.
@@ -57,7 +61,8 @@ def prepare(
     model is prepared (``autoquant.search.latency``): the space loses the choices a profile
     has no kernel for, and the evaluator predicts ``latency_ms@<profile>`` for every config.
     The spec's ``latency`` objective becomes one ``latency@<profile>`` objective per profile.
-    ``status(text)`` is told what is going on (profiling can take minutes the first time)."""
+    ``status(text)`` is told what is going on (profiling can take minutes the first time).
+    ``searching``: the space is to be searched, so a space of a single config is refused."""
     from autoquant.space.discovery import other_param_bytes
     from autoquant.tasks import load_task
     from autoquant.tasks.base import with_eval_samples
@@ -66,10 +71,7 @@ def prepare(
     loaded = read_spec(spec_path)
     spec, space_spec = loaded.spec, loaded.space
     if overrides:
-        search = spec.search.model_copy(
-            update={k: v for k, v in overrides.items() if v is not None}
-        )
-        spec = spec.model_copy(update={"search": search})
+        spec = spec.model_copy(update={"search": _overridden(spec.search, overrides)})
     task, origin = load_task(
         spec.task, file=str(spec_path), spec_dir=spec_path.parent.resolve(), with_origin=True
     )
@@ -84,11 +86,15 @@ def prepare(
             key="task",
         )
     space = build_space(layers, space_spec, file=space_file(spec, spec_path))
+    if searching:
+        check_searchable(space, file=space_file(spec, spec_path))
     latency: tuple = ()
     if spec.hardware:
         spec, space, latency = _prepare_hardware(
             spec, spec_path, loaded.hardware, task, space, profile=with_evaluator, status=status
         )
+        if searching:  # the profiles may have taken choices away
+            check_searchable(space, file=space_file(spec, spec_path))
     evaluator = None
     if with_evaluator:
         from autoquant.model_inputs import take
@@ -105,6 +111,18 @@ def prepare(
             latency=latency,
         )
     return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency)
+
+
+def _overridden(search: SearchSettings, overrides: dict) -> SearchSettings:
+    """The spec's search settings with the command line's options, validated like the spec's."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return SearchSettings.model_validate({**search.model_dump(), **given})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        option = {"timeout_s": "--timeout"}.get(name, "--" + name.replace("_", "-"))
+        raise UserError(f"bad value {show(first.get('input'))}: {first['msg']}", key=option) from None
 
 
 def _discover(task, spec_path: Path):

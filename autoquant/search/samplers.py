@@ -31,6 +31,14 @@ def _random(*, seed: int, population_size: int, constraints_func: Callable | Non
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def derived_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped into the seeds a generator takes (a resumed run's sampler is
+    seeded past the trials it has; a spec's seed may be the largest one)."""
+    from autoquant.spec import MAX_SEED
+
+    return (seed + offset) % (MAX_SEED + 1)
+
+
 SAMPLERS: dict[str, Callable[..., Any]] = {"nsga2": _nsga2, "tpe": _tpe, "random": _random}
 
 

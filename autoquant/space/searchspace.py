@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from autoquant import formats
-from autoquant.errors import UserError
+from autoquant.errors import UserError, show
+from autoquant.space.namepattern import matching_names
 from autoquant.space.values import FP32, LayerInfo, QuantChoice, QuantConfig
 
 _FIELDS = (
@@ -104,11 +104,27 @@ def _closest(choices: tuple[QuantChoice, ...], target: QuantChoice) -> QuantChoi
     )
 
 
-def _matches(rule, layer: LayerInfo, n_layers: int) -> bool:
+def _named(spec, layers: tuple[LayerInfo, ...], file: str) -> dict[int, frozenset[str]]:
+    """For each rule with a ``match.name`` pattern, the layer names it is found in."""
+    out = {}
+    for index, rule in enumerate(spec.rules):
+        if rule.match.name is not None:
+            try:
+                out[index] = matching_names(rule.match.name, (layer.name for layer in layers))
+            except ValueError as exc:
+                raise UserError(
+                    f"bad value {show(rule.match.name)}: {exc}",
+                    file=file,
+                    key=f"rules[{index}].match.name",
+                ) from None
+    return out
+
+
+def _matches(rule, layer: LayerInfo, n_layers: int, named: frozenset[str] | None) -> bool:
     match = rule.match
     if match.kind is not None and layer.kind not in match.kind:
         return False
-    if match.name is not None and not re.search(match.name, layer.name):
+    if named is not None and layer.name not in named:
         return False
     if match.position is not None:
         positions = set()
@@ -169,13 +185,14 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
     """
     resolved = []
     exclusions: list[Exclusion] = []
+    named = _named(spec, layers, file)
     for layer in layers:
         values = dict(_UNSET)
         pin = None
         listed: list[QuantChoice] | None = None  # a rule's explicit ``choices``
         matched = []
         for index, rule in enumerate(spec.rules):
-            if not _matches(rule, layer, len(layers)):
+            if not _matches(rule, layer, len(layers), named.get(index)):
                 continue
             matched.append(index)
             if rule.pin is not None:
@@ -226,4 +243,26 @@ def build_space(layers: tuple[LayerInfo, ...], spec, *, file: str = "search spac
     return SearchSpace(tuple(resolved), tuple(exclusions))
 
 
-__all__ = ["FP32", "Exclusion", "LayerSpace", "SearchSpace", "build_space", "why_invalid"]
+def check_searchable(space: SearchSpace, *, file: str) -> None:
+    """``UserError`` for a space of one config: a search of it measures that config and stops."""
+    if space.size != 1:
+        return
+    labels = sorted({ls.choices[0].label for ls in space.layers})
+    which = f"{labels[0]} on every layer" if len(labels) == 1 else "one choice on every layer"
+    raise UserError(
+        f"the space holds a single config ({which}): there is nothing to search; allowed: rules "
+        "that give at least one layer two or more valid choices (autoquant space SPEC lists them)",
+        file=file,
+        key="rules",
+    )
+
+
+__all__ = [
+    "FP32",
+    "Exclusion",
+    "LayerSpace",
+    "SearchSpace",
+    "build_space",
+    "check_searchable",
+    "why_invalid",
+]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import UserError
+from autoquant.errors import UserError, show
 from autoquant.tasks.base import Task
 
 
@@ -67,7 +67,7 @@ def _inside_run_dir(path: Path) -> Path | None:
 
 def _refuse(target: str, why: str, *, file: str, key: str) -> UserError:
     return UserError(
-        f"bad value {target!r}: {why}; allowed: package.module:function naming a function "
+        f"bad value {show(target)}: {why}; allowed: package.module:function naming a function "
         "defined in a module of your own or an installed package (not the standard library, not "
         "a file inside a run directory)",
         file=file,
@@ -98,7 +98,7 @@ def _resolve(
     module_name, _, attr = target.partition(":")
     top = module_name.split(".")[0]
     if top in sys.stdlib_module_names or top == "builtins":
-        raise _refuse(target, f"{top!r} is part of the Python standard library", file=file, key=key)
+        raise _refuse(target, f"{show(top)} is part of the Python standard library", file=file, key=key)
     if origin is not None:
         search_dir = Path(origin.search_dir) if origin.search_dir else None
     if search_dir is not None and _inside_run_dir(search_dir / "_") is not None:
@@ -112,8 +112,8 @@ def _resolve(
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module itself failing to import
         raise UserError(
-            f"bad value {target!r}: module {module_name!r} does not import "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"bad value {show(target)}: module {show(module_name)} does not import "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
             "allowed: an importable package.module:function",
             file=file,
             key=key,
@@ -123,25 +123,25 @@ def _resolve(
             sys.path.remove(str(search_dir))
     source = Path(getattr(module, "__file__", None) or "")
     if not source.is_file():
-        raise _refuse(target, f"module {module_name!r} has no source file", file=file, key=key)
+        raise _refuse(target, f"module {show(module_name)} has no source file", file=file, key=key)
     source = source.resolve()
     run_dir = _inside_run_dir(source)
     if run_dir is not None:
         raise _refuse(
-            target, f"module {module_name!r} lies inside the run directory {run_dir}", file=file, key=key
+            target, f"module {show(module_name)} lies inside the run directory {run_dir}", file=file, key=key
         )
     function = getattr(module, attr, None)
     if not inspect.isfunction(function) or function.__module__ != module.__name__:
         why = (
-            f"module {module_name!r} has no function {attr!r}"
+            f"module {show(module_name)} has no function {show(attr)}"
             if not callable(function)
-            else f"{attr!r} is not a function defined in module {module_name!r}"
+            else f"{show(attr)} is not a function defined in module {show(module_name)}"
         )
         raise _refuse(target, why, file=file, key=key)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     if origin is not None and (str(source) != origin.module_file or digest != origin.sha256):
         raise UserError(
-            f"bad value {target!r}: the task module {origin.module_file} changed since the search "
+            f"bad value {show(target)}: the task module {origin.module_file} changed since the search "
             f"(sha256 {origin.sha256[:12]}, now {digest[:12]} at {source}); allowed: the source "
             "the search ran, or a new search",
             file=file,
@@ -179,7 +179,7 @@ def load_task(
         builtin = BUILTIN_TASKS.get(task_spec)
         if builtin is None:
             raise UserError(
-                f"bad value {task_spec!r}: not a built-in task; allowed: "
+                f"bad value {show(task_spec)}: not a built-in task; allowed: "
                 f"{', '.join(BUILTIN_TASKS)}, or {{function: package.module:function}}",
                 file=file,
                 key="task",
@@ -198,7 +198,7 @@ def load_task(
         inspect.signature(function).bind(**task_spec.args)
     except TypeError as exc:
         raise UserError(
-            f"bad value {task_spec.args!r}: {task_spec.function} does not take these arguments ({exc})",
+            f"bad value {show(task_spec.args)}: {task_spec.function} does not take these arguments ({str(exc)[:200]})",
             file=file,
             key="task.args",
         ) from None
@@ -216,7 +216,7 @@ def load_task(
         ) from None
     if not isinstance(task, Task):
         raise UserError(
-            f"bad value {task_spec.function!r}: returned {type(task).__name__}; "
+            f"bad value {show(task_spec.function)}: returned {type(task).__name__}; "
             "allowed: a function returning autoquant.tasks.Task",
             file=file,
             key="task.function",
