@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoquant.errors import UserError
+from autoquant.errors import UserError, show
 from autoquant.hardware.profile import (
     PROFILES_DIR,
     HardwareProfile,
@@ -76,22 +76,30 @@ def _profile_file(entry: str, spec_path: Path, *, key: str) -> Path:
     candidate = Path(entry)
     if not candidate.is_absolute():
         candidate = spec_path.parent / candidate
-    if candidate.suffix in (".yaml", ".yml") or "/" in entry or candidate.is_file():
-        if not candidate.is_file():
+    if candidate.suffix in (".yaml", ".yml") or "/" in entry or _is_file(candidate):
+        if not _is_file(candidate):
             raise UserError(
-                f"bad value {entry!r}: profile file not found (looked at {candidate}); allowed: "
+                f"bad value {show(entry)}: profile file not found (looked at {show(str(candidate))}); allowed: "
                 "a built-in profile name or a YAML path relative to the spec",
                 file=str(spec_path),
                 key=key,
             )
         return candidate
     path = PROFILES_DIR / f"{entry}.yaml"
-    if not path.is_file():
+    if not _is_file(path):
         known = ", ".join(p.stem for p in builtin_profiles()) or "none"
         raise UserError(
-            f"bad value {entry!r}: no such hardware profile; allowed: one of {known}, "
+            f"bad value {show(entry)}: no such hardware profile; allowed: one of {known}, "
             "or a YAML path relative to the spec",
             file=str(spec_path),
             key=key,
         )
     return path
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system refuses (too long, say)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -91,6 +91,8 @@ def _read(run: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     """``reader(run / name)``; a file it cannot parse is a ``MachineError`` naming it."""
     try:
         return reader(run / name)
+    except UserError:  # the loader's own refusal (a bomb, a duplicate key) says it best
+        raise
     except Exception as exc:
         failure = machine_failure(exc, file=run / name)  # the disk refused: say that instead
         if failure is not None:
