@@ -126,14 +126,59 @@ def test_uniform_int8_residual_cnn_runs_integer_kernels_end_to_end_and_validates
     graph, v = export_and_validate(model, x, dict.fromkeys(names, INT8), tmp_path)
     counts = v.optimized_op_counts
     assert counts["QLinearConv"] == len(names) - 1 and counts["QGemm"] == 1, counts
-    # layer1's Add (reading the stem's ReLU output) and layer2's Add run as QLinearAdd; layer3's
-    # feeds the float pooling head.
-    assert counts.get("QLinearAdd", 0) == 2, counts
-    assert counts.get("Add", 0) == 1 and counts.get("Relu", 0) == 1, counts
-    # No requantization between layers: the input's Q and the head's Q only.
-    assert counts.get("QuantizeLinear", 0) == 2, counts
-    assert counts.get("Transpose", 0) <= 3, counts
+    # Every residual Add runs as QLinearAdd, layer3's too (it feeds the pooling head: its output
+    # is quantized like the pool's input), and the pool as QLinearGlobalAveragePool: ORT's
+    # quantize_static graph, no float op left.
+    assert counts.get("QLinearAdd", 0) == 3, counts
+    assert counts.get("QLinearGlobalAveragePool", 0) == 1, counts
+    assert not {"Add", "Relu", "GlobalAveragePool"} & set(counts), counts
+    # No requantization anywhere: the input's Q and the output's DQ only.
+    assert counts.get("QuantizeLinear", 0) == 1, counts
+    assert counts.get("DequantizeLinear", 0) == 1, counts
+    assert counts.get("Transpose", 0) <= 2, counts
     nodes = graph.model.graph.node
     producer = {o: n.op_type for n in nodes for o in n.output}
     # A ReLU after a layer quantized on its range is not written at all.
     assert not [n.name for n in nodes if n.op_type == "Relu" and producer[n.input[0]] != "Add"]
+
+
+def test_the_pooled_residual_add_is_found_and_calibrated_on_its_relu_range(resnet):
+    model, x = resnet
+    cal = calibrate(model, x)
+    (pooled,) = cal.pooled_adds
+    assert (pooled.pool, pooled.sources, pooled.readers, pooled.relu) == (
+        "pool",
+        ("layer3.conv2", "layer3.down.0"),
+        ("fc",),
+        True,
+    )
+    lo, hi = pooled.input_range
+    assert lo == 0.0 and hi > 0 and cal.pool_input_params(pooled).zero_point == 0
+    assert cal.to_dict()["pooled_adds"][0]["pool"] == "pool"
+
+
+def test_the_simulation_quantizes_the_pool_input_only_when_its_layers_are_int8(resnet):
+    from autoquant.quant import apply
+    from autoquant.space.values import FP32, QuantConfig
+
+    model, x = resnet
+    cal = calibrate(model, x)
+    (pooled,) = cal.pooled_adds
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    scale = cal.pool_input_params(pooled).scale
+
+    def pool_input(config):
+        seen = []
+        qmodel = apply(model, config, cal)
+        qmodel.pool.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            qmodel(x[:8])
+        return seen[0] / scale
+
+    steps = pool_input(QuantConfig.from_mapping(dict.fromkeys(names, INT8)))
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    # A float shortcut conv: the Add reads a float input, nothing about the tail changes.
+    mixed = QuantConfig.from_mapping({**dict.fromkeys(names, INT8), "layer3.down.0": FP32})
+    assert cal.quantized_pools(mixed) == ()
+    steps = pool_input(mixed)
+    assert not torch.allclose(steps, steps.round(), atol=1e-3)

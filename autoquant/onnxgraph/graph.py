@@ -42,8 +42,13 @@ need) and drops a Relu whose Q clamps the same. A layer read only by a ReLU is q
 ReLU's range (``Calibration.relu_outputs``, zero point 0), so the next layer reads the same
 parameters: ``_skip_exact_requantization`` then drops that Relu and the ``DQ -> Q`` pair (exact),
 and ORT runs ``QLinearConv -> QLinearConv`` and residual Adds as ``QLinearAdd`` (both inputs
-dequantized, the output quantized by the next layers' shared Q). An activation dequantization that reaches input 0 of a float Conv/Gemm is
-written as ``Cast(q) [- zp] * scale`` instead of ``DequantizeLinear``: same numbers, but ORT's
+dequantized, the output quantized by the next layers' shared Q). A residual Add that feeds a
+global average pool and then layers (``Calibration.pooled_adds``: a ResNet's last block) has no
+next layer's Q; when its sources and readers are int8, the simulation quantizes the pool's input
+and the export writes that Q/DQ and a Q/DQ on the readers' parameters behind the pool
+(``_quantize_pooled_adds``): ORT runs ``QLinearAdd -> QLinearGlobalAveragePool`` as for
+``quantize_static``'s graph. An activation dequantization that reaches input 0 of a float
+Conv/Gemm is written as ``Cast(q) [- zp] * scale`` instead of ``DequantizeLinear``: same numbers, but ORT's
 ``WeightBiasQuantization`` no longer re-quantizes that float layer's weight and bias.
 
 int8 weights of integer-kernel layers are stored as int8 (ONNX Runtime's U8S8 kernels) on x86
@@ -301,6 +306,7 @@ def export_graph(
     integer_nodes = {
         e.node for e, (_, c) in zip(exported, config.choices) if runs_integer_kernel(c)
     }
+    _quantize_pooled_adds(rw, config, calibration)
     _share_quantization(proto.graph)
     _skip_exact_requantization(proto.graph)
     _protect_float_consumers(proto.graph, integer_nodes)
@@ -927,6 +933,75 @@ def _explicit_dequantize(node, out: str, inits) -> list:
         centred = f"{pre}.c"
     nodes.append(helper.make_node("Mul", [centred, scale], [out], name=f"{pre}/Mul"))
     return nodes
+
+
+# Ops between a global average pool and the layer reading it that move no number.
+POOL_TO_READER_OPS = ("Flatten", "Reshape", "Identity")
+
+
+def _quantize_pooled_adds(rw, config: QuantConfig, calibration) -> None:
+    """uint8 ``QuantizeLinear`` + ``DequantizeLinear`` in front of the ``GlobalAveragePool`` of
+    each pooled residual Add the simulation quantizes (``Calibration.quantized_pools``), with
+    the same parameters. Its readers' input Q already quantizes the pool's output, so ORT runs
+    ``QLinearAdd`` (the ReLU before the Q, zero point 0, fused away) and
+    ``QLinearGlobalAveragePool`` where the tail was float."""
+    from onnx import helper
+
+    if calibration is None:
+        return
+    graph = rw.proto.graph
+    for pooled in calibration.quantized_pools(config):
+        producer = {o: n for n in graph.node for o in n.output}
+        by_name = {n.name: n for n in graph.node}
+        pools = []
+        for reader in pooled.readers:
+            q = by_name.get(f"{reader}/in_Q")
+            node = producer.get(q.input[0]) if q is not None else None
+            while node is not None and node.op_type in POOL_TO_READER_OPS:
+                node = producer.get(node.input[0])
+            pools.append(node)
+        pool = pools[0]
+        if pool is None or pool.op_type != "GlobalAveragePool" or any(p is not pool for p in pools):
+            raise RuntimeError(
+                f"export found no GlobalAveragePool of {pooled.pool!r} between "
+                f"{', '.join(pooled.sources)} and {', '.join(pooled.readers)}"
+            )
+        params = calibration.pool_input_params(pooled)
+        pre = pooled.pool
+        s = rw.add_init(f"{pre}.in_scale", np.array(params.scale, np.float32))
+        z = rw.add_init(f"{pre}.in_zero", np.array(params.zero_point, np.uint8))
+        # The pool's output on the readers' input parameters (the pool output's own range):
+        # the readers' Q after the Flatten rounds it again to the same numbers, but ORT fuses
+        # the pool only with a Q right behind it.
+        s_out, z_out = by_name[f"{pooled.readers[0]}/in_Q"].input[1:3]
+        out = pool.output[0]
+        for reader in graph.node:
+            for i, name in enumerate(reader.input):
+                if name == out:
+                    reader.input[i] = f"{pre}.out_dq"
+        nodes = [
+            helper.make_node(
+                "QuantizeLinear", [pool.input[0], s, z], [f"{pre}.in_q"], name=f"{pre}/in_Q"
+            ),
+            helper.make_node(
+                "DequantizeLinear", [f"{pre}.in_q", s, z], [f"{pre}.in_dq"], name=f"{pre}/in_DQ"
+            ),
+            pool,
+            helper.make_node(
+                "QuantizeLinear", [out, s_out, z_out], [f"{pre}.out_q"], name=f"{pre}/out_Q"
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{pre}.out_q", s_out, z_out],
+                [f"{pre}.out_dq"],
+                name=f"{pre}/out_DQ",
+            ),
+        ]
+        pool.input[0] = f"{pre}.in_dq"
+        index = list(graph.node).index(pool)
+        del graph.node[index]
+        for offset, new in enumerate(nodes):
+            graph.node.insert(index + offset, new)
 
 
 def _share_quantization(graph) -> None:
