@@ -33,6 +33,7 @@ class NbitsAccuracy(str, enum.Enum):
 
 
 def export(
+    *,  # typer passes every parameter by name
     run: Annotated[
         Path, typer.Argument(help="run directory made by autoquant search, e.g. results/digits-cnn")
     ],
