@@ -732,7 +732,7 @@ def _folded_weight(lay: _Layer, shape, codes: _Codes, bits: int, w_float: str) -
     call. 8-bit weights are INT8, 3/4-bit ones INT4, 2-bit ones four per uint8 byte (``q + 2``,
     unpacked by ``BitShift`` and ``BitwiseAnd``). Per-group weights are stored as
     ``[O, I/B, B, *k]`` and reshaped after."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rw, pre, choice = lay.rw, lay.name, lay.choice
     np_q, np_s, np_z = codes.q, codes.scale, codes.zero
@@ -749,46 +749,10 @@ def _folded_weight(lay: _Layer, shape, codes: _Codes, bits: int, w_float: str) -
         scale_shape = (shape[0], shape[1] // g, 1, *shape[2:])
         np_s, np_z = np_s.reshape(scale_shape), np_z.reshape(scale_shape)
     rw.add_init(f"{pre}.w_scale", np_s)
-    if bits == 2:
-        nodes = _unpack_2bit(rw, pre, q, f"{pre}.w_qf")
-        # the stored values are q + 2: subtract z + 2 (one scalar when every z is 0)
-        if np.any(np_z != 0):
-            rw.add_init(f"{pre}.w_zero", (np_z.astype(np.int16) + 2).astype(np.uint8))
-            nodes.append(
-                helper.make_node(
-                    "Cast",
-                    [f"{pre}.w_zero"],
-                    [f"{pre}.w_zf"],
-                    to=TensorProto.FLOAT,
-                    name=f"{pre}/w_zCast",
-                )
-            )
-        else:
-            rw.add_init(f"{pre}.w_zf", np.array(2.0, np.float32))
-        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
-        needs_sub = True
-    else:
-        rw.add_init(f"{pre}.w_q", q, "int4" if bits == 4 else None)
-        nodes = [
-            helper.make_node(
-                "Cast", [f"{pre}.w_q"], [f"{pre}.w_qf"], to=TensorProto.FLOAT, name=f"{pre}/w_Cast"
-            )
-        ]
-        needs_sub = bool(np.any(np_z != 0))
-        if needs_sub:
-            rw.add_init(f"{pre}.w_zero", np_z, "int4" if bits == 4 else None)
-            nodes.append(
-                helper.make_node(
-                    "Cast",
-                    [f"{pre}.w_zero"],
-                    [f"{pre}.w_zf"],
-                    to=TensorProto.FLOAT,
-                    name=f"{pre}/w_zCast",
-                )
-            )
-        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
+    nodes, needs_sub = _stored_codes(lay, q, np_z, bits)
     centred = f"{pre}.w_qf"
     if needs_sub:
+        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
         nodes.append(helper.make_node("Sub", centred_inputs, [f"{pre}.w_qc"], name=f"{pre}/w_Sub"))
         centred = f"{pre}.w_qc"
     if choice.granularity == "per_group":
@@ -807,6 +771,50 @@ def _folded_weight(lay: _Layer, shape, codes: _Codes, bits: int, w_float: str) -
     return nodes + [
         helper.make_node("Mul", [centred, f"{pre}.w_scale"], [w_float], name=f"{pre}/w_Mul")
     ]
+
+
+def _stored_codes(lay: _Layer, q: np.ndarray, np_z: np.ndarray, bits: int) -> tuple[list, bool]:
+    """A folded weight's codes, stored packed and cast to float (``<layer>.w_qf``), and the zero
+    points to subtract (``<layer>.w_zf``). Returns (nodes, whether the ``Sub`` is needed)."""
+    from onnx import TensorProto, helper
+
+    rw, pre = lay.rw, lay.name
+    if bits == 2:
+        nodes = _unpack_2bit(rw, pre, q, f"{pre}.w_qf")
+        # the stored values are q + 2: subtract z + 2 (one scalar when every z is 0)
+        if np.any(np_z != 0):
+            rw.add_init(f"{pre}.w_zero", (np_z.astype(np.int16) + 2).astype(np.uint8))
+            nodes.append(
+                helper.make_node(
+                    "Cast",
+                    [f"{pre}.w_zero"],
+                    [f"{pre}.w_zf"],
+                    to=TensorProto.FLOAT,
+                    name=f"{pre}/w_zCast",
+                )
+            )
+        else:
+            rw.add_init(f"{pre}.w_zf", np.array(2.0, np.float32))
+        return nodes, True
+    rw.add_init(f"{pre}.w_q", q, "int4" if bits == 4 else None)
+    nodes = [
+        helper.make_node(
+            "Cast", [f"{pre}.w_q"], [f"{pre}.w_qf"], to=TensorProto.FLOAT, name=f"{pre}/w_Cast"
+        )
+    ]
+    needs_sub = bool(np.any(np_z != 0))
+    if needs_sub:
+        rw.add_init(f"{pre}.w_zero", np_z, "int4" if bits == 4 else None)
+        nodes.append(
+            helper.make_node(
+                "Cast",
+                [f"{pre}.w_zero"],
+                [f"{pre}.w_zf"],
+                to=TensorProto.FLOAT,
+                name=f"{pre}/w_zCast",
+            )
+        )
+    return nodes, needs_sub
 
 
 def _unpack_2bit(rw, pre: str, q: np.ndarray, out: str) -> list:
