@@ -33,6 +33,7 @@ class SamplerName(str, enum.Enum):
 
 @app.command()
 def search(
+    *,  # typer passes every parameter by name
     spec: Annotated[Path, typer.Argument(help="run spec YAML, e.g. examples/digits-cnn.yaml")],
     out: Annotated[
         Path | None, typer.Option(help="run directory [default: results/<name>]")
@@ -75,33 +76,15 @@ def search(
 def _search_owned(
     spec: Path, run_dir: Path, overrides: dict, *, quiet: bool, workers: int, storage: str | None
 ) -> None:
-    """``search`` once it owns ``run_dir``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from autoquant.report.html import write_report
-    from autoquant.report.results import write_run_info, write_tables
-    from autoquant.report.rundata import load_run
-    from autoquant.report.terminal import front_table
-    from autoquant.rundir import atomic_write_text
-    from autoquant.search.driver import check_resumable, run_search
-    from autoquant.search.ledger import check_ledger, entries, open_study, sqlite_url
+    """``search`` once it owns ``run_dir``: load, record the spec, measure, then the tables,
+    checks, report and summary."""
     from autoquant.search.objectives import objectives_for
     from autoquant.search.run import prepare
-    from autoquant.spec import dump_yaml
 
     with console.status("loading the task (built-in tasks train once, then load from cache)") as st:
         run = prepare(spec, overrides=overrides, searching=True, status=st.update)
-    resolved = run.resolved_spec()
-    check_resumable(run, run_dir, resolved)
     shared = storage is not None or run.spec.storage is not None
-    if not shared:  # a shared storage is checked by the workers (the study's fingerprint)
-        check_ledger(run_dir, {ls.layer.name for ls in run.space.layers})
-    atomic_write_text(run_dir / "spec.yaml", dump_yaml(resolved))
-    if run.latency:  # latency objectives: how far the predicted latency can be trusted
-        from autoquant.search.latency import write_fidelity
-
-        write_fidelity(run_dir, run.latency)
-
+    _record_spec(run, run_dir, shared=shared)
     if workers or shared:
         from autoquant.commands.workers import search_with_workers
 
@@ -110,21 +93,55 @@ def _search_owned(
         )
         return
     objectives = objectives_for(run.spec.objectives)
-    storage = sqlite_url(run_dir)
+    outcome = _measure(run, run_dir, objectives, quiet=quiet)
+    _finish_search(run, run_dir, objectives, outcome)
+
+
+def _record_spec(run, run_dir: Path, *, shared: bool) -> None:
+    """Refuse a run directory this run cannot resume, then write its resolved spec (and, with
+    latency objectives, how far the predicted latency can be trusted)."""
+    from autoquant.rundir import atomic_write_text
+    from autoquant.search.driver import check_resumable
+    from autoquant.search.ledger import check_ledger
+    from autoquant.spec import dump_yaml
+
+    resolved = run.resolved_spec()
+    check_resumable(run, run_dir, resolved)
+    if not shared:  # a shared storage is checked by the workers (the study's fingerprint)
+        check_ledger(run_dir, {ls.layer.name for ls in run.space.layers})
+    atomic_write_text(run_dir / "spec.yaml", dump_yaml(resolved))
+    if run.latency:
+        from autoquant.search.latency import write_fidelity
+
+        write_fidelity(run_dir, run.latency)
+
+
+def _write_tables(run_dir: Path, objectives):
+    """trials.parquet and pareto.csv from the ledger (the source of truth): (frame, front)."""
+    from autoquant.report.results import write_tables
+    from autoquant.search.ledger import entries, open_study, sqlite_url
+
+    study = open_study(sqlite_url(run_dir), [o.direction for o in objectives], None)
+    return write_tables(run_dir, entries(study), objectives)
+
+
+def _measure(run, run_dir: Path, objectives, *, quiet: bool):
+    """The search loop behind a progress bar; the tables and report refreshed as it goes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoquant.report.html import write_report
+    from autoquant.report.rundata import load_run
+    from autoquant.search.driver import run_search
 
     last_refresh = [0.0]
 
     def refresh() -> None:
-        # The ledger is the source of truth; the tables are rewritten every few seconds so a
-        # long run can be inspected while it goes, and once more at the end.
+        # The tables are rewritten every few seconds so a long run can be inspected while it
+        # goes, and once more at the end.
         if time.monotonic() - last_refresh[0] < 5.0:
             return
         last_refresh[0] = time.monotonic()
-        write_tables(
-            run_dir,
-            entries(open_study(storage, [o.direction for o in objectives], None)),
-            objectives,
-        )
+        _write_tables(run_dir, objectives)
         write_report(load_run(run_dir))
 
     console.print(
@@ -142,16 +159,23 @@ def _search_owned(
         disable=quiet,
     ) as progress:
         bar = progress.add_task("measuring configs", total=run.spec.search.trials)
-        outcome = run_search(
+        return run_search(
             run,
             run_dir,
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             after_trial=refresh,
             on_status=lambda text: progress.update(bar, description=text),
         )
-    frame, front = write_tables(
-        run_dir, entries(open_study(storage, [o.direction for o in objectives], None)), objectives
-    )
+
+
+def _finish_search(run, run_dir: Path, objectives, outcome) -> None:
+    """The final tables, the run info, the fastest front point timed end to end, the report;
+    then the summary on the terminal."""
+    from autoquant.report.html import write_report
+    from autoquant.report.results import write_run_info
+    from autoquant.report.rundata import load_run
+
+    frame, front = _write_tables(run_dir, objectives)
     write_run_info(run_dir, outcome)
     checks = []
     if run.latency and not front.empty:  # is the fastest point really faster? measure it
@@ -163,6 +187,22 @@ def _search_owned(
                 status=st.update,
             )
     report_path = write_report(load_run(run_dir))
+    _print_outcome(outcome, frame, front)
+    if run.latency:
+        from autoquant.search.latency import front_check_line, summary_line
+
+        for lat in run.latency:
+            console.print(summary_line(lat))
+        for check in checks:
+            console.print(front_check_line(check))
+    console.print(f"run directory: {run_dir}  (spec.yaml, study.db, trials.parquet, pareto.csv)")
+    console.print(f"report: {report_path}")
+
+
+def _print_outcome(outcome, frame, front) -> None:
+    """What the search did this time, and the front (with the references it dominates)."""
+    from autoquant.report.terminal import front_table
+
     if outcome.interrupted_before:
         console.print(
             f"resumed: {outcome.interrupted_before} interrupted trial(s) marked failed, none lost"
@@ -179,15 +219,6 @@ def _search_owned(
         refs = frame[frame["reference"].notna() & ~frame["on_front"]]
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))
-    if run.latency:
-        from autoquant.search.latency import front_check_line, summary_line
-
-        for lat in run.latency:
-            console.print(summary_line(lat))
-        for check in checks:
-            console.print(front_check_line(check))
-    console.print(f"run directory: {run_dir}  (spec.yaml, study.db, trials.parquet, pareto.csv)")
-    console.print(f"report: {report_path}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto, helper
 
 from autoquant.export.validate import (
+    ExpectedOutputs,
     Tolerances,
     Validation,
     _check_outputs,
@@ -33,14 +34,16 @@ def _check(tmp_path, ort_out, sim, fp32, step=0.01):
         v,
         _identity_session(tmp_path, ort_out.shape[1]),
         "enable_all",
-        ort_out.astype(np.float32),
-        torch.zeros(len(ort_out)),
-        lambda out, targets: 1.0,
-        sim,
-        step,
-        Tolerances(),
-        batch_size=64,
-        fp32_outputs=fp32,
+        ExpectedOutputs(
+            eval_inputs=ort_out.astype(np.float32),
+            eval_targets=torch.zeros(len(ort_out)),
+            metric=lambda out, targets: 1.0,
+            sim_outputs=sim,
+            output_step=step,
+            tolerances=Tolerances(),
+            batch_size=64,
+            fp32_outputs=fp32,
+        ),
     )
     return v.checks[-1]
 

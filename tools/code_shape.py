@@ -1,8 +1,10 @@
 """The library's shape from its source alone (ast, no imports): lines per subpackage, the
-import graph between subpackages and its cycles, and functions over a length limit, with
-whether their docstring states a reason (a line starting with ``Long:``).
+import graph between subpackages and its cycles, functions over a length limit, with
+whether their docstring states a reason (a line starting with ``Long:``), and functions taking
+more than a few positional parameters (``self``/``cls`` not counted; a context value or
+keyword-only parameters instead).
 
-    python tools/code_shape.py [--package autoquant] [--max-lines 80] [--json PATH]
+    python tools/code_shape.py [--package autoquant] [--max-lines 80] [--max-positional 5] [--json PATH]
 
 Exit code 1 when a function over the limit states no reason (so CI or a reviewer can gate on
 it); 0 otherwise. Import cycles and the largest subpackage's share are printed as figures.
@@ -61,6 +63,17 @@ def long_functions(tree: ast.AST, limit: int):
                 yield node.name, node.lineno, length, REASON_PREFIX in doc
 
 
+def positional_heavy(tree: ast.AST, limit: int):
+    """Functions with more than ``limit`` positional parameters (``*args`` not counted)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = [a.arg for a in node.args.posonlyargs + node.args.args]
+            if names and names[0] in ("self", "cls"):
+                names = names[1:]
+            if len(names) > limit:
+                yield node.name, node.lineno, len(names)
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one node (Tarjan)."""
     index: dict[str, int] = {}
@@ -102,12 +115,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", default="autoquant")
     parser.add_argument("--max-lines", type=int, default=80)
+    parser.add_argument("--max-positional", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent / args.package
     lines: dict[str, int] = defaultdict(int)
     graph: dict[str, set[str]] = defaultdict(set)
     too_long = []
+    too_positional = []
     for path in sorted(root.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source, filename=str(path))
@@ -120,6 +135,8 @@ def main() -> int:
                 graph[sub].add(target)
         for fn, lineno, length, reason in long_functions(tree, args.max_lines):
             too_long.append((f"{path.relative_to(root.parent)}:{lineno}", fn, length, reason))
+        for fn, lineno, count in positional_heavy(tree, args.max_positional):
+            too_positional.append((f"{path.relative_to(root.parent)}:{lineno}", fn, count))
     total = sum(lines.values())
     largest = max(lines, key=lines.get)
     loops = cycles(graph)
@@ -133,10 +150,14 @@ def main() -> int:
           f"('{REASON_PREFIX}' in the docstring): {len(unexplained)}")
     for where, fn, length, reason in sorted(too_long, key=lambda f: -f[2]):
         print(f"  {length:4d}  {fn}  {where}{'  (reason stated)' if reason else ''}")
+    print(f"functions with over {args.max_positional} positional parameters: {len(too_positional)}")
+    for where, fn, count in sorted(too_positional, key=lambda f: (-f[2], f[0])):
+        print(f"  {count:4d}  {fn}  {where}")
     if args.json:
         args.json.write_text(json.dumps({
             "lines": lines, "imports": {k: sorted(v) for k, v in graph.items()}, "cycles": loops,
             "long_functions": [dict(zip(("where", "function", "lines", "reason"), f)) for f in too_long],
+            "positional_heavy": [dict(zip(("where", "function", "positional"), f)) for f in too_positional],
         }, indent=2))
     return 1 if unexplained else 0
 

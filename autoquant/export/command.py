@@ -33,6 +33,7 @@ class NbitsAccuracy(str, enum.Enum):
 
 
 def export(
+    *,  # typer passes every parameter by name
     run: Annotated[
         Path, typer.Argument(help="run directory made by autoquant search, e.g. results/digits-cnn")
     ],
@@ -104,6 +105,13 @@ def export(
     )
     with console.status("exporting and validating in ONNX Runtime"):
         results = export_run(run, pick=pick, out=out, all_=all_, options=options)
+    _print_results(console, results, all_=all_)
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def _print_results(console, results, *, all_: bool) -> None:
+    """The promised-vs-measured table, the files written, warnings and failures (on stderr)."""
     console.print(render_table(results))
     for r in results:
         status = "ok" if r.ok else "FAILED"
@@ -114,14 +122,12 @@ def export(
         typer.echo(line, err=True)
     if all_ and results:
         console.print(f"summary: {results[0].out_dir.parent / 'summary.csv'}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        for r in failed:
+    for r in results:
+        if not r.ok:
             typer.echo(
                 f"error: export of trial {r.trial} failed validation: {r.failure_message()}",
                 err=True,
             )
-        raise typer.Exit(1)
 
 
 def slower_than_fp32_warnings(results) -> list[str]:

@@ -114,23 +114,10 @@ def export_point(
     """Export, validate and describe one front row into ``out_dir``."""
     import onnx
 
-    from autoquant.export.manifest import (
-        build_manifest,
-        promised_figures,
-        sha256_file,
-        write_manifest,
-    )
-    from autoquant.export.validate import feed_count, feed_slice, validate_export
     from autoquant.onnxgraph.graph import export_graph
-    from autoquant.quant.fake import runs_integer_kernel
-    from autoquant.space.values import QuantConfig
+    from autoquant.export.manifest import write_manifest
 
-    config = QuantConfig.from_json(row["config"])
-    if config.hash != row["config_hash"]:
-        raise UserError(
-            f"trial {int(row['trial'])}: config hash {config.hash} does not match pareto.csv's {row['config_hash']}",
-            file=str(ctx.front.run_dir / "pareto.csv"),
-        )
+    config = _row_config(row, ctx)
     check_out_dir(out_dir)
     graph = export_graph(
         ctx.task.model,
@@ -144,17 +131,48 @@ def export_point(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = atomic_write(out_dir / MODEL_FILE, lambda p: onnx.save(graph.model, str(p), format="protobuf"))
-    sim = ctx.simulate(config)
-    validation = validate_export(
+    validation = _validate(
+        model_path, ctx, options, config, graph, promised_accuracy=float(row["accuracy"])
+    )
+    manifest = _manifest(
+        ctx, options, row=row, pick=pick, config=config, graph=graph, model_path=model_path,
+        validation=validation,
+    )
+    write_manifest(out_dir / MANIFEST_FILE, manifest)
+    return ExportResult(out_dir, int(row["trial"]), config.hash, manifest, validation)
+
+
+def _row_config(row: Any, ctx: ExportContext):
+    """The row's ``QuantConfig``, refused when it is not the one its hash in pareto.csv names."""
+    from autoquant.space.values import QuantConfig
+
+    config = QuantConfig.from_json(row["config"])
+    if config.hash != row["config_hash"]:
+        raise UserError(
+            f"trial {int(row['trial'])}: config hash {config.hash} does not match pareto.csv's {row['config_hash']}",
+            file=str(ctx.front.run_dir / "pareto.csv"),
+        )
+    return config
+
+
+def _validate(
+    model_path: Path, ctx: ExportContext, options: ExportOptions, config, graph, *,
+    promised_accuracy: float,
+) -> Validation:
+    """``validate_export`` of the written graph against this config's simulation."""
+    from autoquant.export.validate import feed_slice, validate_export
+    from autoquant.quant.fake import runs_integer_kernel
+
+    return validate_export(
         model_path,
         ctx.fp32_path,
         eval_inputs=ctx.eval_inputs,
         eval_targets=ctx.task.eval_targets,
         metric=ctx.task.metric,
-        sim_outputs=sim,
+        sim_outputs=ctx.simulate(config),
         output_step=ctx.output_step,
         fp32_outputs=ctx.fp32_outputs,
-        promised_accuracy=float(row["accuracy"]),
+        promised_accuracy=promised_accuracy,
         expected_int_kernels=sum(runs_integer_kernel(c) for _, c in config.choices)
         + sum(e.form == "int8-dynamic" for e in graph.layers),
         weight_dq_allowed=options.weight_only == "dq",
@@ -168,8 +186,10 @@ def export_point(
         # dynamic activations take their range per call, which the simulation takes per sample
         batch_size=1 if any(getattr(c, "act_dynamic", False) for _, c in config.choices) else 512,
     )
-    file_bytes = model_path.stat().st_size
-    fp32_bytes = ctx.fp32_path.stat().st_size
+
+
+def _measured(validation: Validation, file_bytes: int, fp32_bytes: int) -> dict[str, Any]:
+    """The manifest's re-measured figures: ORT accuracy per level, file sizes, latency."""
     measured: dict[str, Any] = {
         f"accuracy_ort_{level}": {"value": acc, "source": "measured"}
         for level, acc in validation.accuracy.items()
@@ -195,7 +215,26 @@ def export_point(
             "source": "measured",
             "rule": "slower than the fp32 graph in every interleaved round",
         }
-    manifest = build_manifest(
+    return measured
+
+
+def _manifest(
+    ctx: ExportContext,
+    options: ExportOptions,
+    *,
+    row: Any,
+    pick: str,
+    config,
+    graph,
+    model_path: Path,
+    validation: Validation,
+) -> dict[str, Any]:
+    """manifest.json of one export: what was promised, what was written, what was re-measured."""
+    from autoquant.export.manifest import build_manifest, promised_figures, sha256_file
+    from autoquant.export.validate import feed_count
+
+    file_bytes = model_path.stat().st_size
+    return build_manifest(
         ok=validation.ok,
         failures=[c.message for c in validation.failures],
         run=str(ctx.front.run_dir.resolve()),
@@ -208,7 +247,7 @@ def export_point(
         layers=[layer.to_dict() for layer in graph.layers],
         float_layers=graph.float_layers,
         promised=promised_figures(row),
-        measured=measured,
+        measured=_measured(validation, file_bytes, ctx.fp32_path.stat().st_size),
         agreement={
             "unit": "output steps: the output's calibrated float32 range / 255",
             "step": ctx.output_step,
@@ -241,8 +280,6 @@ def export_point(
         },
         files={MODEL_FILE: {"bytes": file_bytes, "sha256": sha256_file(model_path)}},
     )
-    write_manifest(out_dir / MANIFEST_FILE, manifest)
-    return ExportResult(out_dir, int(row["trial"]), config.hash, manifest, validation)
 
 
 def export_run(

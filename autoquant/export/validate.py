@@ -356,45 +356,21 @@ def validate_export(
             activations, whose ranges ORT takes over the whole tensor it gets and the
             simulation per sample.
     """
+    expected = ExpectedOutputs(
+        eval_inputs=eval_inputs,
+        eval_targets=eval_targets,
+        metric=metric,
+        sim_outputs=sim_outputs,
+        output_step=output_step,
+        tolerances=tolerances,
+        batch_size=batch_size,
+        fp32_outputs=fp32_outputs,
+    )
     v = Validation()
     v.checks.extend(check_structure(model_path))
-    sessions = {}
-    work_dir = work_dir or model_path.parent
-    for level in LEVELS:
-        opt_path = work_dir / f".optimized_{level}.onnx" if level == "enable_all" else None
-        session = _open_checked(v, model_path, level, threads, opt_path)
-        if session is None:
-            continue
-        sessions[level] = session
-        if opt_path is not None and opt_path.exists():
-            _read_optimized(v, opt_path)
-        _check_outputs(
-            v,
-            session,
-            level,
-            eval_inputs,
-            eval_targets,
-            metric,
-            sim_outputs,
-            output_step,
-            tolerances,
-            batch_size=batch_size,
-            fp32_outputs=fp32_outputs,
-        )
+    sessions = _check_levels(v, model_path, work_dir or model_path.parent, threads, expected)
     if "enable_all" in v.accuracy and promised_accuracy is not None:
-        acc = v.accuracy["enable_all"]
-        delta = acc - promised_accuracy
-        v.checks.append(
-            Check(
-                "accuracy",
-                abs(delta) <= tolerances.accuracy,
-                delta,
-                tolerances.accuracy,
-                "fraction",
-                f"accuracy in ORT {acc:.4f} (measured) vs promised {promised_accuracy:.4f}: "
-                f"{100 * delta:+.2f} points (limit ±{100 * tolerances.accuracy:g})",
-            )
-        )
+        v.checks.append(_accuracy_check(v.accuracy["enable_all"], promised_accuracy, tolerances))
     if "enable_all" in sessions:
         v.checks.extend(
             _kernel_checks(v, int(expected_int_kernels), weight_dq_allowed, format_weight_dq)
@@ -403,24 +379,73 @@ def validate_export(
     if "enable_all" in sessions and latency_repeats > 0:
         if sample is None:
             sample = feed_slice(eval_inputs, 0, 1)
-        # Fresh sessions for both: one that has run the eval data in batches of 512 keeps its
-        # large arena blocks and ran batch 1 ~19% slower (a tiny transformer, measured).
-        export = open_session(model_path, "enable_all", threads=threads)
-        fp32 = open_session(fp32_path, "enable_all", threads=threads)
-        timing = time_sessions(
-            {"export": export, "fp32": fp32},
-            sample,
-            repeats=latency_repeats,
-            threads=threads,
-        )
-        v.latency = {
-            "export": timing["export"].to_dict(),
-            "fp32": timing["fp32"].to_dict(),
-            "speedup_vs_fp32": timing["fp32"].median_ms / timing["export"].median_ms,
-            "slower_than_fp32": slower_in_every_round(timing["export"], timing["fp32"]),
-            "level": "enable_all",
-        }
+        v.latency = _latency(model_path, fp32_path, sample, threads=threads, repeats=latency_repeats)
     return v
+
+
+@dataclass(frozen=True)
+class ExpectedOutputs:
+    """What ORT's outputs on the eval data are checked against: the torch simulation's outputs
+    (and the float model's, for ``Tolerances.relative_rms``), in output steps, and the metric."""
+
+    eval_inputs: Feeds
+    eval_targets: Any
+    metric: Any
+    sim_outputs: np.ndarray
+    output_step: float
+    tolerances: Tolerances
+    batch_size: int = 512
+    fp32_outputs: np.ndarray | None = None
+
+
+def _check_levels(
+    v: Validation, model_path: Path, work_dir: Path, threads: int, expected: ExpectedOutputs
+) -> dict[str, Any]:
+    """A session per optimization level that loads, each checked on the eval data; the
+    optimized graph ORT runs read at ``enable_all``. Returns the sessions by level."""
+    sessions = {}
+    for level in LEVELS:
+        opt_path = work_dir / f".optimized_{level}.onnx" if level == "enable_all" else None
+        session = _open_checked(v, model_path, level, threads, opt_path)
+        if session is None:
+            continue
+        sessions[level] = session
+        if opt_path is not None and opt_path.exists():
+            _read_optimized(v, opt_path)
+        _check_outputs(v, session, level, expected)
+    return sessions
+
+
+def _accuracy_check(acc: float, promised: float, tolerances: Tolerances) -> Check:
+    """ORT's accuracy (``ORT_ENABLE_ALL``) against the one the search measured."""
+    delta = acc - promised
+    return Check(
+        "accuracy",
+        abs(delta) <= tolerances.accuracy,
+        delta,
+        tolerances.accuracy,
+        "fraction",
+        f"accuracy in ORT {acc:.4f} (measured) vs promised {promised:.4f}: "
+        f"{100 * delta:+.2f} points (limit ±{100 * tolerances.accuracy:g})",
+    )
+
+
+def _latency(
+    model_path: Path, fp32_path: Path, sample: Feeds, *, threads: int, repeats: int
+) -> dict[str, Any]:
+    """The export's and the float graph's latency on ``sample``, timed interleaved."""
+    # Fresh sessions for both: one that has run the eval data in batches of 512 keeps its
+    # large arena blocks and ran batch 1 ~19% slower (a tiny transformer, measured).
+    export = open_session(model_path, "enable_all", threads=threads)
+    fp32 = open_session(fp32_path, "enable_all", threads=threads)
+    timing = time_sessions({"export": export, "fp32": fp32}, sample, repeats=repeats, threads=threads)
+    return {
+        "export": timing["export"].to_dict(),
+        "fp32": timing["fp32"].to_dict(),
+        "speedup_vs_fp32": timing["fp32"].median_ms / timing["export"].median_ms,
+        "slower_than_fp32": slower_in_every_round(timing["export"], timing["fp32"]),
+        "level": "enable_all",
+    }
 
 
 def _open_checked(v: Validation, model_path: Path, level: str, threads: int, opt_path):
@@ -469,25 +494,13 @@ def _read_optimized(v: Validation, opt_path: Path) -> None:
     ]
 
 
-def _check_outputs(
-    v,
-    session,
-    level,
-    eval_inputs,
-    eval_targets,
-    metric,
-    sim_outputs,
-    output_step,
-    tolerances,
-    *,
-    batch_size: int,
-    fp32_outputs: np.ndarray | None = None,
-) -> None:
+def _check_outputs(v: Validation, session, level: str, expected: ExpectedOutputs) -> None:
     """Run the eval data at ``level``: agreement with the simulation, and the metric."""
     import torch
 
+    tolerances, output_step = expected.tolerances, expected.output_step
     try:
-        out = run_batched(session, eval_inputs, batch_size=batch_size)
+        out = run_batched(session, expected.eval_inputs, batch_size=expected.batch_size)
     except Exception as exc:  # noqa: BLE001
         v.checks.append(
             Check(
@@ -500,7 +513,7 @@ def _check_outputs(
             )
         )
         return
-    ag = agreement(out, sim_outputs, output_step, fp32_outputs)
+    ag = agreement(out, expected.sim_outputs, output_step, expected.fp32_outputs)
     v.agreement[level] = ag
     within_steps = ag["max_steps"] <= tolerances.output_steps
     relative = ag.get("relative_rms", math.inf)
@@ -523,7 +536,7 @@ def _check_outputs(
             f"step {output_step:.4g}){relative_text}",
         )
     )
-    v.accuracy[level] = float(metric(torch.from_numpy(out), eval_targets))
+    v.accuracy[level] = float(expected.metric(torch.from_numpy(out), expected.eval_targets))
 
 
 def _kernel_checks(

@@ -207,6 +207,30 @@ class _Rewriter:
         self.inits.pop(name, None)
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """One layer being rewritten: the rewriter and the layer's node in its graph, the module and
+    its choice, the run's calibration and the export's options. ``name`` (the layer's) prefixes
+    every tensor and node it adds."""
+
+    rw: _Rewriter
+    node: Any  # onnx.NodeProto
+    name: str
+    module: Any  # torch.nn.Module
+    choice: QuantChoice
+    calibration: Any
+    options: GraphOptions
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """An integer weight as stored: codes, scales and zero points (numpy)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+
+
 def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned ``bits``-bit values packed along the last axis, ``8 // bits`` per byte, the first
     in the lowest bits (MatMulNBits' layout: for 4 bits, low nibble = even element)."""
@@ -300,7 +324,9 @@ def export_graph(
     mapped = map_layers(proto, model, [layer for layer, _ in config.choices])
     rw = _Rewriter(proto)
     exported = [
-        _export_layer(rw, mapped[layer], modules[layer], choice, calibration, options)
+        _export_layer(
+            rw, mapped[layer], modules[layer], choice, calibration=calibration, options=options
+        )
         for layer, choice in config.choices
     ]
     integer_nodes = {
@@ -314,7 +340,9 @@ def export_graph(
     return ExportedGraph(proto, tuple(exported), options)
 
 
-def _export_layer(rw, where, module, choice: QuantChoice, calibration, options) -> LayerExport:
+def _export_layer(
+    rw, where, module, choice: QuantChoice, *, calibration, options: GraphOptions
+) -> LayerExport:
     """Rewrite one layer's node(s) in ``rw.proto`` as ``choice`` says (``where``: its node, or
     why it has none) and describe what was written."""
     from autoquant.onnxgraph.mapping import LayerNode, as_gemm
@@ -345,7 +373,8 @@ def _export_layer(rw, where, module, choice: QuantChoice, calibration, options) 
         nd = not flatten and where.input_rank != 2
     else:
         node = next(n for n in rw.proto.graph.node if n.name == where.node)
-    form, bits = _rewrite_layer(rw, node, layer, module, choice, calibration, options, nd=nd)
+    lay = _Layer(rw, node, layer, module, choice, calibration, options)
+    form, bits = _rewrite_layer(lay, nd=nd)
     op = {"matmulnbits": "MatMulNBits", "int8-dynamic": "DynamicQuantizeMatMul"}.get(
         form, "MatMul" if nd else node.op_type
     )
@@ -375,7 +404,7 @@ def _finalize(proto, *, uses_ms: bool) -> None:
     onnx.checker.check_model(proto)
 
 
-def _quantize_input(rw, node, pre: str, choice: QuantChoice, calibration, layer: str, module):
+def _quantize_input(lay: _Layer):
     """The layer's input activation as the simulation rounds it: uint8 Q/DQ with the calibrated
     parameters, or float16 and back, or nothing. Returns (nodes, the tensor the op reads).
 
@@ -387,6 +416,8 @@ def _quantize_input(rw, node, pre: str, choice: QuantChoice, calibration, layer:
 
     from autoquant.quant.fake import runs_integer_kernel
 
+    rw, node, choice, calibration = lay.rw, lay.node, lay.choice, lay.calibration
+    layer = pre = lay.name
     x_in = node.input[0]
     if _dynamic(choice):
         return [
@@ -412,7 +443,7 @@ def _quantize_input(rw, node, pre: str, choice: QuantChoice, calibration, layer:
         dq_inputs = [f"{pre}.in_q", s, z]
         attrs: dict[str, Any] = {}
         if node.op_type == "Conv" and not runs_integer_kernel(choice):
-            c = int(module.in_channels)
+            c = int(lay.module.in_channels)
             dq_inputs[1:] = [
                 rw.add_init(f"{pre}.in_scale_c", np.full(c, p_in.scale, np.float32)),
                 rw.add_init(f"{pre}.in_zero_c", np.full(c, p_in.zero_point, np.uint8)),
@@ -440,9 +471,7 @@ def _quantize_input(rw, node, pre: str, choice: QuantChoice, calibration, layer:
     return [], x_in
 
 
-def _rewrite_layer(
-    rw, node, layer, module, choice, calibration, options, *, nd: bool = False
-) -> tuple[str, int]:
+def _rewrite_layer(lay: _Layer, *, nd: bool = False) -> tuple[str, int]:
     """Replace ``node`` (the layer's Conv or Gemm) by the nodes of ``choice``: input
     activation, weight (and bias), op, output activation. Returns (form, storage bits).
     ``nd``: the Gemm is a placeholder on N-D input (``as_gemm(flatten=False)``), written as
@@ -452,22 +481,22 @@ def _rewrite_layer(
 
     from autoquant.quant.fake import quantize_weight, runs_integer_kernel
 
+    rw, node, choice, pre = lay.rw, lay.node, lay.choice, lay.name
     w_name = node.input[1]
     b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     y_out = node.output[0]
-    pre = layer
     if _dynamic_matmul_ok(node.op_type, choice):
-        _dynamic_matmul(rw, node, pre, module, choice)
+        _dynamic_matmul(lay)
         return "int8-dynamic", 8
-    new_nodes, x_in = _quantize_input(rw, node, pre, choice, calibration, layer, module)
-    weight = module.weight.detach().float()
+    new_nodes, x_in = _quantize_input(lay)
+    weight = lay.module.weight.detach().float()
     w_float = f"{pre}.w_dq"
     storage_bits = choice.weight_bits
     export_form = formats.weight_format(choice).export_form
     if export_form == "float32":
         form, w_float = "fp32-weight", w_name
     elif export_form == "dequantize":
-        form, storage_bits = _dequantized_weight(rw, pre, weight, choice, w_float, new_nodes)
+        form, storage_bits = _dequantized_weight(lay, weight, w_float, new_nodes)
         rw.remove_init(w_name)
     elif export_form == "float16":
         form = "fp16"
@@ -480,37 +509,36 @@ def _rewrite_layer(
         rw.remove_init(w_name)
     else:
         params = quantize_weight(weight, choice)
-        if _matmulnbits_ok(node.op_type, choice, weight.shape[1], options):
-            op_nodes, last, storage_bits = _matmulnbits(
-                rw, node, pre, x_in, params, choice, options
-            )
+        if _matmulnbits_ok(node.op_type, choice, weight.shape[1], lay.options):
+            op_nodes, last, storage_bits = _matmulnbits(lay, x_in, params)
             rw.remove_init(w_name)
-            _finish(rw, node, new_nodes, op_nodes, last, y_out, layer, choice, calibration)
+            _finish(lay, new_nodes, op_nodes, last, y_out)
             return "matmulnbits", storage_bits
         integer = runs_integer_kernel(choice)
         form, storage_bits, weight_nodes = _integer_weight(
-            rw, pre, weight.shape, choice, params, integer, options, w_float
+            lay, weight.shape, params, integer, w_float
         )
         new_nodes += weight_nodes
         rw.remove_init(w_name)
         if integer and b_name:
-            new_nodes.append(_int32_bias(rw, pre, module, params, calibration, layer, choice))
+            new_nodes.append(_int32_bias(lay, params))
             rw.remove_init(b_name)
             b_name = f"{pre}.b_dq"
     raw_out = f"{pre}.raw" if choice.act_bits != 32 else y_out
     if nd:
-        op_nodes = _nd_linear(pre, node.name, x_in, w_float, b_name, raw_out)
+        op_nodes = _nd_linear(lay, x_in, w_float, b_name, raw_out)
     else:
         main_inputs = [x_in, w_float] + ([b_name] if b_name else [])
         op_nodes = [_clone_node(node, main_inputs, [raw_out])]
-    _finish(rw, node, new_nodes, op_nodes, raw_out, y_out, layer, choice, calibration)
+    _finish(lay, new_nodes, op_nodes, raw_out, y_out)
     return form, storage_bits
 
 
-def _nd_linear(pre: str, name: str, x_in: str, w_float: str, b_name, out: str) -> list:
+def _nd_linear(lay: _Layer, x_in: str, w_float: str, b_name, out: str) -> list:
     """A Linear on N-D input: ``MatMul(x, Transpose(W[N,K]))`` then ``Add(bias)``."""
     from onnx import helper
 
+    pre, name = lay.name, lay.node.name
     mm_out = f"{pre}.mm" if b_name else out
     nodes = [
         helper.make_node("Transpose", [w_float], [f"{pre}.w_t"], name=f"{pre}/w_T", perm=[1, 0]),
@@ -538,7 +566,7 @@ def _dynamic_matmul_ok(op: str, choice: QuantChoice) -> bool:
     )
 
 
-def _dynamic_matmul(rw, node, pre: str, module, choice: QuantChoice) -> None:
+def _dynamic_matmul(lay: _Layer) -> None:
     """Replace the layer's Gemm (2-D, or the N-D placeholder: the op takes N-D input) by
     ``DynamicQuantizeMatMul(x, W^T int8 [K,N], scale, zero point[, bias])``: the input is
     quantized to uint8 from the range of the tensor it gets (per call: per sample at batch 1,
@@ -547,7 +575,8 @@ def _dynamic_matmul(rw, node, pre: str, module, choice: QuantChoice) -> None:
 
     from autoquant.quant.fake import quantize_weight
 
-    params = quantize_weight(module.weight.detach().float(), choice)
+    rw, node, pre, choice = lay.rw, lay.node, lay.name, lay.choice
+    params = quantize_weight(lay.module.weight.detach().float(), choice)
     q = _np(params.q).astype(np.int8)
     scale = _np(params.scale).astype(np.float32).reshape(-1)
     zero = _np(params.zero_point).astype(np.int8).reshape(-1)
@@ -563,14 +592,15 @@ def _dynamic_matmul(rw, node, pre: str, module, choice: QuantChoice) -> None:
         "DynamicQuantizeMatMul", inputs, [node.output[0]], domain=MS_DOMAIN, name=node.name
     )
     rw.remove_init(node.input[1])
-    _finish(rw, node, [], [op], node.output[0], node.output[0], pre, choice, None)
+    _finish(lay, [], [op], node.output[0], node.output[0])
 
 
-def _dequantized_weight(rw, pre, weight, choice, w_float, new_nodes) -> tuple[str, int]:
+def _dequantized_weight(lay: _Layer, weight, w_float: str, new_nodes: list) -> tuple[str, int]:
     """A weight format's own stored form (``WeightFormat.export_weight``) and the
     ``DequantizeLinear`` that gives the float weight. Returns (form, storage bits)."""
     from onnx import helper
 
+    rw, pre, choice = lay.rw, lay.name, lay.choice
     stored = formats.weight_format(choice).export_weight(_np(weight), choice)
     inputs = [rw.add_init(f"{pre}.w_q", stored.q), rw.add_init(f"{pre}.w_scale", stored.scale)]
     if stored.zero_point is not None:
@@ -582,10 +612,11 @@ def _dequantized_weight(rw, pre, weight, choice, w_float, new_nodes) -> tuple[st
     return stored.form, stored.storage_bits
 
 
-def _integer_weight(rw, pre, shape, choice, params, integer, options, w_float):
+def _integer_weight(lay: _Layer, shape, params, integer: bool, w_float: str):
     """The float weight an integer-weight layer's op reads: ``DequantizeLinear`` (integer-kernel
     layers, which ONNX Runtime fuses; every layer with ``weight_only="dq"``) or the folded form.
     Returns (form, storage bits, nodes)."""
+    choice, options = lay.choice, lay.options
     np_q = _np(params.q).astype(np.int8)
     np_z = _np(params.zero_point).astype(np.int8)
     np_s = _np(params.scale).astype(np.float32)
@@ -595,26 +626,28 @@ def _integer_weight(rw, pre, shape, choice, params, integer, options, w_float):
         np_z = (np_z.astype(np.int16) + 128).astype(np.uint8)
     if not integer and options.weight_only == "fold":
         bits = 2 if choice.weight_bits == 2 else 4 if choice.weight_bits <= 4 else 8
-        nodes = _folded_weight(rw, pre, shape, choice, np_q, np_s, np_z, bits, w_float)
+        nodes = _folded_weight(lay, shape, _Codes(np_q, np_s, np_z), bits, w_float)
         return f"int{bits}-fold", bits, nodes
     qdtype = "int4" if choice.weight_bits <= 4 else None
     storage_bits = 4 if choice.weight_bits <= 4 else 8
     form = "int8-qdq" if storage_bits == 8 else "int4-dq"
-    return form, storage_bits, [_dq_weight(rw, pre, choice, np_q, np_s, np_z, qdtype, w_float)]
+    return form, storage_bits, [_dq_weight(lay, _Codes(np_q, np_s, np_z), qdtype, w_float)]
 
 
-def _int32_bias(rw, pre, module, params, calibration, layer, choice):
+def _int32_bias(lay: _Layer, params):
     """int32 bias with scale ``s_in * s_w`` (what the simulation adds), dequantized by a
     ``DequantizeLinear`` that ONNX Runtime fuses into the integer kernel."""
     from onnx import helper
 
     from autoquant.quant.fake import quantize_bias
 
-    q_b, s_b = quantize_bias(module.bias, calibration.input_params(layer).scale, params.scale)
+    rw, pre = lay.rw, lay.name
+    scale_in = lay.calibration.input_params(lay.name).scale
+    q_b, s_b = quantize_bias(lay.module.bias, scale_in, params.scale)
     rw.add_init(f"{pre}.b_q", _np(q_b).astype(np.int32))
     s_arr = _np(s_b).astype(np.float32)
     attrs: dict[str, Any] = {}
-    if choice.granularity == "per_tensor":
+    if lay.choice.granularity == "per_tensor":
         s_arr = s_arr.reshape(())
     else:
         attrs["axis"] = 0
@@ -628,12 +661,13 @@ def _int32_bias(rw, pre, module, params, calibration, layer, choice):
     )
 
 
-def _matmulnbits(rw, node, pre, x_in, params, choice, options):
+def _matmulnbits(lay: _Layer, x_in: str, params):
     """``com.microsoft.MatMulNBits`` (+ the bias ``Add``): 3/4-bit weights packed two per
     byte, 2-bit four per byte, unsigned (``q + 2^(b-1)``, zero points alike). Returns (nodes,
     the output tensor, storage bits)."""
     from onnx import helper
 
+    rw, node, pre, choice = lay.rw, lay.node, lay.name, lay.choice
     nbits = 2 if choice.weight_bits == 2 else 4
     offset = 2 ** (nbits - 1)
     n, k = params.q.shape
@@ -659,7 +693,7 @@ def _matmulnbits(rw, node, pre, x_in, params, choice, options):
             N=n,
             bits=nbits,
             block_size=g,
-            accuracy_level=options.nbits_accuracy_level,
+            accuracy_level=lay.options.nbits_accuracy_level,
         )
     ]
     if b_name:
@@ -670,11 +704,13 @@ def _matmulnbits(rw, node, pre, x_in, params, choice, options):
     return nodes, out, nbits
 
 
-def _dq_weight(rw, pre, choice, np_q, np_s, np_z, qdtype, w_float):
+def _dq_weight(lay: _Layer, codes: _Codes, qdtype: str | None, w_float: str):
     """``DequantizeLinear`` of the stored weight: per-tensor, per-channel (axis 0 for Conv
     ``W[O,I,kh,kw]`` and Gemm(transB=1) ``W[N,K]``) or blocked along axis 1."""
     from onnx import helper
 
+    rw, pre, choice = lay.rw, lay.name, lay.choice
+    np_q, np_s, np_z = codes.q, codes.scale, codes.zero
     attrs: dict[str, Any] = {}
     if choice.granularity == "per_tensor":
         np_s, np_z = np_s.reshape(()), np_z.reshape(())
@@ -695,15 +731,17 @@ def _dq_weight(rw, pre, choice, np_q, np_s, np_z, qdtype, w_float):
     )
 
 
-def _folded_weight(rw, pre, shape, choice, np_q, np_s, np_z, bits, w_float) -> list:
+def _folded_weight(lay: _Layer, shape, codes: _Codes, bits: int, w_float: str) -> list:
     """``(Cast(q) - Cast(z)) * s`` from packed initializers: the numbers of DequantizeLinear,
     written with ops ONNX Runtime constant-folds at session start (it never folds
     DequantizeLinear while QDQ fusion is on), so the weight is dequantized once, not at every
     call. 8-bit weights are INT8, 3/4-bit ones INT4, 2-bit ones four per uint8 byte (``q + 2``,
     unpacked by ``BitShift`` and ``BitwiseAnd``). Per-group weights are stored as
     ``[O, I/B, B, *k]`` and reshaped after."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
+    rw, pre, choice = lay.rw, lay.name, lay.choice
+    np_q, np_s, np_z = codes.q, codes.scale, codes.zero
     shape = tuple(int(d) for d in shape)
     bcast = (shape[0],) + (1,) * (len(shape) - 1)
     q = np_q
@@ -717,46 +755,10 @@ def _folded_weight(rw, pre, shape, choice, np_q, np_s, np_z, bits, w_float) -> l
         scale_shape = (shape[0], shape[1] // g, 1, *shape[2:])
         np_s, np_z = np_s.reshape(scale_shape), np_z.reshape(scale_shape)
     rw.add_init(f"{pre}.w_scale", np_s)
-    if bits == 2:
-        nodes = _unpack_2bit(rw, pre, q, f"{pre}.w_qf")
-        # the stored values are q + 2: subtract z + 2 (one scalar when every z is 0)
-        if np.any(np_z != 0):
-            rw.add_init(f"{pre}.w_zero", (np_z.astype(np.int16) + 2).astype(np.uint8))
-            nodes.append(
-                helper.make_node(
-                    "Cast",
-                    [f"{pre}.w_zero"],
-                    [f"{pre}.w_zf"],
-                    to=TensorProto.FLOAT,
-                    name=f"{pre}/w_zCast",
-                )
-            )
-        else:
-            rw.add_init(f"{pre}.w_zf", np.array(2.0, np.float32))
-        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
-        needs_sub = True
-    else:
-        rw.add_init(f"{pre}.w_q", q, "int4" if bits == 4 else None)
-        nodes = [
-            helper.make_node(
-                "Cast", [f"{pre}.w_q"], [f"{pre}.w_qf"], to=TensorProto.FLOAT, name=f"{pre}/w_Cast"
-            )
-        ]
-        needs_sub = bool(np.any(np_z != 0))
-        if needs_sub:
-            rw.add_init(f"{pre}.w_zero", np_z, "int4" if bits == 4 else None)
-            nodes.append(
-                helper.make_node(
-                    "Cast",
-                    [f"{pre}.w_zero"],
-                    [f"{pre}.w_zf"],
-                    to=TensorProto.FLOAT,
-                    name=f"{pre}/w_zCast",
-                )
-            )
-        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
+    nodes, needs_sub = _stored_codes(lay, q, np_z, bits)
     centred = f"{pre}.w_qf"
     if needs_sub:
+        centred_inputs = [f"{pre}.w_qf", f"{pre}.w_zf"]
         nodes.append(helper.make_node("Sub", centred_inputs, [f"{pre}.w_qc"], name=f"{pre}/w_Sub"))
         centred = f"{pre}.w_qc"
     if choice.granularity == "per_group":
@@ -775,6 +777,50 @@ def _folded_weight(rw, pre, shape, choice, np_q, np_s, np_z, bits, w_float) -> l
     return nodes + [
         helper.make_node("Mul", [centred, f"{pre}.w_scale"], [w_float], name=f"{pre}/w_Mul")
     ]
+
+
+def _stored_codes(lay: _Layer, q: np.ndarray, np_z: np.ndarray, bits: int) -> tuple[list, bool]:
+    """A folded weight's codes, stored packed and cast to float (``<layer>.w_qf``), and the zero
+    points to subtract (``<layer>.w_zf``). Returns (nodes, whether the ``Sub`` is needed)."""
+    from onnx import TensorProto, helper
+
+    rw, pre = lay.rw, lay.name
+    if bits == 2:
+        nodes = _unpack_2bit(rw, pre, q, f"{pre}.w_qf")
+        # the stored values are q + 2: subtract z + 2 (one scalar when every z is 0)
+        if np.any(np_z != 0):
+            rw.add_init(f"{pre}.w_zero", (np_z.astype(np.int16) + 2).astype(np.uint8))
+            nodes.append(
+                helper.make_node(
+                    "Cast",
+                    [f"{pre}.w_zero"],
+                    [f"{pre}.w_zf"],
+                    to=TensorProto.FLOAT,
+                    name=f"{pre}/w_zCast",
+                )
+            )
+        else:
+            rw.add_init(f"{pre}.w_zf", np.array(2.0, np.float32))
+        return nodes, True
+    rw.add_init(f"{pre}.w_q", q, "int4" if bits == 4 else None)
+    nodes = [
+        helper.make_node(
+            "Cast", [f"{pre}.w_q"], [f"{pre}.w_qf"], to=TensorProto.FLOAT, name=f"{pre}/w_Cast"
+        )
+    ]
+    needs_sub = bool(np.any(np_z != 0))
+    if needs_sub:
+        rw.add_init(f"{pre}.w_zero", np_z, "int4" if bits == 4 else None)
+        nodes.append(
+            helper.make_node(
+                "Cast",
+                [f"{pre}.w_zero"],
+                [f"{pre}.w_zf"],
+                to=TensorProto.FLOAT,
+                name=f"{pre}/w_zCast",
+            )
+        )
+    return nodes, needs_sub
 
 
 def _unpack_2bit(rw, pre: str, q: np.ndarray, out: str) -> list:
@@ -807,16 +853,14 @@ def _unpack_2bit(rw, pre: str, q: np.ndarray, out: str) -> list:
     ]
 
 
-def _finish(
-    rw, node, new_nodes, op_nodes, last: str, y_out: str, layer, choice, calibration
-) -> None:
-    """Output activation, then swap ``node`` for the new nodes."""
+def _finish(lay: _Layer, new_nodes: list, op_nodes: list, last: str, y_out: str) -> None:
+    """Output activation, then swap the layer's node for the new nodes."""
     from onnx import TensorProto, helper
 
-    pre = layer
+    rw, node, choice, pre = lay.rw, lay.node, lay.choice, lay.name
     out_nodes: list = []
     if choice.act_bits == 8 and not _dynamic(choice):  # dynamic activations: output stays float
-        p_out = calibration.output_params(layer)
+        p_out = lay.calibration.output_params(pre)
         s = rw.add_init(f"{pre}.out_scale", np.array(p_out.scale, np.float32))
         z = rw.add_init(f"{pre}.out_zero", np.array(p_out.zero_point, np.uint8))
         out_nodes += [

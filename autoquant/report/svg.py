@@ -73,42 +73,86 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str) -> str:
-    pts = [(p.x * x.scale, p.y * y.scale) for s in series for p in s.points]
-    pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b) and (not x.log or a > 0)]
-    f = _Frame()
-    if not pts:
-        return f'<p class="empty">{html_text(title)}: no points to plot</p>'
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-    if x.log:
-        xlo, xhi = xlo / 1.15, xhi * 1.15
-    else:
-        pad = (xhi - xlo) * 0.05 or abs(xhi) * 0.05 or 1
-        xlo, xhi = xlo - pad, xhi + pad
-    pad = (yhi - ylo) * 0.08 or abs(yhi) * 0.02 or 0.01
-    ylo, yhi = ylo - pad, yhi + pad
-    pw, ph = f.width - f.left - f.right, f.height - f.top - f.bottom
+@dataclass(frozen=True)
+class _Plot:
+    """Where values land: the frame and the padded data ranges of a scatter plot."""
 
-    def sx(v: float) -> float:
+    x: Axis
+    y: Axis
+    xlo: float
+    xhi: float
+    ylo: float
+    yhi: float
+    f: _Frame = field(default_factory=_Frame)
+
+    @classmethod
+    def fit(cls, pts: list[tuple[float, float]], x: Axis, y: Axis) -> _Plot:
+        """Ranges around the (shown) values ``pts``, padded so no mark sits on the border."""
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
         if x.log:
+            xlo, xhi = xlo / 1.15, xhi * 1.15
+        else:
+            pad = (xhi - xlo) * 0.05 or abs(xhi) * 0.05 or 1
+            xlo, xhi = xlo - pad, xhi + pad
+        pad = (yhi - ylo) * 0.08 or abs(yhi) * 0.02 or 0.01
+        return cls(x, y, xlo, xhi, ylo - pad, yhi + pad)
+
+    @property
+    def pw(self) -> int:
+        return self.f.width - self.f.left - self.f.right
+
+    @property
+    def ph(self) -> int:
+        return self.f.height - self.f.top - self.f.bottom
+
+    def sx(self, v: float) -> float:
+        f, pw, xlo, xhi = self.f, self.pw, self.xlo, self.xhi
+        if self.x.log:
             return f.left + (math.log10(v) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * pw
         return f.left + (v - xlo) / (xhi - xlo) * pw
 
-    def sy(v: float) -> float:
-        return f.top + ph - (v - ylo) / (yhi - ylo) * ph
+    def sy(self, v: float) -> float:
+        return self.f.top + self.ph - (v - self.ylo) / (self.yhi - self.ylo) * self.ph
 
+    def at(self, p: Point) -> tuple[float, float]:
+        """A point's position (its value times the axis' scale)."""
+        return self.sx(p.x * self.x.scale), self.sy(p.y * self.y.scale)
+
+
+def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str) -> str:
+    pts = [(p.x * x.scale, p.y * y.scale) for s in series for p in s.points]
+    pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b) and (not x.log or a > 0)]
+    if not pts:
+        return f'<p class="empty">{html_text(title)}: no points to plot</p>'
+    plot = _Plot.fit(pts, x, y)
+    f, pw, ph = plot.f, plot.pw, plot.ph
     out = [
         f'<svg class="plot" id="{html_text(plot_id)}" viewBox="0 0 {f.width} {f.height}" width="{f.width}" '
         f'height="{f.height}" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{html_text(title)}">',
         f'<rect x="{f.left}" y="{f.top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
+        *_grid(plot),
     ]
-    for t in _ticks(xlo, xhi, x.log):
-        px = sx(t)
+    for i, s in enumerate(series):
+        out += _series_marks(plot, s)
+        out.append(
+            f'<text x="{f.left + pw + 10}" y="{f.top + 14 + 14 * i}" font-size="11" fill="{html_text(s.colour)}">'
+            f"{html_text(s.name)}</text>"
+        )
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _grid(plot: _Plot) -> list[str]:
+    """Tick lines and labels of both axes, and the axis titles."""
+    f, pw, ph, x, y = plot.f, plot.pw, plot.ph, plot.x, plot.y
+    out = []
+    for t in _ticks(plot.xlo, plot.xhi, x.log):
+        px = plot.sx(t)
         out.append(f'<line x1="{px:.1f}" y1="{f.top}" x2="{px:.1f}" y2="{f.top + ph}" stroke="#eee"/>')
         out.append(f'<text x="{px:.1f}" y="{f.top + ph + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
-    for t in _ticks(ylo, yhi, False):
-        py = sy(t)
+    for t in _ticks(plot.ylo, plot.yhi, False):
+        py = plot.sy(t)
         out.append(f'<line x1="{f.left}" y1="{py:.1f}" x2="{f.left + pw}" y2="{py:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{f.left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
     out.append(
@@ -119,45 +163,47 @@ def scatter(series: list[Series], x: Axis, y: Axis, *, title: str, plot_id: str)
         f'<text transform="translate(16 {f.top + ph / 2}) rotate(-90)" text-anchor="middle" '
         f'font-size="12">{html_text(y.label)}</text>'
     )
-    legend_y = f.top + 14
-    for s in series:
-        good = [p for p in s.points if math.isfinite(p.x) and math.isfinite(p.y) and (not x.log or p.x > 0)]
-        if s.kind == "line" and len(good) > 1:
-            ordered = sorted(good, key=lambda p: p.x)
-            path = " ".join(
-                f"{'M' if i == 0 else 'L'}{sx(p.x * x.scale):.1f} {sy(p.y * y.scale):.1f}"
-                for i, p in enumerate(ordered)
-            )
-            out.append(f'<path d="{path}" fill="none" stroke="{html_text(s.colour)}" stroke-dasharray="4 3"/>')
-            good = []  # a reference line, not data: no marks
-        if s.kind == "front" and len(good) > 1:
-            ordered = sorted(good, key=lambda p: p.x)
-            first = ordered[0]
-            path = [f"M{sx(first.x * x.scale):.1f} {sy(first.y * y.scale):.1f}"]
-            for p in ordered[1:]:
-                path.append(f"H{sx(p.x * x.scale):.1f} V{sy(p.y * y.scale):.1f}")
-            out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{html_text(s.colour)}" stroke-width="1.5" opacity="0.7"/>')
-        for p in good:
-            px, py = sx(p.x * x.scale), sy(p.y * y.scale)
-            attrs = f'class="pt" data-key="{html_text(p.key)}" data-series="{html_text(s.name)}"'
-            tip = f"<title>{html_text(p.tooltip)}</title>"
-            if s.marker == "square":
-                r = s.size + 1
-                out.append(f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{html_text(s.colour)}">{tip}</rect>')
-            elif s.marker == "triangle":
-                r = s.size + 2
-                out.append(f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{html_text(s.colour)}">{tip}</polygon>')
-            elif s.marker == "ring":
-                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{html_text(s.colour)}" stroke-width="2">{tip}</circle>')
-            else:
-                out.append(f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{html_text(s.colour)}" fill-opacity="0.8">{tip}</circle>')
-        out.append(
-            f'<text x="{f.left + pw + 10}" y="{legend_y}" font-size="11" fill="{html_text(s.colour)}">'
-            f"{html_text(s.name)}</text>"
+    return out
+
+
+def _series_marks(plot: _Plot, s: Series) -> list[str]:
+    """One series: its reference line, or its front's staircase, and a mark per point."""
+    x = plot.x
+    good = [p for p in s.points if math.isfinite(p.x) and math.isfinite(p.y) and (not x.log or p.x > 0)]
+    out = []
+    if s.kind == "line" and len(good) > 1:
+        ordered = sorted(good, key=lambda p: p.x)
+        path = " ".join(
+            f"{'M' if i == 0 else 'L'}{px:.1f} {py:.1f}"
+            for i, (px, py) in enumerate(map(plot.at, ordered))
         )
-        legend_y += 14
-    out.append("</svg>")
-    return "\n".join(out)
+        out.append(f'<path d="{path}" fill="none" stroke="{html_text(s.colour)}" stroke-dasharray="4 3"/>')
+        good = []  # a reference line, not data: no marks
+    if s.kind == "front" and len(good) > 1:
+        ordered = sorted(good, key=lambda p: p.x)
+        fx, fy = plot.at(ordered[0])
+        path = [f"M{fx:.1f} {fy:.1f}"]
+        for p in ordered[1:]:
+            px, py = plot.at(p)
+            path.append(f"H{px:.1f} V{py:.1f}")
+        out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{html_text(s.colour)}" stroke-width="1.5" opacity="0.7"/>')
+    out += [_marker(s, p, *plot.at(p)) for p in good]
+    return out
+
+
+def _marker(s: Series, p: Point, px: float, py: float) -> str:
+    """The point's mark in its series' shape, carrying its key, series and tooltip."""
+    attrs = f'class="pt" data-key="{html_text(p.key)}" data-series="{html_text(s.name)}"'
+    tip = f"<title>{html_text(p.tooltip)}</title>"
+    if s.marker == "square":
+        r = s.size + 1
+        return f'<rect {attrs} x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{html_text(s.colour)}">{tip}</rect>'
+    if s.marker == "triangle":
+        r = s.size + 2
+        return f'<polygon {attrs} points="{px:.1f},{py - r:.1f} {px - r:.1f},{py + r:.1f} {px + r:.1f},{py + r:.1f}" fill="{html_text(s.colour)}">{tip}</polygon>'
+    if s.marker == "ring":
+        return f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size + 4}" fill="none" stroke="{html_text(s.colour)}" stroke-width="2">{tip}</circle>'
+    return f'<circle {attrs} cx="{px:.1f}" cy="{py:.1f}" r="{s.size}" fill="{html_text(s.colour)}" fill-opacity="0.8">{tip}</circle>'
 
 
 def heatmap(rows: list[str], cols: list[str], cells: dict[tuple[str, str], tuple[int, str]], *, title: str, plot_id: str) -> str:
