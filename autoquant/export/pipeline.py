@@ -114,8 +114,8 @@ def export_point(
     """Export, validate and describe one front row into ``out_dir``."""
     import onnx
 
-    from autoquant.onnxgraph.graph import export_graph
     from autoquant.export.manifest import write_manifest
+    from autoquant.onnxgraph.graph import export_graph
 
     config = _row_config(row, ctx)
     check_out_dir(out_dir)
