@@ -298,7 +298,7 @@ def time_sessions(
             float(q[1]),
             len(ts),
             warmup,
-            threads,
+            session_threads(threads),  # what the sessions ran on (a shared pool's, if any)
             feed_count(sample),
             tuple(by_round[key]),
         )
