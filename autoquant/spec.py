@@ -27,6 +27,7 @@ from pydantic import (
 
 from autoquant import formats
 from autoquant.errors import UserError
+from autoquant.search.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 MAX_YAML_BYTES = 1 << 20
 SPEC_VERSION = 1
@@ -43,7 +44,8 @@ def _weight_bits(value: int) -> int:
 WeightBits = Annotated[StrictInt, AfterValidator(_weight_bits)]
 ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
-SamplerName = Literal["nsga2", "tpe", "random", "guided"]
+# the registry's names (autoquant.search.samplers), checked as a Literal is
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 ObjectiveName = Literal["accuracy", "size", "latency"]
 # latency@<profile name>: what ``latency`` becomes per profile in a resolved spec (run/spec.yaml)
 ResolvedLatency = Annotated[str, Field(pattern=r"^latency@[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -238,7 +240,7 @@ class ConstraintsSpec(_Strict):
 
 
 class SearchSettings(_Strict):
-    sampler: SamplerName = "guided"
+    sampler: SamplerName = DEFAULT_SAMPLER
     trials: int = Field(default=100, ge=2, le=100_000)
     timeout_s: float | None = Field(default=None, gt=0)
     seed: int = 0

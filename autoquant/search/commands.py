@@ -17,13 +17,12 @@ import typer
 from rich.console import Console
 
 from autoquant.errors import MachineError, UserError
+from autoquant.search.samplers import SamplerName, sampler_help
 
 console = Console(markup=False)  # names come from run directories: never markup
 err_console = Console(stderr=True, markup=False)
 
-SamplerOption = Annotated[
-    str | None, typer.Option(help="search strategy: nsga2, tpe or random")
-]
+SamplerOption = Annotated[SamplerName | None, typer.Option(help=sampler_help())]
 
 
 def worker(
@@ -46,7 +45,12 @@ def worker(
     from autoquant.search.storage import redact
     from autoquant.search.workers import resolve_storage, run_worker, worker_name
 
-    overrides = {"trials": trials, "timeout_s": timeout, "seed": seed, "sampler": sampler}
+    overrides = {
+        "trials": trials,
+        "timeout_s": timeout,
+        "seed": seed,
+        "sampler": sampler.value if sampler else None,
+    }
     run = prepare(spec, overrides=overrides)
     url, name = resolve_storage(run, storage, None)
     shown = redact(url)
@@ -205,13 +209,6 @@ def search_with_workers(
         storage_settings(run),
         worker=worker_name(),
     )
-    if run.spec.search.sampler == "guided":
-        raise UserError(
-            "bad value 'guided': workers sharing a study run Optuna's samplers; allowed: "
-            "nsga2, tpe or random (--sampler)",
-            file=str(run.spec_path),
-            key="search.sampler",
-        )
     console.print(
         f"{run.spec.name}: {n_workers} workers, study {name!r} on {shared.shown}, "
         f"budget {run.spec.search.trials} distinct configs",
