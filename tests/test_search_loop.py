@@ -70,20 +70,24 @@ def test_guided_passes_over_a_config_another_worker_claimed(tmp_path):
     recorder = TrialRecorder(run, study, objectives, entries(study))
     assert LocalLedger(run, study, recorder).taken() == set()
 
-    def first_two(taken: set[str]) -> list[Proposal]:
+    def first(n: int, taken: set[str]) -> list[Proposal]:
         proposer = GuidedProposer(seed=5, settings=settings)
         ctx = LoopContext(
             run, tuple(objectives), recorder, study, run_dir, time.monotonic(), taken=lambda: taken
         )
         proposer.start(ctx)
-        return [proposer.propose(ctx, 3), proposer.propose(ctx, 3)]
+        return [proposer.propose(ctx, 3) for _ in range(n)]
 
-    free = first_two(set())
+    free = first(3, set())
     assert all(isinstance(p, Proposal) for p in free)
     assert all(p.config.hash not in recorder.measured for p in free)
-    claimed = first_two({free[0].config.hash})
+    claimed = first(2, {free[0].config.hash})
     assert claimed[0].config.hash == free[1].config.hash  # the next best, as predicted before
     assert json.loads(claimed[0].attrs["predicted"]) == json.loads(free[1].attrs["predicted"])
+    # a whole batch claimed elsewhere: the next fit leaves those configs out of its pool
+    batch = {p.config.hash for p in free}
+    (other,) = first(1, batch)
+    assert isinstance(other, Proposal) and other.config.hash not in batch
 
 
 def test_guided_workers_refit_on_every_workers_trials_and_share_the_sensitivity(tmp_path):

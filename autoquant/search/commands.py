@@ -174,6 +174,17 @@ def collect(
     console.print(f"run directory: {run}")
 
 
+def _worker_command(run: Any, url: str, name: str, overrides: dict) -> list[str]:
+    """``autoquant worker`` for this run, with the search's command-line overrides."""
+    command = [sys.executable, "-m", "autoquant.cli", "worker", str(run.spec_path)]
+    command += ["--storage", url, "--study", name, "--quiet"]
+    flags = {"trials": "--trials", "timeout_s": "--timeout", "seed": "--seed", "sampler": "--sampler"}
+    for key, flag in flags.items():
+        if overrides.get(key) is not None:
+            command += [flag, str(overrides[key])]
+    return command
+
+
 def search_with_workers(
     run: Any,
     run_dir: Path,
@@ -214,12 +225,7 @@ def search_with_workers(
         f"budget {run.spec.search.trials} distinct configs",
         highlight=False,
     )
-    command = [sys.executable, "-m", "autoquant.cli", "worker", str(run.spec_path)]
-    command += ["--storage", url, "--study", name, "--quiet"]
-    flags = {"trials": "--trials", "timeout_s": "--timeout", "seed": "--seed", "sampler": "--sampler"}
-    for key, flag in flags.items():
-        if overrides.get(key) is not None:
-            command += [flag, str(overrides[key])]
+    command = _worker_command(run, url, name, overrides)
     procs = [subprocess.Popen([*command, "--index", str(i)]) for i in range(n_workers)]
     last = time.monotonic()
     try:

@@ -204,6 +204,9 @@ class GuidedProposer:
         self.rng = np.random.default_rng(seed)
         self.sampler: Any = None
         self.queue: list[Proposal] = []
+        # configs passed over because another worker claimed them: kept out of the next pools
+        # while their claim stands
+        self.passed: dict[str, QuantConfig] = {}
         self.prior_done = False
         self.rounds = 0
         self.cost_cache: dict[tuple[int, ...], dict[str, float]] = {}
@@ -245,6 +248,7 @@ class GuidedProposer:
                 proposal = self.queue.pop(0)
                 if self._free(proposal.config.hash):
                     return proposal
+                self.passed[proposal.config.hash] = proposal.config
             batch = self._next_batch(left)
             if isinstance(batch, Stop):
                 return batch
@@ -619,6 +623,10 @@ def _pool(loop: GuidedProposer, encoder: Any, all_idx: np.ndarray | None, gs: Gu
     """Unmeasured candidate rows (choice positions) that meet the exact size constraint."""
     done = [e.config for e in _usable(loop)]
     done += [c for c in loop.failed.values() if loop.run.space.contains(c)]
+    if loop.passed:
+        taken = loop.ctx.taken()
+        loop.passed = {h: c for h, c in loop.passed.items() if h in taken}
+        done += [c for h, c in loop.passed.items() if h not in loop.measured]
     seen = {tuple(row) for row in encoder.indices(done)}
     if all_idx is not None:
         if seen:
