@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 
 from autoquant.errors import UserError
+from autoquant.search.samplers import SamplerName, sampler_help
 
 app = typer.Typer(
     name="autoquant",
@@ -22,13 +22,6 @@ app = typer.Typer(
 )
 console = Console(markup=False)  # names come from run directories: never markup
 err_console = Console(stderr=True, markup=False)
-
-
-class SamplerName(str, enum.Enum):
-    nsga2 = "nsga2"
-    tpe = "tpe"
-    random = "random"
-    guided = "guided"
 
 
 @app.command()
@@ -45,7 +38,7 @@ def search(
         float | None, typer.Option(min=0.001, help="seconds for this invocation")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
-    sampler: Annotated[SamplerName | None, typer.Option(help="search strategy (guided: XGBoost-predictor-guided)")] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help=sampler_help())] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     workers: Annotated[
         int, typer.Option(min=0, help="worker processes sharing the study (0: this process)")
@@ -183,8 +176,8 @@ def _finish_search(run, run_dir: Path, objectives, outcome) -> None:
 
         with console.status("timing the fastest front point and float32 end to end") as st:
             checks = check_front(
-                run_dir, run.latency, run.task, run.space.layer_infos, front, frame,
-                status=st.update,
+                run_dir, run.latency, run.task, layers=run.space.layer_infos, front=front,
+                frame=frame, status=st.update,
             )
     report_path = write_report(load_run(run_dir))
     _print_outcome(outcome, frame, front)

@@ -25,10 +25,10 @@ from pydantic import (
 
 from autoquant import formats
 from autoquant.errors import UserError, show
+from autoquant.sampler_names import DEFAULT_SAMPLER, MAX_SEED, SAMPLER_DESCRIPTIONS
 from autoquant.yamlfile import parse_model, read_yaml
 
 SPEC_VERSION = 1
-MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeded generators take 0 .. 2**32 - 1
 
 
 def _weight_bits(value: int) -> int:
@@ -42,7 +42,8 @@ def _weight_bits(value: int) -> int:
 WeightBits = Annotated[StrictInt, AfterValidator(_weight_bits)]
 ActBits = Literal[8, 16, 32]
 GranularityName = Literal["per_tensor", "per_channel", "per_group"]
-SamplerName = Literal["nsga2", "tpe", "random", "guided"]
+# the registry's names (autoquant.search.samplers), checked as a Literal is
+SamplerName = Literal[tuple(SAMPLER_DESCRIPTIONS)]  # type: ignore[valid-type]
 ObjectiveName = Literal["accuracy", "size", "latency"]
 # latency@<profile name>: what ``latency`` becomes per profile in a resolved spec (run/spec.yaml)
 ResolvedLatency = Annotated[str, Field(pattern=r"^latency@[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -236,7 +237,7 @@ class ConstraintsSpec(_Strict):
 
 
 class SearchSettings(_Strict):
-    sampler: SamplerName = "guided"
+    sampler: SamplerName = DEFAULT_SAMPLER
     trials: int = Field(default=100, ge=2, le=100_000)
     timeout_s: float | None = Field(default=None, gt=0)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)

@@ -163,6 +163,7 @@ def open_storage(
         if url.startswith("sqlite"):
             with storage.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            _sync_at_checkpoints(storage.engine)
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as exc:
         reason = scrub(_first_line(exc), url)
         raise UserError(
@@ -172,6 +173,23 @@ def open_storage(
             key=key,
         ) from None
     return storage
+
+
+def _sync_at_checkpoints(engine: Any) -> None:
+    """SQLite in WAL mode with ``synchronous=NORMAL`` on every connection: a commit is not
+    flushed to disk on its own, the WAL is at each checkpoint. A killed worker loses nothing
+    (the OS holds what it committed); a power loss may lose the last commits, whose configs are
+    then measured again. Workers commit a dozen times per trial, and a flush per commit was
+    most of a worker's time on a small task (``benchmarks/workers.py``)."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()  # pooled connections were opened before the listener
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ is of (accuracy, size) over each run's measured front, with one reference point 
 (the worst accuracy and the largest size either run measured).
 
     python benchmarks/workers.py                       # 2 x 120 s of measuring, SQLite
-    python benchmarks/workers.py --seconds 60 --sampler nsga2
+    python benchmarks/workers.py --seconds 60 --sampler nsga2   # or guided
     python benchmarks/workers.py --storage postgresql://me@host/a --storage postgresql://me@host/b
 """
 
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="measuring time per worker")
     parser.add_argument("--task", default="digits-mlp")
-    parser.add_argument("--sampler", default="random", choices=["random", "nsga2", "tpe"])
+    from autoquant.search.samplers import SAMPLERS
+
+    parser.add_argument("--sampler", default="random", choices=list(SAMPLERS))
     parser.add_argument("--storage", action="append", default=[], help="two PostgreSQL URLs")
     args = parser.parse_args(argv)
     if args.storage and len(args.storage) != 2:

@@ -6,7 +6,8 @@ keyword-only parameters instead).
 
     python tools/code_shape.py [--package autoquant] [--max-lines 80] [--max-positional 5] [--json PATH]
 
-Exit code 1 when a function over the limit states no reason (so CI or a reviewer can gate on
+Exit code 1 when a function over the limit states no reason, a function takes too many positional
+parameters or subpackages import each other in a cycle (so CI or a reviewer can gate on
 it); 0 otherwise. Import cycles and the largest subpackage's share are printed as figures.
 """
 
@@ -159,7 +160,7 @@ def main() -> int:
             "long_functions": [dict(zip(("where", "function", "lines", "reason"), f)) for f in too_long],
             "positional_heavy": [dict(zip(("where", "function", "positional"), f)) for f in too_positional],
         }, indent=2))
-    return 1 if unexplained else 0
+    return 1 if unexplained or too_positional or loops else 0
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ import typer
 from rich.console import Console
 
 from autoquant.errors import MachineError, UserError
+from autoquant.search.samplers import SamplerName, sampler_help
 
 console = Console(markup=False)  # names come from run directories: never markup
 err_console = Console(stderr=True, markup=False)
 
-SamplerOption = Annotated[
-    str | None, typer.Option(help="search strategy: nsga2, tpe or random")
-]
+SamplerOption = Annotated[SamplerName | None, typer.Option(help=sampler_help())]
 
 
 def worker(
     spec: Annotated[Path, typer.Argument(help="run spec YAML (the same on every worker)")],
+    *,
     storage: Annotated[
         str | None,
         typer.Option(help="shared study database, postgresql://USER@HOST:PORT/DB [default: the spec's storage]"),
@@ -46,7 +46,12 @@ def worker(
     from autoquant.search.workers import resolve_storage, run_worker, worker_name
     from autoquant.storage import redact
 
-    overrides = {"trials": trials, "timeout_s": timeout, "seed": seed, "sampler": sampler}
+    overrides = {
+        "trials": trials,
+        "timeout_s": timeout,
+        "seed": seed,
+        "sampler": sampler.value if sampler else None,
+    }
     run = prepare(spec, overrides=overrides)
     url, name = resolve_storage(run, storage, None)
     shown = redact(url)
@@ -170,6 +175,17 @@ def collect(
     console.print(f"run directory: {run}")
 
 
+def _worker_command(run: Any, url: str, name: str, overrides: dict) -> list[str]:
+    """``autoquant worker`` for this run, with the search's command-line overrides."""
+    command = [sys.executable, "-m", "autoquant.cli", "worker", str(run.spec_path)]
+    command += ["--storage", url, "--study", name, "--quiet"]
+    flags = {"trials": "--trials", "timeout_s": "--timeout", "seed": "--seed", "sampler": "--sampler"}
+    for key, flag in flags.items():
+        if overrides.get(key) is not None:
+            command += [flag, str(overrides[key])]
+    return command
+
+
 def search_with_workers(
     run: Any,
     run_dir: Path,
@@ -202,27 +218,15 @@ def search_with_workers(
         name,
         [o.direction for o in objectives],
         spec_fingerprint(resolved),
-        storage_settings(run),
+        settings=storage_settings(run),
         worker=worker_name(),
     )
-    if run.spec.search.sampler == "guided":
-        raise UserError(
-            "bad value 'guided': workers sharing a study run Optuna's samplers; allowed: "
-            "nsga2, tpe or random (--sampler)",
-            file=str(run.spec_path),
-            key="search.sampler",
-        )
     console.print(
         f"{run.spec.name}: {n_workers} workers, study {name!r} on {shared.shown}, "
         f"budget {run.spec.search.trials} distinct configs",
         highlight=False,
     )
-    command = [sys.executable, "-m", "autoquant.cli", "worker", str(run.spec_path)]
-    command += ["--storage", url, "--study", name, "--quiet"]
-    flags = {"trials": "--trials", "timeout_s": "--timeout", "seed": "--seed", "sampler": "--sampler"}
-    for key, flag in flags.items():
-        if overrides.get(key) is not None:
-            command += [flag, str(overrides[key])]
+    command = _worker_command(run, url, name, overrides)
     procs = [subprocess.Popen([*command, "--index", str(i)]) for i in range(n_workers)]
     last = time.monotonic()
     try:

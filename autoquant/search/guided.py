@@ -14,8 +14,9 @@ Each round:
    predicted-mean point joins the front (a "believer" fantasy) so the batch spreads out. When no
    candidate's optimistic point improves the front, the candidate closest to doing so (smallest
    additive-epsilon gap) is taken;
-4. measure them for real, writing each to the Optuna study exactly as ``driver.run_search`` does,
-   plus a ``predicted`` user attribute: what the predictor said before the measurement.
+4. hand them one by one to the search loop (``driver.drive``, as every sampler's proposals),
+   which measures them and records a ``predicted`` user attribute: what the predictor said
+   before the measurement.
 
 The study stays the ledger: the predictor is refit from it each round, so a resumed run carries on
 from what the study holds. The first ``GuidedSettings.initial`` configs are measured before any
@@ -27,8 +28,11 @@ Before all that, the per-layer sensitivity pass (``autoquant.predict.sensitivity
 model passes on calibration inputs) runs once per task and space, within
 ``GuidedSettings.sensitivity_share`` of the spec's ``timeout_s``; layers it could not probe in
 that time get estimated figures and the search goes on. ``on_status(text)`` hears its progress.
+Workers sharing a study keep it in the study (``SENSITIVITY_ATTR``), so they compute it once, and
+each worker's predictor is fitted on every worker's measurements; a config another worker has
+claimed is passed over for the next best.
 
-``run_dir/predictor/`` holds the sensitivity cache (``sensitivity.json``), the latest predictor
+``run_dir/predictor/`` (single-process searches; workers write nothing) holds the sensitivity cache (``sensitivity.json``), the latest predictor
 (``model/``), ``quality.json``: Kendall tau, Spearman, MAE and front recall of the predictions
 made before each measurement, i.e. on configs the predictor had not seen, and
 ``predictions.csv``: predicted beside measured for every measured config (the prediction made
@@ -39,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,23 +52,16 @@ import numpy as np
 from autoquant.errors import UserError
 from autoquant.predict.record import predicted_columns
 from autoquant.rundir import atomic_write, atomic_write_text
-from autoquant.search.driver import (
-    SearchOutcome,
-    TrialRecorder,
-    _params_of,
-)
-from autoquant.search.ledger import (
-    LedgerEntry,
-    entries,
-    fail_interrupted,
-    open_study,
-    sqlite_url,
-)
-from autoquant.search.objectives import objectives_for
+from autoquant.sampler_names import derived_seed
+from autoquant.search.driver import SearchOutcome
+from autoquant.search.ledger import LedgerEntry
+from autoquant.search.proposer import LoopContext, Proposal, Stop, naming_sampler
 from autoquant.search.run import PreparedRun
 from autoquant.space import QuantConfig
 
 PREDICTOR_DIR = "predictor"
+# the sensitivity record of a shared study (workers have no run directory to cache it in)
+SENSITIVITY_ATTR = "autoquant_sensitivity"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,37 +178,114 @@ def select_batch(
 # --- the loop -----------------------------------------------------------------------------------
 
 
-class _Loop:
-    """State of one ``run_guided`` invocation."""
+class GuidedProposer:
+    """The predictor-guided search as a ``Proposer`` of the one search loop
+    (``driver.drive``): the sensitivity pass in ``start``, then, once the queued references are
+    measured, the sensitivity prior's picks, then predictor batches, a config per ``propose``.
+    The loop owns the budget and the ledger (``ctx.recorder``: on a shared study, every
+    worker's trials), so each batch is fitted on everything measured so far. A queued config
+    another worker measured or claimed meanwhile (``ctx.taken()``) is passed over for the next.
+    """
 
-    def __init__(self, run: PreparedRun, run_dir: Path, gs: GuidedSettings) -> None:
-        import optuna
+    def __init__(
+        self, *, seed: int, spec_file: str | None = None, settings: GuidedSettings | None = None
+    ) -> None:
+        from autoquant.predict.model import require_xgboost
 
-        self.run = run
-        self.gs = gs
-        self.settings = run.spec.search
-        self.objectives = objectives_for(run.spec.objectives)
+        try:
+            require_xgboost()
+        except ImportError as exc:
+            raise UserError(
+                f"bad value 'guided': {exc}; allowed: install it, or another sampler",
+                file=spec_file,
+                key="search.sampler",
+            ) from None
+        self.gs = settings or GuidedSettings()
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.sampler: Any = None
+        self.queue: list[Proposal] = []
+        # configs passed over because another worker claimed them: kept out of the next pools
+        # while their claim stands
+        self.passed: dict[str, QuantConfig] = {}
+        self.prior_done = False
+        self.rounds = 0
+        self.cost_cache: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def study_sampler(self) -> Any:
+        if self.sampler is None:
+            self.sampler = naming_sampler(self.seed)
+        return self.sampler
+
+    def start(self, ctx: LoopContext) -> None:
+        from autoquant.predict.features import EXACT_FIGURES, FeatureEncoder
+
+        self.ctx, self.run = ctx, ctx.run
+        self.objectives = list(ctx.objectives)
+        self.directions = [o.direction for o in self.objectives]
         # figures beside accuracy that are not computed from the encoder's tables (predicted
         # latency): asked of the evaluator's ``costs`` once per config and kept
-        from autoquant.predict.features import EXACT_FIGURES
-
         self.other = [
             o.figure
             for o in self.objectives
             if o.figure != "accuracy" and o.figure not in EXACT_FIGURES
         ]
-        self.cost_cache: dict[tuple[int, ...], dict[str, float]] = {}
-        self.directions = [o.direction for o in self.objectives]
-        storage = sqlite_url(run_dir)
-        probe = open_study(storage, self.directions, None)
-        self.interrupted = fail_interrupted(probe)
-        done = entries(probe)
-        self.rng = np.random.default_rng(self.settings.seed + len(done))
-        self.study = open_study(
-            storage, self.directions, optuna.samplers.RandomSampler(seed=self.settings.seed)
+        self.predictor_dir = ctx.run_dir / PREDICTOR_DIR if ctx.run_dir is not None else None
+        sensitivity = _sensitivity(ctx, self.gs, self.predictor_dir)
+        if ctx.on_status:
+            ctx.on_status("measuring configs")
+        evaluator: Any = self.run.evaluator
+        self.encoder = FeatureEncoder(
+            self.run.space, sensitivity, other_param_bytes=getattr(evaluator, "other_param_bytes", 0)
         )
-        self.recorder = TrialRecorder(run, self.study, self.objectives, done)
-        self.predictor_dir = run_dir / PREDICTOR_DIR
+        # a space is scored whole up to enumerate_limit configs; with a figure that must be
+        # asked of the evaluator config by config (latency), only up to the pool size
+        limit = self.gs.pool if self.other else self.gs.enumerate_limit
+        self.all_idx = self.encoder.all_indices() if self.run.space.size <= limit else None
+
+    def propose(self, ctx: LoopContext, left: int) -> Proposal | Stop:
+        while True:
+            while self.queue:
+                proposal = self.queue.pop(0)
+                if self._free(proposal.config.hash):
+                    return proposal
+                self.passed[proposal.config.hash] = proposal.config
+            batch = self._next_batch(left)
+            if isinstance(batch, Stop):
+                return batch
+            self.queue = batch
+
+    def finish(self, ctx: LoopContext) -> None:
+        if self.recorder.new and self.predictor_dir is not None:
+            _write_quality(self)
+            write_predictions(self, self.encoder)
+
+    def _free(self, config_hash: str) -> bool:
+        r = self.recorder
+        if config_hash in r.measured or config_hash in r.failed:
+            return False
+        return config_hash not in self.ctx.taken()
+
+    def _next_batch(self, left: int) -> list[Proposal] | Stop:
+        """The sensitivity prior's picks the first time (while fewer than ``initial`` configs
+        are measured), then a predictor round."""
+        if not self.prior_done:
+            self.prior_done = True
+            want = self.gs.initial - len(self.measured) - len(self.failed)
+            if want > 0:
+                pool = _pool(self, self.encoder, self.all_idx, self.gs)
+                picks = _prior_picks(self, self.encoder, pool, want)
+                if picks:
+                    return [
+                        Proposal(
+                            self.encoder.config(row),
+                            {"predicted": json.dumps(_prior_record(score))},
+                        )
+                        for row, score in picks
+                    ]
+        if self.rounds and self.predictor_dir is not None:
+            _write_quality(self)
+        return _predictor_round(self, left)
 
     def costs(self, encoder: Any, pool: np.ndarray) -> dict[str, np.ndarray]:
         """Every objective figure but accuracy, for each pool row: exact ones from the encoder's
@@ -240,7 +313,11 @@ class _Loop:
             out[f] = np.array([self.cost_cache[tuple(int(i) for i in r)][f] for r in pool])
         return out
 
-    # The counters live in the recorder, which records trials for every sampler.
+    # The ledger lives in the loop's recorder, which records trials for every sampler.
+    @property
+    def recorder(self) -> Any:
+        return self.ctx.recorder
+
     @property
     def measured(self) -> dict[str, LedgerEntry]:
         return self.recorder.measured
@@ -250,48 +327,140 @@ class _Loop:
         return self.recorder.failed
 
     @property
-    def n_failed(self) -> int:
-        return self.recorder.n_failed
-
-    @property
     def fp32_accuracy(self) -> float | None:
         return self.recorder.fp32_accuracy
 
-    @property
-    def new(self) -> int:
-        return self.recorder.new
 
-    @property
-    def reused(self) -> int:
-        return self.recorder.reused
-
-    def trial(self, config: QuantConfig | None, attrs: dict[str, Any]) -> None:
-        if config is not None:
-            self.study.enqueue_trial(_params_of(config), user_attrs=attrs or None)
-        self.recorder.record(self.study.ask())
-
-    def waiting(self) -> int:
-        import optuna
-
-        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+def _prior_record(score: float) -> dict[str, Any]:
+    return {"accuracy": None, "acquisition": "sensitivity_prior", "score": score}
 
 
-def _usable(loop: _Loop) -> list[LedgerEntry]:
+def _sensitivity(ctx: LoopContext, gs: GuidedSettings, directory: Path | None) -> Any:
+    """The per-layer sensitivity pass, within its share of the time budget: cached in the run
+    directory's ``predictor/``, or, for workers (no run directory), in the shared study, so the
+    workers of a study compute it once (workers starting at the same moment may each compute
+    it; the last record written stands, and they are the same)."""
+    import tempfile
+
+    from autoquant.predict.sensitivity import FILE_NAME, load_or_compute
+
+    run, settings = ctx.run, ctx.run.spec.search
+    deadline = None
+    if settings.timeout_s is not None:
+        deadline = ctx.start + gs.sensitivity_share * settings.timeout_s
+
+    def compute(folder: Path) -> Any:
+        return load_or_compute(
+            folder,
+            run.task,
+            run.space,
+            run.evaluator.calibration,
+            deadline=deadline,
+            status=ctx.on_status,
+        )
+
+    if directory is not None:
+        return compute(directory)
+    storage, study_id = ctx.study._storage, ctx.study._study_id
+    stored = storage.get_study_system_attrs(study_id).get(SENSITIVITY_ATTR)
+    with tempfile.TemporaryDirectory(prefix="aq-sensitivity-") as folder:
+        if stored is not None:
+            (Path(folder) / FILE_NAME).write_text(stored)
+        result = compute(Path(folder))
+    text = json.dumps(result.to_dict(), indent=None, allow_nan=True)
+    if text != stored:
+        storage.set_study_system_attr(study_id, SENSITIVITY_ATTR, text)
+    return result
+
+
+def _predictor_round(loop: GuidedProposer, left: int) -> list[Proposal] | Stop:
+    """Fit the predictor on every measured config and pick the next batch (at most ``left``)."""
+    from autoquant.predict.model import AccuracyPredictor
+
+    gs, encoder = loop.gs, loop.encoder
+    train = [e for e in _usable(loop) if math.isfinite(e.figures["accuracy"].value)]
+    if len(train) < 3:
+        return Stop("fewer than 3 successful measurements to fit the predictor")
+    pool = _pool(loop, encoder, loop.all_idx, gs)
+    if len(pool) == 0:
+        return Stop("no unmeasured config meets the constraints")
+    predictor = AccuracyPredictor(
+        feature_names=encoder.feature_names,
+        n_members=gs.n_members,
+        seed=derived_seed(loop.run.spec.search.seed, loop.rounds),
+    ).fit(
+        encoder.encode([e.config for e in train]),
+        np.array([e.figures["accuracy"].value for e in train]),
+        [e.config_hash for e in train],
+    )
+    if loop.predictor_dir is not None:
+        predictor.save(loop.predictor_dir / "model")
+    loop.rounds += 1
+    pool, exact = _with_costs(loop, encoder, pool)
+    if len(pool) == 0:
+        return Stop("no unmeasured config has every cost figure")
+    prediction = predictor.predict(encoder.encode_indices(pool))
+    picks = _acquire(loop, prediction, exact, min(gs.batch, left))
+    return [
+        Proposal(
+            encoder.config(pool[row]),
+            {
+                "predicted": json.dumps(
+                    {
+                        "accuracy": {**prediction.row(row), "source": "predicted"},
+                        "acquisition": acquisition,
+                        "score": score,
+                        "kappa": gs.kappa,
+                        "round": loop.rounds,
+                        "n_train": predictor.n_train,
+                    }
+                )
+            },
+        )
+        for row, acquisition, score in picks
+    ]
+
+
+def _acquire(
+    loop: GuidedProposer, prediction: Any, exact: dict[str, np.ndarray], k: int
+) -> list[tuple[int, str, float]]:
+    """``select_batch`` on the pool's predicted (mean and optimistic) and exact figures against
+    the measured front."""
+    from autoquant.pareto import non_dominated_mask, to_loss
+
+    mean_cols, opt_cols = [], []
+    for o in loop.objectives:
+        if o.figure == "accuracy":
+            mean_cols.append(prediction.mean)
+            opt_cols.append(prediction.mean + loop.gs.kappa * prediction.std)
+        else:
+            mean_cols.append(exact[o.figure])
+            opt_cols.append(exact[o.figure])
+    mean_values = np.column_stack(mean_cols)
+    mean_loss = to_loss(mean_values, loop.directions)
+    opt_loss = to_loss(np.column_stack(opt_cols), loop.directions)
+    front_values = _measured_front(loop)
+    ref_loss = to_loss(_reference(loop, front_values, mean_values)[None, :], loop.directions)[0]
+    front_loss = to_loss(front_values, loop.directions)
+    if len(front_loss):
+        front_loss = front_loss[non_dominated_mask(front_values, loop.directions)]
+    return select_batch(mean_loss, opt_loss, front_loss, ref_loss, k)
+
+
+def _usable(loop: GuidedProposer) -> list[LedgerEntry]:
     """Measured entries whose config belongs to this space."""
     return [e for e in loop.measured.values() if e.config and loop.run.space.contains(e.config)]
 
 
-def _predictions_quality(loop: _Loop, encoder: Any) -> dict[str, Any]:
+def _predictions_quality(loop: GuidedProposer) -> dict[str, Any]:
     """Quality of the predictions recorded before each measurement (held-out by construction)."""
     from autoquant.predict.quality import quality
 
-    trials = {t.number: t for t in loop.study.get_trials(deepcopy=False)}
     pred, meas, rows = [], [], []
     for e in _usable(loop):
-        trial = trials.get(e.number)
-        if trial is None or "predicted" not in trial.user_attrs:
+        if e.predicted is None:
             continue
-        record = json.loads(trial.user_attrs["predicted"]).get("accuracy")
+        record = json.loads(e.predicted).get("accuracy")
         if not record:
             continue
         pred.append(record["mean"])
@@ -319,171 +488,22 @@ def run_guided(
     on_status: Any = None,
     guided: GuidedSettings | None = None,
 ) -> SearchOutcome:
-    """``driver.run_search``'s contract with the predictor-guided loop as the sampler: measure
-    until the spec's trial budget (measured + failed configs in the ledger) or its time budget
-    (this invocation, the sensitivity pass included) is spent, or the space is exhausted.
-    ``on_status(text)`` is told what the loop is doing (the sensitivity pass's progress, then
-    "measuring configs")."""
-    from autoquant.predict.features import FeatureEncoder
-    from autoquant.predict.model import AccuracyPredictor, require_xgboost
-    from autoquant.predict.sensitivity import load_or_compute
-    from autoquant.search.driver import MAX_CONSECUTIVE_REPEATS
+    """``driver.run_search`` with the predictor-guided proposer (``guided``: its knobs)."""
+    from autoquant.search.driver import run_search
 
-    try:
-        require_xgboost()
-    except ImportError as exc:
-        raise UserError(
-            f"bad value 'guided': {exc}; allowed: install it, or another sampler",
-            file=str(run.spec_path),
-            key="search.sampler",
-        ) from None
-    gs = guided or GuidedSettings()
-    start = time.monotonic()
-    loop = _Loop(run, Path(run_dir), gs)
-    settings = loop.settings
-    evaluator: Any = run.evaluator
-    deadline = None
-    if settings.timeout_s is not None:
-        deadline = start + gs.sensitivity_share * settings.timeout_s
-    sensitivity = load_or_compute(
-        loop.predictor_dir,
-        run.task,
-        run.space,
-        evaluator.calibration,
-        deadline=deadline,
-        status=on_status,
-    )
-    if on_status:
-        on_status("measuring configs")
-    encoder = FeatureEncoder(
-        run.space, sensitivity, other_param_bytes=getattr(evaluator, "other_param_bytes", 0)
-    )
-    stopped = "trial budget reached"
-
-    def used() -> int:
-        return len(loop.measured) + loop.n_failed
-
-    def progress(*, measured_now: bool) -> None:
-        if measured_now and after_trial:
-            after_trial()
-        if on_progress:
-            on_progress(used(), settings.trials)
-
-    def budget_left() -> str | None:
-        if used() >= settings.trials:
-            return "trial budget reached"
-        if settings.timeout_s is not None and time.monotonic() - start >= settings.timeout_s:
-            return f"time budget of {settings.timeout_s:g} s reached"
-        if len(loop.measured) + len(loop.failed) >= run.space.size:
-            return "every config of the space is measured"
-        return None
-
-    def one(config: QuantConfig | None, attrs: dict[str, Any]) -> None:
-        before = loop.new
-        loop.trial(config, attrs)
-        progress(measured_now=loop.new > before)
-
-    if on_progress:
-        on_progress(used(), settings.trials)
-    # 1. trials an interrupted invocation queued but never ran
-    repeats = 0
-    while loop.waiting() and budget_left() is None and repeats < MAX_CONSECUTIVE_REPEATS:
-        before = loop.new
-        one(None, {})
-        repeats = 0 if loop.new > before else repeats + 1
-    # 2. the references, then configs spread along the sensitivity prior's front
-    for name, config in run.references():
-        if budget_left() is None and config.hash not in loop.measured:
-            if config.hash not in loop.failed:
-                one(config, {"reference": name})
-    # a space is scored whole up to enumerate_limit configs; with a figure that must be asked of
-    # the evaluator config by config (latency), only up to the pool size
-    limit = gs.pool if loop.other else gs.enumerate_limit
-    all_idx = encoder.all_indices() if run.space.size <= limit else None
-    want = gs.initial - len(loop.measured) - len(loop.failed)
-    if want > 0 and budget_left() is None:
-        for row, score in _prior_picks(loop, encoder, _pool(loop, encoder, all_idx, gs), want):
-            if budget_left() is not None:
-                break
-            predicted = {"accuracy": None, "acquisition": "sensitivity_prior", "score": score}
-            one(encoder.config(row), {"predicted": json.dumps(predicted)})
-    # 3. predictor-guided rounds
-    from autoquant.pareto import non_dominated_mask, to_loss
-
-    rounds = 0
-    while True:
-        why = budget_left()
-        if why is not None:
-            stopped = why
-            break
-        train = [e for e in _usable(loop) if math.isfinite(e.figures["accuracy"].value)]
-        if len(train) < 3:
-            stopped = "fewer than 3 successful measurements to fit the predictor"
-            break
-        pool = _pool(loop, encoder, all_idx, gs)
-        if len(pool) == 0:
-            stopped = "no unmeasured config meets the constraints"
-            break
-        predictor = AccuracyPredictor(
-            feature_names=encoder.feature_names, n_members=gs.n_members, seed=settings.seed + rounds
-        ).fit(
-            encoder.encode([e.config for e in train]),
-            np.array([e.figures["accuracy"].value for e in train]),
-            [e.config_hash for e in train],
-        )
-        predictor.save(loop.predictor_dir / "model")
-        rounds += 1
-        pool, exact = _with_costs(loop, encoder, pool)
-        if len(pool) == 0:
-            stopped = "no unmeasured config has every cost figure"
-            break
-        prediction = predictor.predict(encoder.encode_indices(pool))
-        mean_cols, opt_cols = [], []
-        for o in loop.objectives:
-            if o.figure == "accuracy":
-                mean_cols.append(prediction.mean)
-                opt_cols.append(prediction.mean + gs.kappa * prediction.std)
-            else:
-                mean_cols.append(exact[o.figure])
-                opt_cols.append(exact[o.figure])
-        mean_values = np.column_stack(mean_cols)
-        mean_loss = to_loss(mean_values, loop.directions)
-        opt_loss = to_loss(np.column_stack(opt_cols), loop.directions)
-        front_values = _measured_front(loop)
-        ref_loss = to_loss(_reference(loop, front_values, mean_values)[None, :], loop.directions)[0]
-        front_loss = to_loss(front_values, loop.directions)
-        if len(front_loss):
-            front_loss = front_loss[non_dominated_mask(front_values, loop.directions)]
-        k = min(gs.batch, settings.trials - used())
-        for row, acquisition, score in select_batch(mean_loss, opt_loss, front_loss, ref_loss, k):
-            if budget_left() is not None:
-                break
-            predicted = {
-                "accuracy": {**prediction.row(row), "source": "predicted"},
-                "acquisition": acquisition,
-                "score": score,
-                "kappa": gs.kappa,
-                "round": rounds,
-                "n_train": predictor.n_train,
-            }
-            one(encoder.config(pool[row]), {"predicted": json.dumps(predicted)})
-        _write_quality(loop, encoder)
-    if loop.new:
-        _write_quality(loop, encoder)
-        write_predictions(loop, encoder)
-    return SearchOutcome(
-        run_dir=Path(run_dir),
-        measured=len(loop.measured),
-        failed=loop.n_failed,
-        new_measurements=loop.new,
-        reused=loop.reused,
-        interrupted_before=loop.interrupted,
-        stopped_because=budget_left() or stopped,
-        elapsed_s=time.monotonic() - start,
+    return run_search(
+        run,
+        Path(run_dir),
+        on_progress=on_progress,
+        after_trial=after_trial,
+        on_status=on_status,
+        proposer=lambda args: GuidedProposer(
+            seed=args.seed, spec_file=args.spec_file, settings=guided
+        ),
     )
 
 
-def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | None:
+def write_predictions(loop: GuidedProposer, encoder: Any, *, folds: int = 5) -> Path | None:
     """``predictor/predictions.csv``: for every measured config, the measured accuracy, what the
     predictor said before it was measured (where it did), and an out-of-fold prediction from a
     ``folds``-fold cross-validation over all measured configs, so that every measured config has
@@ -492,7 +512,6 @@ def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | No
 
     from autoquant.predict.model import AccuracyPredictor
 
-    trials = {t.number: t for t in loop.study.get_trials(deepcopy=False)}
     usable = [e for e in _usable(loop) if math.isfinite(e.figures["accuracy"].value)]
     if len(usable) < max(folds, 4):
         return None
@@ -519,8 +538,7 @@ def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | No
         ]
     ]
     for e, cv in zip(usable, oof):
-        trial = trials.get(e.number)
-        cols = predicted_columns(trial.user_attrs.get("predicted") if trial else None)
+        cols = predicted_columns(e.predicted)
         rows.append(
             [
                 e.number,
@@ -542,15 +560,15 @@ def write_predictions(loop: _Loop, encoder: Any, *, folds: int = 5) -> Path | No
     return atomic_write(path, write)
 
 
-def _write_quality(loop: _Loop, encoder: Any) -> None:
-    figures = _predictions_quality(loop, encoder)
+def _write_quality(loop: GuidedProposer) -> None:
+    figures = _predictions_quality(loop)
     path = loop.predictor_dir / "quality.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(figures, indent=1))
 
 
 def _with_costs(
-    loop: _Loop, encoder: Any, pool: np.ndarray
+    loop: GuidedProposer, encoder: Any, pool: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The pool rows whose every cost figure is finite and within the spec's latency limit (for
     the latency figures that are objectives), and those figures."""
@@ -569,7 +587,7 @@ def _with_costs(
     return pool[keep], {k: v[keep] for k, v in figures.items()}
 
 
-def _measured_front(loop: _Loop) -> np.ndarray:
+def _measured_front(loop: GuidedProposer) -> np.ndarray:
     """Objective values of the feasible measured configs."""
     rows = []
     for e in loop.measured.values():
@@ -581,7 +599,7 @@ def _measured_front(loop: _Loop) -> np.ndarray:
     return np.array(rows, dtype=float).reshape(-1, len(loop.objectives))
 
 
-def _reference(loop: _Loop, front: np.ndarray, pool_values: np.ndarray) -> np.ndarray:
+def _reference(loop: GuidedProposer, front: np.ndarray, pool_values: np.ndarray) -> np.ndarray:
     """The worst corner: for accuracy, a tenth of the measured range below the worst measured
     accuracy (or the constraint's floor); for exact costs, just past the worst in the pool."""
     ref = []
@@ -602,10 +620,14 @@ def _reference(loop: _Loop, front: np.ndarray, pool_values: np.ndarray) -> np.nd
     return np.array(ref)
 
 
-def _pool(loop: _Loop, encoder: Any, all_idx: np.ndarray | None, gs: GuidedSettings) -> np.ndarray:
+def _pool(loop: GuidedProposer, encoder: Any, all_idx: np.ndarray | None, gs: GuidedSettings) -> np.ndarray:
     """Unmeasured candidate rows (choice positions) that meet the exact size constraint."""
     done = [e.config for e in _usable(loop)]
     done += [c for c in loop.failed.values() if loop.run.space.contains(c)]
+    if loop.passed:
+        taken = loop.ctx.taken()
+        loop.passed = {h: c for h, c in loop.passed.items() if h in taken}
+        done += [c for h, c in loop.passed.items() if h not in loop.measured]
     seen = {tuple(row) for row in encoder.indices(done)}
     if all_idx is not None:
         if seen:
@@ -635,7 +657,7 @@ def _pool(loop: _Loop, encoder: Any, all_idx: np.ndarray | None, gs: GuidedSetti
 
 
 def _prior_picks(
-    loop: _Loop, encoder: Any, pool: np.ndarray, k: int
+    loop: GuidedProposer, encoder: Any, pool: np.ndarray, k: int
 ) -> list[tuple[np.ndarray, float]]:
     """Before any accuracy is known: up to ``k`` pool rows chosen greedily by the hypervolume they
     add in (summed single-layer output distortion, exact costs), i.e. with the sensitivity as the
@@ -658,7 +680,7 @@ def _prior_picks(
     return [(pool[on_front[row]], score) for row, _, score in picks]
 
 
-def _front_rows(loop: _Loop, encoder: Any) -> np.ndarray:
+def _front_rows(loop: GuidedProposer, encoder: Any) -> np.ndarray:
     from autoquant.pareto import non_dominated_mask
 
     entries_ = [

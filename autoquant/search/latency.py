@@ -285,10 +285,10 @@ def check_front(
     run_dir: Path,
     latencies: tuple[RunLatency, ...],
     task: Any,
+    *,
     layers: tuple,
     front: Any,
     frame: Any,
-    *,
     status: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per profile: the front's fastest point (by predicted latency) and the float32 config,

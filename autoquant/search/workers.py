@@ -1,5 +1,7 @@
-"""Workers sharing one study: each asks its sampler, claims the config, measures it under a
-heartbeat and tells the shared ledger, until the budget of distinct configs is spent.
+"""Workers sharing one study: each runs the one search loop (``driver.drive``) with its own
+proposer (any registered sampler, ``guided`` included) on a ``SharedLedger``: it claims each
+config, measures it under a heartbeat and tells the shared ledger, until the budget of distinct
+configs is spent.
 
 The budget counts claims (``autoquant.search.claims``): a measured or failed config holds its
 slot for good, a running one until its heartbeat stops; so the workers together measure exactly
@@ -22,19 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import UserError
+from autoquant.sampler_names import derived_seed
 from autoquant.search.claims import Claims, Outcome
 from autoquant.search.driver import (
-    MAX_CONSECUTIVE_REPEATS,
+    BudgetState,
     SearchOutcome,
     TrialRecorder,
-    _constraints_func,
     _params_of,
+    drive,
+    queued_hashes,
+    sampler_args,
 )
 from autoquant.search.ledger import (
     INTERRUPTED,
     SKIPPED,
     STUDY_NAME,
     entries,
+    entry_from_trial,
     is_measured,
     sqlite_url,
 )
@@ -49,6 +55,8 @@ from autoquant.storage import (
     retrying,
     spec_fingerprint,
 )
+
+FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,9 @@ def open_shared(
     name: str,
     directions: list[str],
     fingerprint: str,
+    *,
     settings: StorageSettings,
     sampler: Any = None,
-    *,
     worker: str,
 ) -> SharedStudy:
     holder: dict[str, Claims] = {}
@@ -171,20 +179,34 @@ class _Heartbeat:
 
 class ClaimingRecorder(TrialRecorder):
     """``TrialRecorder`` for a shared study: a new config is measured only once its claim is
-    won; the ledger is refreshed from every worker's trials before each proposal."""
+    won; ``refresh`` takes in every worker's trials finished since the last one."""
 
-    def __init__(self, run: PreparedRun, shared: SharedStudy, objectives, worker: str) -> None:
-        super().__init__(run, shared.study, objectives, entries(shared.study))
+    def __init__(self, run: PreparedRun, shared: SharedStudy, objectives, worker: str, done) -> None:
+        super().__init__(run, shared.study, objectives, done)
         self.shared = shared
         self.worker = worker
         self.skipped = 0
         self.full = False
+        self.settled = {e.number for e in done if e.state in FINISHED}
+        self.failed_trials = {e.number for e in done if e.state == "FAIL" and is_measured(e)}
 
     def refresh(self) -> None:
-        done = entries(self.study)
-        fresh = TrialRecorder(self.run, self.study, self.objectives, done)
-        self.measured, self.failed = fresh.measured, fresh.failed
-        self.n_failed, self.fp32_accuracy = fresh.n_failed, fresh.fp32_accuracy
+        """Take in the trials finished since the last refresh (Optuna's cached storage reads
+        only new and unfinished trials from the database; only those are parsed here)."""
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.number in self.settled or trial.state.name not in FINISHED:
+                continue
+            self.settled.add(trial.number)
+            e = entry_from_trial(trial)
+            if e.state == "COMPLETE" and e.reused_from is None and e.config_hash:
+                self.measured.setdefault(e.config_hash, e)
+                if e.reference == "fp32" and self.fp32_accuracy is None:
+                    self.fp32_accuracy = e.figures["accuracy"].value
+            elif e.state == "FAIL" and is_measured(e):
+                self.failed_trials.add(e.number)
+                if e.config_hash and e.config:
+                    self.failed[e.config_hash] = e.config
+        self.n_failed = len(self.failed_trials)
 
     def admit(self, trial: Any, config: Any) -> str | None:
         import optuna
@@ -212,6 +234,71 @@ class ClaimingRecorder(TrialRecorder):
         )
 
 
+class SharedLedger:
+    """The budget of a study shared by workers, for the search loop (``driver.drive``): the
+    claims count against it (``autoquant.search.claims``). Stale trials are swept once per
+    heartbeat interval, not before every proposal; each step is retried while the storage is
+    away (``retrying``)."""
+
+    def __init__(self, run: PreparedRun, shared: SharedStudy, recorder: ClaimingRecorder, step):
+        self.run, self.shared, self.recorder, self.step = run, shared, recorder, step
+        self.pause_s = min(1.0, shared.settings.heartbeat_interval_s)
+        self.next_sweep = 0.0
+        self.claimed: set[str] = set()
+        self.maybe_waiting = True
+
+    def taken(self) -> set[str]:
+        """Configs claimed by any worker (as of the last budget check)."""
+        return self.claimed
+
+    def state(self) -> BudgetState:
+        import optuna
+
+        if time.monotonic() >= self.next_sweep:
+            sweep(self.shared)
+            self.next_sweep = time.monotonic() + self.shared.settings.heartbeat_interval_s
+            self.maybe_waiting = True  # another worker may have queued its references
+        self.recorder.refresh()
+        rows = self.shared.claims.rows()
+        self.claimed = {h for h, _, _ in rows}
+        held, trials, size = len(rows), self.run.spec.search.trials, self.run.space.size
+        if held < trials and held < size:
+            return BudgetState(held)
+        running = {
+            t._trial_id
+            for t in self.shared.study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+            )
+        }
+        settled = held - sum(1 for _, _, tid in rows if tid in running)
+        if settled >= trials or settled >= size:
+            # every slot holds a measurement: wait for stray running trials to be failed, so
+            # that none is left RUNNING when the workers are gone
+            if running:
+                self.next_sweep = 0.0
+                return BudgetState(held, wait=True)
+            if settled >= trials:
+                return BudgetState(held, "trial budget reached")
+            return BudgetState(held, "every config of the space is measured")
+        # the rest are being measured, or their worker died
+        self.next_sweep = 0.0
+        return BudgetState(held, wait=True)
+
+    def waiting(self) -> bool:
+        if self.maybe_waiting:
+            self.maybe_waiting = bool(queued_hashes(self.run, self.shared.study))
+        return self.maybe_waiting
+
+    def enqueue_references(self) -> None:
+        r = self.recorder
+        skip = {h for h, _, _ in self.shared.claims.rows()} | r.measured.keys() | r.failed.keys()
+        skip |= queued_hashes(self.run, self.shared.study)
+        for name, config in self.run.references():
+            if config.hash not in skip:
+                self.shared.study.enqueue_trial(_params_of(config), user_attrs={"reference": name})
+        self.maybe_waiting = True
+
+
 def run_worker(
     run: PreparedRun,
     url: str,
@@ -223,62 +310,35 @@ def run_worker(
 ) -> SearchOutcome:
     """Measure configs of the shared study until the spec's budget of distinct configs (all
     workers together) is spent and settled, its time budget (this worker) runs out, or the
-    space is exhausted. Storage faults are retried for ``workers.retry_s``, then exit 1."""
-    settings = run.spec.search
-    if settings.sampler == "guided":
-        raise UserError(
-            "bad value 'guided': workers sharing a study run Optuna's samplers; allowed: "
-            "nsga2, tpe or random (--sampler)",
-            file=str(run.spec_path),
-            key="search.sampler",
-        )
-    from autoquant.search.samplers import make_sampler
+    space is exhausted: the one search loop (``driver.drive``) on a ``SharedLedger``. Storage
+    faults are retried for ``workers.retry_s`` (``on_status`` hears each retry), then exit 1."""
+    from autoquant.search.proposer import LoopContext
+    from autoquant.search.samplers import make_proposer
 
+    settings = run.spec.search
     start = time.monotonic()
     objectives = objectives_for(run.spec.objectives)
     directions = [o.direction for o in objectives]
     fingerprint = spec_fingerprint(run.resolved_spec())
     worker = worker_name()
     ss = storage_settings(run)
-    shared = open_shared(url, study_name, directions, fingerprint, ss, worker=worker)
+    shared = open_shared(url, study_name, directions, fingerprint, settings=ss, worker=worker)
 
     def step(fn):
         return retrying(fn, url=url, retry_s=ss.retry_s, on_retry=on_status)
 
     done = step(lambda: entries(shared.study))
     # each worker (and each restart of one) samples its own sequence
-    shared.study.sampler = make_sampler(
-        settings.sampler,
-        seed=settings.seed + 1000 * index + len(done),
-        population_size=settings.population_size,
-        constraints_func=_constraints_func
-        if run.spec.constraints.model_dump(exclude_none=True)
-        else None,
-    )
-    recorder = step(lambda: ClaimingRecorder(run, shared, objectives, worker))
+    args = sampler_args(run, derived_seed(settings.seed, 1000 * index + len(done)))
+    proposer = make_proposer(settings.sampler, args)
+    shared.study.sampler = proposer.study_sampler()
+    recorder = ClaimingRecorder(run, shared, objectives, worker, done)
     step(lambda: _adopt(shared, done))
-    step(lambda: _enqueue_references(run, shared, recorder))
-
-    repeats = 0
-    stopped = "trial budget reached"
-    while True:
-        if settings.timeout_s is not None and time.monotonic() - start >= settings.timeout_s:
-            stopped = f"time budget of {settings.timeout_s:g} s reached"
-            break
-        if repeats >= MAX_CONSECUTIVE_REPEATS:
-            stopped = f"the sampler proposed only measured configs {repeats} times in a row"
-            break
-        state = step(lambda: _budget_state(run, shared, recorder))
-        if on_progress:
-            on_progress(state.held, settings.trials)
-        if state.finished:
-            stopped = state.finished
-            break
-        if state.wait:
-            time.sleep(min(1.0, ss.heartbeat_interval_s))
-            continue
-        result = step(lambda: recorder.record(shared.study.ask()))
-        repeats = 0 if result == "measured" or result == "failed" else repeats + 1
+    ledger = SharedLedger(run, shared, recorder, step)
+    ctx = LoopContext(
+        run, tuple(objectives), recorder, shared.study, None, start, taken=ledger.taken
+    )
+    stopped = drive(ctx, ledger, proposer, on_progress=on_progress)
     return SearchOutcome(
         run_dir=Path("."),
         measured=len(recorder.measured),
@@ -289,40 +349,6 @@ def run_worker(
         stopped_because=stopped,
         elapsed_s=time.monotonic() - start,
     )
-
-
-@dataclass(frozen=True)
-class _Budget:
-    held: int
-    finished: str | None
-    wait: bool
-
-
-def _budget_state(run: PreparedRun, shared: SharedStudy, recorder: ClaimingRecorder) -> _Budget:
-    import optuna
-
-    sweep(shared)
-    recorder.refresh()
-    rows = shared.claims.rows()
-    running = {
-        t._trial_id
-        for t in shared.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    }
-    held = len(rows)
-    unsettled = sum(1 for _, _, tid in rows if tid in running)
-    trials = run.spec.search.trials
-    settled = held - unsettled
-    if settled >= trials or settled >= run.space.size:
-        # every slot holds a measurement: wait for stray running trials to be failed, so that
-        # none is left RUNNING when the workers are gone
-        if running:
-            return _Budget(held, None, True)
-        if settled >= trials:
-            return _Budget(held, "trial budget reached", False)
-        return _Budget(held, "every config of the space is measured", False)
-    if held >= trials or held >= run.space.size:
-        return _Budget(held, None, True)  # the rest are being measured, or their worker died
-    return _Budget(held, None, False)
 
 
 def _adopt(shared: SharedStudy, done: list) -> None:
@@ -341,21 +367,13 @@ def _trial_id(shared: SharedStudy, number: int) -> int:
     )
 
 
-def _enqueue_references(run: PreparedRun, shared: SharedStudy, recorder: ClaimingRecorder) -> None:
-    claimed = {h for h, _, _ in shared.claims.rows()}
-    for name, config in run.references():
-        if config.hash not in claimed and config.hash not in recorder.measured:
-            shared.study.enqueue_trial(
-                _params_of(config), user_attrs={"reference": name}, skip_if_exists=True
-            )
-
-
 def collect(run_dir: Path, url: str, study_name: str, resolved: dict, settings: StorageSettings):
     """Fail stale trials (their claims return to the pool) and return the shared ledger."""
     objectives = objectives_for(resolved["objectives"])
     directions = [o.direction for o in objectives]
     shared = open_shared(
-        url, study_name, directions, spec_fingerprint(resolved), settings, worker=worker_name()
+        url, study_name, directions, spec_fingerprint(resolved), settings=settings,
+        worker=worker_name(),
     )
     retrying(lambda: sweep(shared), url=url, retry_s=settings.retry_s)
     ledger = retrying(lambda: entries(shared.study), url=url, retry_s=settings.retry_s)
