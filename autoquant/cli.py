@@ -342,11 +342,13 @@ def compare(
 def _register_leaf_commands() -> None:
     # The command functions live beside the code they drive; their heavy imports stay inside.
     from autoquant.commands.profile import hw, profile
+    from autoquant.commands.tables import profile_merge
     from autoquant.commands.workers import collect, worker
     from autoquant.export.command import export
 
     app.command("export")(export)
     app.command("profile")(profile)
+    app.command("profile-merge")(profile_merge)
     app.command("hw")(hw)
     app.command("worker")(worker)
     app.command("collect")(collect)

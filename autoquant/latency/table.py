@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,25 +106,69 @@ class Lookup:
         return self.timing is not None
 
 
+@dataclass(frozen=True)
+class StoredRecord:
+    """One row as stored, for copying between tables: its key, JSON text, checksum, when it was
+    written, and why it must not be used (``problem``, as ``_check`` says), or None."""
+
+    key: tuple[str, str, str]
+    record: str
+    checksum: str
+    created: float
+    problem: str | None
+
+    @property
+    def failure(self) -> bool:
+        """A stored failed measurement (not a timing: a newer record may replace it)."""
+        return json.loads(self.record)["_data"].get("status") != "measured"
+
+
+def _not_a_table(path: Path, why: object) -> Exception:
+    from autoquant.errors import UserError
+
+    return UserError(
+        f"not a latency table ({str(why)[:120]}); allowed: an autoquant latency.sqlite "
+        "file or a new path",
+        file=str(path),
+    )
+
+
 class LatencyTable:
-    """Open (creating) the table at ``path``; use as a context manager or call ``close()``."""
+    """Open (creating) the table at ``path``; use as a context manager or call ``close()``.
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    ``read_only``: open an existing table without ever writing to it (another machine's table,
+    to merge from): no schema is created, and SQLite refuses every write."""
+
+    def __init__(self, path: str | Path | None = None, *, read_only: bool = False) -> None:
         self.path = Path(path) if path is not None else default_table_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, timeout=30)
-            self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            from autoquant.errors import UserError
-
-            raise UserError(
-                f"not a latency table ({exc}); allowed: an autoquant latency.sqlite "
-                "file or a new path",
-                file=str(self.path),
-            ) from None
         self.invalidated = 0
+        if read_only:
+            self._open_read_only()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = sqlite3.connect(self.path, timeout=30)
+                self._db.executescript(SCHEMA)
+            except sqlite3.DatabaseError as exc:
+                raise _not_a_table(self.path, exc) from None
         self._check_pages()
+
+    def _open_read_only(self) -> None:
+        from autoquant.errors import UserError
+
+        if not self.path.is_file():
+            raise UserError(
+                "no such file; allowed: an existing autoquant latency table", file=str(self.path)
+            )
+        self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise _not_a_table(self.path, exc) from None
+        if not {"timings", "fingerprints"} <= tables:
+            self._db.close()
+            raise _not_a_table(self.path, f"it has tables {sorted(tables)[:6]}")
 
     def _check_pages(self) -> None:
         """Refuse a table with a damaged page. A damaged page fails only the queries that reach
@@ -230,8 +274,57 @@ class LatencyTable:
         self._put((fingerprint_hash, layer_signature(layer), choice.label), timing, measure)
 
     @_names_the_file
+    def stored(self) -> Iterator[StoredRecord]:
+        """Every row as stored, each checked (a hostile file's rows too: a column of another
+        type is a problem, not a crash), in key order."""
+        cursor = self._db.execute(
+            "SELECT fingerprint, layer, choice, record, checksum, created FROM timings "
+            "ORDER BY fingerprint, layer, choice"
+        )
+        for fp, layer, choice, record, checksum, created in cursor:
+            key = (fp, layer, choice)
+            if not all(isinstance(v, str) for v in (*key, record, checksum)):
+                yield StoredRecord(tuple(map(str, key)), "", "", 0.0, "corrupt: a column is not text")  # type: ignore[arg-type]
+            elif not isinstance(created, int | float):
+                yield StoredRecord(key, record, checksum, 0.0, "corrupt: write time is not a number")
+            else:
+                yield StoredRecord(key, record, checksum, float(created), self._check(record, checksum, key))
+
+    @_names_the_file
+    def stored_at(self, key: tuple[str, str, str]) -> StoredRecord | None:
+        """The row at ``key`` as stored (checked), or None."""
+        row = self._db.execute(
+            "SELECT record, checksum, created FROM timings WHERE fingerprint=? AND layer=? AND choice=?",
+            key,
+        ).fetchone()
+        if row is None:
+            return None
+        record, checksum, created = row
+        return StoredRecord(key, record, checksum, float(created), self._check(record, checksum, key))
+
+    def copy_record(self, source: StoredRecord) -> None:
+        """Write a checked record of another table through ``_put``, keeping its write time."""
+        data = json.loads(source.record)
+        timing = KernelTiming.from_dict(data["_data"])
+        self._put(source.key, timing, data.get("measure") or {}, created=source.created)
+
+    @_names_the_file
+    def fingerprint_bodies(self) -> dict[str, str]:
+        """Every remembered fingerprint: hash -> body (JSON text, as stored, unchecked)."""
+        return {
+            h: body
+            for h, body in self._db.execute("SELECT hash, body FROM fingerprints")
+            if isinstance(h, str) and isinstance(body, str)
+        }
+
+    @_names_the_file
     def _put(
-        self, key: tuple[str, str, str], timing: KernelTiming, measure: dict[str, Any] | None
+        self,
+        key: tuple[str, str, str],
+        timing: KernelTiming,
+        measure: dict[str, Any] | None,
+        *,
+        created: float | None = None,
     ) -> None:
         record = json.dumps(
             {
@@ -249,7 +342,7 @@ class LatencyTable:
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO timings VALUES (?, ?, ?, ?, ?, ?)",
-                (*key, record, _checksum(record), time.time()),
+                (*key, record, _checksum(record), time.time() if created is None else created),
             )
 
     @_names_the_file
