@@ -17,7 +17,6 @@ from autoquant.search.samplers import SAMPLERS
 
 def test_spec_cli_and_readme_read_the_one_registry():
     from autoquant.commands.workers import SamplerOption
-
     from autoquant.spec import SamplerName as SpecName
     from autoquant.spec import SearchSettings
 
@@ -96,11 +95,11 @@ def test_guided_workers_refit_on_every_workers_trials_and_share_the_sensitivity(
     the sensitivity the first one stored in the study instead of computing it again."""
     pytest.importorskip("xgboost")
     import optuna
-    from autoquant.storage import check_url
 
     from autoquant.search.guided import SENSITIVITY_ATTR
     from autoquant.search.ledger import entries
     from autoquant.search.workers import run_worker
+    from autoquant.storage import check_url
 
     url = check_url(f"sqlite:///{tmp_path / 'shared.db'}", file=None, key="t")
     first = run_worker(_prepare(tmp_path, 14), url, "shared", index=0)
