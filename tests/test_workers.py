@@ -173,7 +173,7 @@ def test_two_workers_five_kills_lose_nothing(pg, tmp_path):
 
 @pytest.mark.slow
 def test_four_workers_thirty_kills_lose_nothing(pg, tmp_path):
-    mid_trial, interrupted = kill_workers(pg, tmp_path, workers=4, kills=30, trials=300, seed=2)
+    mid_trial, interrupted = kill_workers(pg, tmp_path, workers=4, kills=30, trials=600, seed=2)
     assert mid_trial >= 5 and interrupted
 
 
