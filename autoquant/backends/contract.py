@@ -12,6 +12,7 @@ from typing import Any
 
 from autoquant.backends.inputs import InputsLike, ModelInputs
 from autoquant.errors import MachineError
+from autoquant.hardware.kernels import kernel_format
 from autoquant.hardware.profile import HardwareProfile
 from autoquant.measure.timing import KernelTiming
 from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
@@ -88,6 +89,13 @@ class LatencyBackend(ABC):
 
     @abstractmethod
     def exclusion(self, layer: LayerInfo, choice: QuantChoice) -> str | None: ...
+
+    def format_exclusion(self, choice: QuantChoice) -> str | None:
+        """Why the profile has no kernel for ``choice``'s format (its ``formats`` list), or None."""
+        fmt, p = kernel_format(choice), self.profile
+        if fmt in p.spec.formats:
+            return None
+        return f"format {fmt} is not in profile {p.name}'s formats ({', '.join(p.spec.formats)})"
 
     @abstractmethod
     def measure(self, layer: LayerInfo, choice: QuantChoice) -> KernelTiming: ...

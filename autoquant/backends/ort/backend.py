@@ -40,7 +40,6 @@ import numpy as np
 from autoquant.backends.contract import LatencyBackend, PreparedModel, short_error
 from autoquant.backends.inputs import InputsLike, ModelInputs
 from autoquant.errors import UserError
-from autoquant.hardware.kernels import kernel_format
 from autoquant.hardware.profile import HardwareProfile
 from autoquant.measure.interleave import TIMING_METHOD
 from autoquant.measure.timing import KernelTiming
@@ -209,11 +208,9 @@ class OrtBackend(LatencyBackend):
                 f"target kind {p.target_kind!r}: the ONNX Runtime backend runs the CPU "
                 "execution provider only"
             )
-        fmt = kernel_format(choice)
-        if fmt not in p.spec.formats:
-            return (
-                f"format {fmt} is not in profile {p.name}'s formats ({', '.join(p.spec.formats)})"
-            )
+        unsupported = self.format_exclusion(choice)
+        if unsupported is not None:
+            return unsupported
         invalid = why_invalid(layer, choice)
         if invalid:
             return invalid

@@ -43,7 +43,6 @@ from autoquant.hardware.kernels import (
     KERNEL_TEMPLATE_VERSION,
     KernelSpec,
     check_output,
-    kernel_format,
     kernel_spec,
     make_data,
     output_dtype,
@@ -113,11 +112,9 @@ class TvmBackend(LatencyBackend):
                 f"target kind {p.target_kind!r}: per-layer kernel templates exist only for "
                 "llvm (CPU) targets so far"
             )
-        fmt = kernel_format(choice)
-        if fmt not in p.spec.formats:
-            return (
-                f"format {fmt} is not in profile {p.name}'s formats ({', '.join(p.spec.formats)})"
-            )
+        unsupported = self.format_exclusion(choice)
+        if unsupported is not None:
+            return unsupported
         return kernel_spec(layer, choice, p.spec.batch_size, vnni=self.vnni, avx2=self.avx2)
 
     def exclusion(self, layer: LayerInfo, choice: QuantChoice) -> str | None:
