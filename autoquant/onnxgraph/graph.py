@@ -785,20 +785,16 @@ def _stored_codes(lay: _Layer, q: np.ndarray, np_z: np.ndarray, bits: int) -> tu
     from onnx import TensorProto, helper
 
     rw, pre = lay.rw, lay.name
+    # the stored zero points as float, when they are not all 0
+    zero_to_float = helper.make_node(
+        "Cast", [f"{pre}.w_zero"], [f"{pre}.w_zf"], to=TensorProto.FLOAT, name=f"{pre}/w_zCast"
+    )
     if bits == 2:
         nodes = _unpack_2bit(rw, pre, q, f"{pre}.w_qf")
         # the stored values are q + 2: subtract z + 2 (one scalar when every z is 0)
         if np.any(np_z != 0):
             rw.add_init(f"{pre}.w_zero", (np_z.astype(np.int16) + 2).astype(np.uint8))
-            nodes.append(
-                helper.make_node(
-                    "Cast",
-                    [f"{pre}.w_zero"],
-                    [f"{pre}.w_zf"],
-                    to=TensorProto.FLOAT,
-                    name=f"{pre}/w_zCast",
-                )
-            )
+            nodes.append(zero_to_float)
         else:
             rw.add_init(f"{pre}.w_zf", np.array(2.0, np.float32))
         return nodes, True
@@ -811,15 +807,7 @@ def _stored_codes(lay: _Layer, q: np.ndarray, np_z: np.ndarray, bits: int) -> tu
     needs_sub = bool(np.any(np_z != 0))
     if needs_sub:
         rw.add_init(f"{pre}.w_zero", np_z, "int4" if bits == 4 else None)
-        nodes.append(
-            helper.make_node(
-                "Cast",
-                [f"{pre}.w_zero"],
-                [f"{pre}.w_zf"],
-                to=TensorProto.FLOAT,
-                name=f"{pre}/w_zCast",
-            )
-        )
+        nodes.append(zero_to_float)
     return nodes, needs_sub
 
 
