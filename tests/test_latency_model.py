@@ -162,6 +162,50 @@ def test_calibration_keeps_class_scales_only_when_they_predict_better():
     assert model.to_dict()["form"] == "one scale" and model.to_dict()["kernel_ridge"] is None
 
 
+F32, W4 = QuantChoice(), QuantChoice(4, 32, "per_channel")
+FOUR = (
+    LayerInfo("l0", "linear", (64, 16), (1, 16), (1, 64), 1024, 1088, True, index=0),
+    LayerInfo("l1", "linear", (32, 64), (1, 64), (1, 32), 2048, 2080, True, index=1),
+    LayerInfo("l2", "linear", (16, 32), (1, 32), (1, 16), 512, 528, True, index=2),
+    LayerInfo("l3", "linear", (4, 16), (1, 16), (1, 4), 64, 68, True, index=3),
+)
+FOUR_CHOICES = [F32, W8, W4]
+FOUR_SOLO = {"l0": [6.0, 4.0, 5.0], "l1": [9.0, 5.0, 8.0], "l2": [5.0, 3.0, 4.5], "l3": [2.0, 1.5, 2.0]}
+
+
+def _four_layer_case(extra) -> tuple[dict, list[tuple[QuantConfig, float]]]:
+    """Kernel timings of four layers and 30 configs (the three uniform ones first) measured as
+    4 µs + their kernels + ``extra(config)``, with up to 0.3% noise."""
+    per_layer = {
+        (n, c.label): t(us) for n, ts in FOUR_SOLO.items() for c, us in zip(FOUR_CHOICES, ts)
+    }
+
+    def truth(config: QuantConfig) -> float:
+        chosen = config.as_mapping()
+        kernels = sum(FOUR_SOLO[la.name][FOUR_CHOICES.index(chosen[la.name])] for la in FOUR)
+        return 4.0 + kernels + extra(config)
+
+    rng = np.random.default_rng(3)
+    configs = [QuantConfig.uniform(FOUR, c) for c in FOUR_CHOICES]
+    while len(configs) < 30:
+        picked = {la.name: FOUR_CHOICES[int(rng.integers(3))] for la in FOUR}
+        config = QuantConfig.from_mapping(picked)
+        if config.hash not in {c.hash for c in configs}:
+            configs.append(config)
+    wobble = rng.uniform(-0.003, 0.003, size=len(configs))
+    return per_layer, [(c, truth(c) * (1 + w)) for c, w in zip(configs, wobble)]
+
+
+def _held_out_errors(model, measured) -> dict[str, list[float]]:
+    without = fit_latency_model(FOUR, model.per_layer, measured[:10], shared_scale=True, kernel_ridge=None)
+    errors = {"model": [], "without": [], "plain": []}
+    for config, us in measured[10:]:
+        errors["model"].append(abs(model.predict(config).value * 1000 - us) / us)
+        errors["without"].append(abs(without.predict(config).value * 1000 - us) / us)
+        errors["plain"].append(abs(model.plain_sum_ms(config) * 1000 - us) / us)
+    return errors
+
+
 def test_layout_changes_between_integer_and_float_kernels_are_fitted():
     """A runtime that converts the activation layout where a chain of integer kernels meets a
     float one (ONNX Runtime: NHWC QLinearConv vs NCHWc Conv) pays per element crossing each
@@ -170,55 +214,46 @@ def test_layout_changes_between_integer_and_float_kernels_are_fitted():
     predicts held-out configs the kernel sum and the transition-free forms get wrong."""
     from autoquant.latency.model import transition_elements
 
-    layers = (
-        LayerInfo("l0", "linear", (64, 16), (1, 16), (1, 64), 1024, 1088, True, index=0),
-        LayerInfo("l1", "linear", (32, 64), (1, 64), (1, 32), 2048, 2080, True, index=1),
-        LayerInfo("l2", "linear", (16, 32), (1, 32), (1, 16), 512, 528, True, index=2),
-        LayerInfo("l3", "linear", (4, 16), (1, 16), (1, 4), 64, 68, True, index=3),
-    )
-    f32, w4 = QuantChoice(), QuantChoice(4, 32, "per_channel")
-    choices = [f32, W8, w4]
-    solo = {
-        "l0": [6.0, 4.0, 5.0],
-        "l1": [9.0, 5.0, 8.0],
-        "l2": [5.0, 3.0, 4.5],
-        "l3": [2.0, 1.5, 2.0],
-    }
-    per_layer = {(n, c.label): t(us) for n, ts in solo.items() for c, us in zip(choices, ts)}
-    alternating = QuantConfig.from_mapping({"l0": W8, "l1": f32, "l2": W8, "l3": w4})
+    alternating = QuantConfig.from_mapping({"l0": W8, "l1": F32, "l2": W8, "l3": W4})
     # changes after l0 (64 elements), l1 (32) and l2 (16); none between float and weight-only
-    assert transition_elements(layers, alternating) == 64 + 32 + 16
-    assert transition_elements(layers, QuantConfig.uniform(layers, W8)) == 0
-
-    def truth(config: QuantConfig) -> float:
-        chosen = config.as_mapping()
-        kernels = sum(solo[la.name][choices.index(chosen[la.name])] for la in layers)
-        return 4.0 + kernels + 0.05 * transition_elements(layers, config)
-
-    rng = np.random.default_rng(3)
-    configs = [QuantConfig.uniform(layers, c) for c in choices]
-    while len(configs) < 30:
-        picked = {la.name: choices[int(rng.integers(3))] for la in layers}
-        config = QuantConfig.from_mapping(picked)
-        if config.hash not in {c.hash for c in configs}:
-            configs.append(config)
-    wobble = rng.uniform(-0.003, 0.003, size=len(configs))
-    measured = [(c, truth(c) * (1 + w)) for c, w in zip(configs, wobble)]
-    model = calibrate_latency_model(layers, per_layer, measured[:10])
+    assert transition_elements(FOUR, alternating) == 64 + 32 + 16
+    assert transition_elements(FOUR, QuantConfig.uniform(FOUR, W8)) == 0
+    per_layer, measured = _four_layer_case(lambda c: 0.05 * transition_elements(FOUR, c))
+    model = calibrate_latency_model(FOUR, per_layer, measured[:10])
     assert "transitions" in model.form, model.loo_mape
     assert model.transition_us_per_element == pytest.approx(0.05, rel=0.15)
     assert model.to_dict()["transition_us_per_element"] == model.transition_us_per_element
-    without = fit_latency_model(
-        layers, per_layer, measured[:10], shared_scale=True, kernel_ridge=None
-    )
-    errors = {"model": [], "without": [], "plain": []}
-    for config, us in measured[10:]:
-        errors["model"].append(abs(model.predict(config).value * 1000 - us) / us)
-        errors["without"].append(abs(without.predict(config).value * 1000 - us) / us)
-        errors["plain"].append(abs(model.plain_sum_ms(config) * 1000 - us) / us)
+    errors = _held_out_errors(model, measured)
     assert max(errors["model"]) < 0.02
     others = min(np.mean(errors["without"]), np.mean(errors["plain"]))
     assert np.mean(errors["model"]) < 0.5 * others
+
+
+def test_conversion_nodes_are_fitted_at_the_measured_kernel_times():
+    """A runtime whose conversions cost per node, not per element: 3 µs at each change between
+    integer and float kernels, and 1 µs less per pair of consecutive integer layers (the one-layer
+    graphs each paid conversions in and out that a stretch of integer layers pays once). The
+    calibration keeps the kernels at their measured times and fits the two costs."""
+    from autoquant.latency.model import integer_pairs, kind_changes
+
+    alternating = QuantConfig.from_mapping({"l0": W8, "l1": F32, "l2": W8, "l3": W4})
+    assert kind_changes(FOUR, alternating) == 3 and integer_pairs(FOUR, alternating) == 0
+    all_int = QuantConfig.uniform(FOUR, W8)
+    assert kind_changes(FOUR, all_int) == 0 and integer_pairs(FOUR, all_int) == 3
+
+    def conversions(config: QuantConfig) -> float:
+        return 3.0 * kind_changes(FOUR, config) - 1.0 * integer_pairs(FOUR, config)
+
+    per_layer, measured = _four_layer_case(conversions)
+    model = calibrate_latency_model(FOUR, per_layer, measured[:10])
+    assert model.form == "kernel sum + conversions", model.loo_mape
+    assert not model.class_scale and not model.kernel_correction
+    assert model.term_us["changes"] == pytest.approx(3.0, rel=0.1)
+    assert model.term_us["integer_pairs"] == pytest.approx(-1.0, rel=0.25)
+    assert model.to_dict()["term_us"] == model.term_us
+    errors = _held_out_errors(model, measured)
+    assert max(errors["model"]) < 0.02
+    assert np.mean(errors["model"]) < 0.5 * min(np.mean(errors["without"]), np.mean(errors["plain"]))
 
 
 def test_a_busy_host_is_said_beside_the_figures():

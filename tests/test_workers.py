@@ -101,12 +101,21 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
     procs = [cli(["worker", spec_path, "--storage", url, "--index", i, "--quiet"], env) for i in range(workers)]
     seen_complete: set[int] = set()
     killed = mid_trial = 0
+    early = ""
     deadline = time.monotonic() + 600
+
+    def exited(proc) -> str:
+        """Why a worker stopped before its kill: its exit code, last words and the budget."""
+        _, err = proc.communicate(timeout=60)
+        done = len(states(url, "shared", pg.password)[0])
+        return f"worker exit {proc.returncode} with {done}/{trials} complete: {err.decode()[-1500:]}"
+
     while killed < kills and time.monotonic() < deadline:
         i = rng.randrange(workers)
         proc = procs[i]
         if proc.poll() is not None:
-            break  # the budget ran out before every kill: the test asks for more trials
+            early = exited(proc)  # the budget ran out before every kill, or the worker failed
+            break
         if killed % 2:  # every other kill waits until this worker is inside a trial
             until = time.monotonic() + 60
             while time.monotonic() < until and proc.poll() is None:
@@ -119,6 +128,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
         complete, running = states(url, "shared", pg.password)
         seen_complete |= complete
         if proc.poll() is not None:
+            early = exited(proc)
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -126,7 +136,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
         _, running = states(url, "shared", pg.password)
         mid_trial += any(w.endswith(f':{proc.pid}"') for w in running.values())
         procs[i] = cli(["worker", spec_path, "--storage", url, "--index", i, "--quiet"], env)
-    assert killed == kills, "the budget ran out before the kills did"
+    assert killed == kills, f"{killed} of {kills} kills: {early or 'out of time'}"
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]

@@ -352,16 +352,19 @@ def validation_table(checked):
 
 def model_line(model) -> str:
     """Which form the calibration chose, its terms, and why (the leave-one-out errors)."""
-    scales = ", ".join(f"{cls} {v:.3f}" for cls, v in model.class_scale.items())
+    scales = "scales " + ", ".join(f"{cls} {v:.3f}" for cls, v in model.class_scale.items())
+    if not model.class_scale:
+        scales = "kernels at their measured times"
     why = ", ".join(f"{form} {mape:.2%}" for form, mape in model.loo_mape.items())
-    transitions = (
-        f"; {model.transition_us_per_element * 1000:.2f} ns per activation element crossing a "
-        "change between integer and float kernels"
-        if "transitions" in model.form
-        else ""
-    )
+    described = {
+        "transitions": lambda us: f"{us * 1000:.2f} ns per activation element crossing a change "
+        "between integer and float kernels",
+        "changes": lambda us: f"{us:+.1f} µs per change between integer and float kernels",
+        "integer_pairs": lambda us: f"{us:+.1f} µs per pair of consecutive integer kernels",
+    }
+    transitions = "".join(f"; {described[t](us)}" for t, us in model.term_us.items())
     return (
-        f"latency model: {model.form} (intercept {model.intercept_us:+.1f} µs; scales {scales}"
+        f"latency model: {model.form} (intercept {model.intercept_us:+.1f} µs; {scales}"
         f"{f'; {len(model.kernel_correction)} kernel corrections' if model.kernel_correction else ''}"
         f"{transitions})"
         + (f"; leave-one-out MAPE on the calibration configs: {why}" if why else "")

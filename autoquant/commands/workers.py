@@ -38,6 +38,15 @@ def worker(
     timeout: Annotated[float | None, typer.Option(min=0.001, help="seconds for this worker")] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
     sampler: SamplerOption = None,
+    hardware: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hardware",
+            help="this machine's own profile (name or YAML path) in place of the spec's profile "
+            "of the same name: a local device, or the same board through its own RPC tracker; "
+            "repeatable. It must be the target the study's latency was measured on",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="only the final line")] = False,
 ) -> None:
     """Measure configs of a shared study until its budget is spent (run it on any number of
@@ -52,7 +61,7 @@ def worker(
         "seed": seed,
         "sampler": sampler.value if sampler else None,
     }
-    run = prepare(spec, overrides=overrides)
+    run = prepare(spec, overrides=overrides, hardware=hardware or ())
     url, name = resolve_storage(run, storage, None)
     shown = redact(url)
 
@@ -200,6 +209,7 @@ def search_with_workers(
     directory, rewrites its tables as they go and once more at the end."""
     from autoquant.report.terminal import front_table
     from autoquant.search.objectives import objectives_for
+    from autoquant.search.targets import check_latency_targets
     from autoquant.search.workers import (
         open_shared,
         resolve_storage,
@@ -221,6 +231,7 @@ def search_with_workers(
         settings=storage_settings(run),
         worker=worker_name(),
     )
+    check_latency_targets(shared.study, run.latency, spec_file=str(run.spec_path))
     console.print(
         f"{run.spec.name}: {n_workers} workers, study {name!r} on {shared.shown}, "
         f"budget {run.spec.search.trials} distinct configs",

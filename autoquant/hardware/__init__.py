@@ -3,6 +3,6 @@ validated once (``resolved.py``: ``resolve_hardware``), the kernel formats a tar
 (``kernels.py``), and the one lazy TVM import (``_tvm.py``, which ``mcpu: auto`` needs).
 Nothing here measures anything."""
 
-from autoquant.hardware.resolved import ResolvedProfile, resolve_hardware
+from autoquant.hardware.resolved import ResolvedProfile, override_hardware, resolve_hardware
 
-__all__ = ["ResolvedProfile", "resolve_hardware"]
+__all__ = ["ResolvedProfile", "override_hardware", "resolve_hardware"]

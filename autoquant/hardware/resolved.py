@@ -57,7 +57,7 @@ def resolve_hardware(entries: Sequence[str], spec_path: Path) -> tuple[ResolvedP
     names itself and its key."""
     out = []
     for i, entry in enumerate(entries):
-        path = _profile_file(entry, spec_path, key=f"hardware[{i}]")
+        path = _profile_file(entry, spec_path.parent, file=str(spec_path), key=f"hardware[{i}]")
         out.append(ResolvedProfile(entry, path, load_profile_spec(path)))
     names = [r.name for r in out]
     for i, resolved in enumerate(out):
@@ -72,16 +72,47 @@ def resolve_hardware(entries: Sequence[str], spec_path: Path) -> tuple[ResolvedP
     return tuple(out)
 
 
-def _profile_file(entry: str, spec_path: Path, *, key: str) -> Path:
+def override_hardware(
+    resolved: tuple[ResolvedProfile, ...], entries: Sequence[str], *, cwd: Path, key: str = "--hardware"
+) -> tuple[ResolvedProfile, ...]:
+    """The spec's profiles with some replaced by this machine's own: each entry (a built-in
+    name or a YAML path relative to ``cwd``) takes the place of the spec's profile of the same
+    ``name`` (a worker reaches the device its way: its own RPC tracker, its own local device).
+    Raises ``UserError`` naming ``key`` for a profile whose name the spec has no entry for."""
+    by_name = {r.name: r for r in resolved}
+    given: dict[str, ResolvedProfile] = {}
+    for entry in entries:
+        # resolved against cwd: the command line's paths are the user's, not the spec's
+        path = _profile_file(entry, cwd, file=None, key=key)
+        mine = ResolvedProfile(entry, path, load_profile_spec(path))
+        if mine.name not in by_name:
+            raise UserError(
+                f"bad value {show(entry)}: profile name {mine.name!r} is not one of the spec's "
+                f"hardware; allowed: a profile named {' or '.join(by_name) or '(none: the spec has no hardware)'}",
+                key=key,
+            )
+        if mine.name in given:
+            raise UserError(
+                f"bad value {show(entry)}: profile name {mine.name!r} is given twice; allowed: "
+                "one profile per spec hardware entry",
+                key=key,
+            )
+        given[mine.name] = mine
+    return tuple(given.get(r.name, r) for r in resolved)
+
+
+def _profile_file(entry: str, base: Path, *, file: str | None, key: str) -> Path:
+    """The profile file an entry names: a path relative to ``base``, or a built-in name."""
+    where = "the spec" if file else "the current directory"
     candidate = Path(entry)
     if not candidate.is_absolute():
-        candidate = spec_path.parent / candidate
+        candidate = base / candidate
     if candidate.suffix in (".yaml", ".yml") or "/" in entry or _is_file(candidate):
         if not _is_file(candidate):
             raise UserError(
                 f"bad value {show(entry)}: profile file not found (looked at {show(str(candidate))}); allowed: "
-                "a built-in profile name or a YAML path relative to the spec",
-                file=str(spec_path),
+                f"a built-in profile name or a YAML path relative to {where}",
+                file=file,
                 key=key,
             )
         return candidate
@@ -90,8 +121,8 @@ def _profile_file(entry: str, spec_path: Path, *, key: str) -> Path:
         known = ", ".join(p.stem for p in builtin_profiles()) or "none"
         raise UserError(
             f"bad value {show(entry)}: no such hardware profile; allowed: one of {known}, "
-            "or a YAML path relative to the spec",
-            file=str(spec_path),
+            f"or a YAML path relative to {where}",
+            file=file,
             key=key,
         )
     return path

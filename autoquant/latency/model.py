@@ -2,7 +2,7 @@
 
     predicted(config) = intercept + sum over layers of
                         (scale[class(choice)] + correction[layer, choice]) * kernel(layer, choice)
-                        + transition * sum over layout changes of the elements crossing them
+                        + sum over the form's terms of cost[term] * term(config)
 
 A kernel timed alone is not the same kernel inside the whole model: the runtime's per-call
 overhead, the operators between layers (activations, pooling, reshapes), and the cache and
@@ -32,10 +32,15 @@ both conversions around its kernel, whatever the neighbours; inside the model a 
 neighbours run the same kind pays none. So the kernel sum over-counts conversions in uniform
 stretches and the model pays them at each change (ONNX Runtime's optimized graph of an
 alternating float/int8 config holds a Transpose or Reorder at each change; a uniform one holds
-almost none). The term counts, between consecutive layers in execution order whose
-kernels differ in being integer ones, the elements of the earlier layer's output (per sample),
-and costs them ``transition_us_per_element``, fitted like the scales (non-negative; forms with
-it must beat the forms without by more than the calibration's scatter).
+almost none). The terms (``TERMS``) count, between consecutive layers in execution order: the changes of
+kernel kind (``kind_changes``: each a conversion node with its fixed cost), the pairs that both
+run integer kernels (``integer_pairs``: conversions the one-layer graphs paid and the model does
+not), or the elements of the earlier layer's output at each change (``transition_elements``:
+a cost by size). Each cost is fitted like the scales (non-negative, applied with its sign);
+forms with terms must beat the forms without by more than the calibration's scatter. On a
+small residual CNN in ONNX Runtime the per-node cost dominates: the fixed count predicts
+held-out mixed configs the kernel sum misses by 10-15%, where the per-element one overfits
+(``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -65,18 +70,49 @@ def kernel_class(choice: QuantChoice) -> str:
     return formats.weight_format(choice).kernel_class(choice)
 
 
+def _kinds_in_order(layers: Sequence[LayerInfo], config: QuantConfig) -> list[tuple[bool, LayerInfo]]:
+    """(runs an integer kernel, layer) in execution order (a layer the config leaves out is
+    float32)."""
+    chosen = config.as_mapping()
+    return [
+        (kernel_class(chosen.get(layer.name, QuantChoice())) == "integer", layer)
+        for layer in sorted(layers, key=lambda la: la.index)
+    ]
+
+
 def transition_elements(layers: Sequence[LayerInfo], config: QuantConfig) -> int:
     """Activation elements (per sample) crossing a change of kernel kind: for consecutive
     layers in execution order of which one runs an integer kernel and the other not, the
     elements of the earlier one's output (a layer the config leaves out is float32)."""
-    chosen = config.as_mapping()
-    total, previous = 0, None
-    for layer in sorted(layers, key=lambda la: la.index):
-        integer = kernel_class(chosen.get(layer.name, QuantChoice())) == "integer"
-        if previous is not None and integer != previous[0]:
-            total += math.prod(previous[1].output_shape[1:])
-        previous = (integer, layer)
-    return total
+    kinds = _kinds_in_order(layers, config)
+    return sum(
+        math.prod(earlier.output_shape[1:])
+        for (was, earlier), (now, _) in zip(kinds, kinds[1:])
+        if was != now
+    )
+
+
+def kind_changes(layers: Sequence[LayerInfo], config: QuantConfig) -> int:
+    """Consecutive layers (execution order) of which one runs an integer kernel and the other
+    not: each is a conversion the runtime inserts (quantize or dequantize, a layout change)."""
+    kinds = _kinds_in_order(layers, config)
+    return sum(was != now for (was, _), (now, _) in zip(kinds, kinds[1:]))
+
+
+def integer_pairs(layers: Sequence[LayerInfo], config: QuantConfig) -> int:
+    """Consecutive layers that both run integer kernels: each one-layer graph paid the
+    conversions in and out of its kernel, the model pays none between the two."""
+    kinds = _kinds_in_order(layers, config)
+    return sum(was and now for (was, _), (now, _) in zip(kinds, kinds[1:]))
+
+
+# The terms a form may add to the kernel sum: (count per config, sign of its cost). Each is
+# fitted non-negative and applied with its sign (``LatencyModel.term_us`` holds it signed).
+TERMS: dict[str, tuple[Any, int]] = {
+    "transitions": (transition_elements, 1),  # µs per element crossing a change
+    "changes": (kind_changes, 1),  # µs per conversion node
+    "integer_pairs": (integer_pairs, -1),  # µs saved per conversion pair not paid
+}
 
 
 @dataclass(frozen=True)
@@ -94,8 +130,12 @@ class LatencyModel:
     form: str = "class scales"  # a ``MODEL_FORMS`` key
     # leave-one-out MAPE of each form on the calibration configs, when they were compared
     loo_mape: dict[str, float] = field(default_factory=dict)
-    # µs per activation element crossing a change between integer and float kernels
-    transition_us_per_element: float = 0.0
+    # µs per unit of each ``TERMS`` entry the form fitted, signed (integer_pairs saves)
+    term_us: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def transition_us_per_element(self) -> float:
+        return self.term_us.get("transitions", 0.0)
 
     def kernel_times_us(self, config: QuantConfig) -> dict[str, tuple[str, str, float]] | Figure:
         """Each layer's (kernel class, choice label, kernel time in µs by the model's
@@ -126,8 +166,8 @@ class LatencyModel:
         total = self.intercept_us + sum(
             self.in_context(name, cls, label) * us for name, (cls, label, us) in kernels.items()
         )
-        if self.transition_us_per_element:
-            total += self.transition_us_per_element * transition_elements(self.layers, config)
+        for term, us in self.term_us.items():
+            total += us * TERMS[term][0](self.layers, config)
         return Figure(total / 1000.0, "predicted")
 
     def plain_sum_ms(self, config: QuantConfig) -> float:
@@ -145,10 +185,11 @@ class LatencyModel:
         return {
             "formula": "intercept_us + sum((class_scale[kernel_class(choice)] + "
             f"kernel_correction[layer|choice]) * kernel_{self.statistic}_us(layer, choice)) + "
-            "transition_us_per_element * transition_elements(config)",
+            "sum(term_us[term] * term(config))",
             "statistic": self.statistic,
             "intercept_us": self.intercept_us,
             "class_scale": dict(self.class_scale),
+            "term_us": dict(self.term_us),
             "transition_us_per_element": self.transition_us_per_element,
             "kernel_correction": {
                 f"{layer}|{label}": v for (layer, label), v in self.kernel_correction.items()
@@ -171,15 +212,17 @@ def fit_latency_model(
     kernel_ridge: float | None = KERNEL_RIDGE,
     statistic: str = "median",
     shared_scale: bool = False,
-    transitions: bool = False,
+    fixed_scale: bool = False,
+    terms: Sequence[str] = (),
     plain: bool = False,
 ) -> LatencyModel:
     """Fit intercept, per-kernel-class scales and per-kernel corrections on ``measured``
     (config, end-to-end µs) pairs, the kernel times and the measurements taken with the same
     ``statistic`` (min or median). ``shared_scale``: one scale for every class;
-    ``kernel_ridge`` None: no kernel corrections; ``transitions``: also the cost per element
-    of a change between integer and float kernels (``transition_elements``); ``plain``: fit
-    nothing, the per-layer kernel sum as it is.
+    ``fixed_scale``: the kernel sum as it is (no scale, no corrections); ``kernel_ridge``
+    None: no kernel corrections; ``terms``: also the cost of each named ``TERMS`` entry (the
+    conversions between integer and float kernels); ``plain``: fit nothing, the per-layer
+    kernel sum as it is.
 
     Raises ValueError when there is no measurement or a measured config has a layer without a
     usable kernel timing (its row would be meaningless)."""
@@ -191,23 +234,30 @@ def fit_latency_model(
     kernel_sum = LatencyModel(
         layers, dict(per_layer), calibration_configs=len(measured), statistic=statistic
     )
-    observed = _observations(kernel_sum, layers, measured)
+    observed = _observations(kernel_sum, layers, measured, terms)
     if plain:
         return kernel_sum
     # Only the kernels some calibration config ran can be corrected (none: kernel_ridge None).
     used = sorted(
         {(name, label) for kernels, _, _ in observed for name, (_, label, _) in kernels.items()}
-        if kernel_ridge is not None
+        if kernel_ridge is not None and not fixed_scale
         else ()
     )
     # one scale for all classes: the same ranking as the plain sum, with its offset and slope
-    scale_groups = [KERNEL_CLASSES] if shared_scale else [(c,) for c in KERNEL_CLASSES]
+    scale_groups = (
+        [] if fixed_scale else [KERNEL_CLASSES] if shared_scale else [(c,) for c in KERNEL_CLASSES]
+    )
     n_class, n_kernel = len(scale_groups), len(used)
-    rows = [_design_row(obs, used, scale_groups, transitions=transitions) for obs in observed]
-    penalty, prior = _ridge_rows(n_class, n_kernel, ridge, kernel_ridge, transitions=transitions)
+    rows = [_design_row(obs, used, scale_groups, terms) for obs in observed]
+    # with the scale fixed, the kernel sum is known: the fit explains what is left of 1
+    targets = [
+        1.0 - (sum(us for _, _, us in kernels.values()) / measured_us if fixed_scale else 0.0)
+        for kernels, measured_us, _ in observed
+    ]
+    penalty, prior = _ridge_rows(n_class, n_kernel, ridge, kernel_ridge, n_terms=len(terms))
     k0 = 2 + n_class
     a = np.vstack([np.asarray(rows), penalty])
-    b = np.concatenate([np.ones(len(rows)), prior])
+    b = np.concatenate([np.asarray(targets), prior])
     solution, _ = nnls(a, b)
     intercept = float(solution[0] - solution[1])
     scales = {
@@ -216,6 +266,7 @@ def fit_latency_model(
     plus = solution[k0 : k0 + n_kernel]
     minus = solution[k0 + n_kernel : k0 + 2 * n_kernel]
     corrections = {k: float(p - m) for k, p, m in zip(used, plus, minus)}
+    fitted_terms = solution[k0 + 2 * n_kernel :]
     model = LatencyModel(
         layers,
         dict(per_layer),
@@ -224,54 +275,71 @@ def fit_latency_model(
         corrections,
         len(measured),
         statistic,
-        transition_us_per_element=float(solution[-1]) if transitions else 0.0,
+        term_us={t: TERMS[t][1] * float(v) for t, v in zip(terms, fitted_terms)},
     )
-    # The fastest config the table allows: its prediction must stay positive.
-    fastest = intercept + _fastest_kernels_us(model, layers, per_layer, statistic)
-    if not fastest > 0:
-        return LatencyModel(
-            layers,
-            dict(per_layer),
-            0.0,
-            {},
-            {},
-            len(measured),
-            statistic,
-            "the calibrated model predicted a non-positive latency; fell back to the plain "
-            "per-layer kernel sum",
-        )
-    return model
+    return _positive_or_plain(model, kernel_sum)
+
+
+def _positive_or_plain(model: LatencyModel, kernel_sum: LatencyModel) -> LatencyModel:
+    """``model``, or the plain kernel sum (with a note) when the config of the fastest kernels
+    the table allows would be predicted at or below zero."""
+    fastest = model.predict(_fastest_config(model))
+    if fastest.source == "failed" or fastest.value > 0:
+        return model
+    return replace(
+        kernel_sum,
+        note="the calibrated model predicted a non-positive latency; fell back to the plain "
+        "per-layer kernel sum",
+    )
 
 
 # The forms ``calibrate_latency_model`` chooses between, simplest first (it wins ties): the
 # plain kernel sum fits nothing, so its leave-one-out error is its error on the calibration
 # configs, and every fitted form has to beat it by more than the scatter (when the calibration
 # configs span a narrow latency range, intercept and scale trade off and a fit extrapolates
-# worse than the sum it starts from). One
-# scale for all kernels ranks configs exactly as the plain sum does; class scales and kernel
-# corrections can rank them better, when the calibration configs show a difference between the
-# classes, and worse when what they fit is noise; how much the classes differ follows the
-# machine's state, so each calibration decides afresh.
-# The transition forms come last: the one-standard-error rule keeps a form without the term
-# unless the term predicts the left-out configs better by more than the scatter (a runtime that
-# converts nothing between kernel kinds, like the TVM composition, gains nothing from it).
+# worse than the sum it starts from). One scale for all kernels ranks configs exactly as the
+# plain sum does; class scales and kernel corrections can rank them better, when the
+# calibration configs show a difference between the classes, and worse when what they fit is
+# noise; how much the classes differ follows the machine's state, so each calibration decides
+# afresh.
+# The conversion forms count what a runtime inserts where integer and float kernels meet
+# (``kind_changes``: a fixed cost per conversion node) and the conversions a one-layer graph
+# paid that a stretch of integer layers does not (``integer_pairs``); "kernel sum +
+# conversions" keeps the kernels at their measured times, with two counts and an intercept to
+# fit where a scale would trade against the intercept over a narrow latency range. The
+# transition forms cost the converted elements instead, for runtimes where a conversion costs
+# by its size more than by its node. A form with a term has to predict the left-out configs
+# better by more than the scatter (a runtime that converts nothing between kernel kinds, like
+# the TVM composition, gains nothing from it).
+CONVERSIONS = ("changes", "integer_pairs")
 MODEL_FORMS: dict[str, dict[str, Any]] = {
     "plain sum": {"plain": True},
     "one scale": {"shared_scale": True, "kernel_ridge": None},
+    "kernel sum + conversions": {"fixed_scale": True, "kernel_ridge": None, "terms": CONVERSIONS},
     "class scales": {"shared_scale": False, "kernel_ridge": KERNEL_RIDGE},
-    "one scale + transitions": {"shared_scale": True, "kernel_ridge": None, "transitions": True},
+    "one scale + conversions": {"shared_scale": True, "kernel_ridge": None, "terms": CONVERSIONS},
+    "one scale + transitions": {
+        "shared_scale": True,
+        "kernel_ridge": None,
+        "terms": ("transitions",),
+    },
     "class scales + transitions": {
         "shared_scale": False,
         "kernel_ridge": KERNEL_RIDGE,
-        "transitions": True,
+        "terms": ("transitions",),
     },
 }
 
+
 def _observations(
-    kernel_sum: LatencyModel, layers: tuple[LayerInfo, ...], measured: Sequence[tuple[QuantConfig, float]]
-) -> list[tuple[dict, float, int]]:
-    """(kernel times, measured µs, transition elements) per calibration config; ValueError for
-    a config with a layer without a usable kernel timing or a non-positive measurement."""
+    kernel_sum: LatencyModel,
+    layers: tuple[LayerInfo, ...],
+    measured: Sequence[tuple[QuantConfig, float]],
+    terms: Sequence[str],
+) -> list[tuple[dict, float, list[float]]]:
+    """(kernel times, measured µs, each term's signed count) per calibration config;
+    ValueError for a config with a layer without a usable kernel timing or a non-positive
+    measurement."""
     observed = []
     for config, us in measured:
         kernels = kernel_sum.kernel_times_us(config)
@@ -279,21 +347,21 @@ def _observations(
             raise ValueError(f"calibration config {config.hash}: {kernels.reason}")
         if not us > 0:
             raise ValueError(f"calibration config {config.hash}: measured {us} µs")
-        observed.append((kernels, us, transition_elements(layers, config)))
+        counts = [TERMS[t][1] * TERMS[t][0](layers, config) for t in terms]
+        observed.append((kernels, us, counts))
     return observed
 
 
 def _design_row(
-    observation: tuple[dict, float, int],
+    observation: tuple[dict, float, list[float]],
     used: list[tuple[str, str]],
     scale_groups: list[tuple[str, ...]],
-    *,
-    transitions: bool,
+    terms: Sequence[str],
 ) -> list[float]:
     """One calibration config's row, divided by its measurement (relative errors). Unknowns,
     all non-negative: intercept as (plus - minus), the class scales, then each kernel
-    correction as (plus - minus), then the transition cost (µs per element)."""
-    kernels, us, crossing = observation
+    correction as (plus - minus), then each term's cost."""
+    kernels, us, counts = observation
     per_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
     per_kernel = dict.fromkeys(used, 0.0)
     for name, (cls, label, kernel_us) in kernels.items():
@@ -307,49 +375,43 @@ def _design_row(
         *(sum(per_class[c] for c in group) / us for group in scale_groups),
         *kernel_cols,
         *(-v for v in kernel_cols),
-        *([crossing / us] if transitions else []),
+        *(count / us for count in counts),
     ]
 
 
 def _ridge_rows(
-    n_class: int, n_kernel: int, ridge: float, kernel_ridge: float | None, *, transitions: bool
+    n_class: int, n_kernel: int, ridge: float, kernel_ridge: float | None, *, n_terms: int
 ) -> tuple[Any, Any]:
     """(penalty rows, their targets): class scales pulled towards 1, kernel corrections
-    towards 0, the intercept and transition cost free but unique."""
+    towards 0, the intercept and the term costs free but unique."""
     import numpy as np
 
-    n = 2 + n_class + 2 * n_kernel + (1 if transitions else 0)
+    n = 2 + n_class + 2 * n_kernel + n_terms
     penalty = np.zeros((n, n))
     penalty[0, 0] = penalty[1, 1] = 1e-9  # a unique intercept split
     penalty[2 : 2 + n_class, 2 : 2 + n_class] = np.sqrt(ridge) * np.eye(n_class)
     k0 = 2 + n_class
     kernel_block = slice(k0, k0 + 2 * n_kernel)
     penalty[kernel_block, kernel_block] = np.sqrt(kernel_ridge or 0.0) * np.eye(2 * n_kernel)
-    if transitions:
-        penalty[-1, -1] = 1e-9  # like the intercept: free, but unique
+    for i in range(n - n_terms, n):
+        penalty[i, i] = 1e-9  # like the intercept: free, but unique
     prior = np.zeros(n)
     prior[2 : 2 + n_class] = np.sqrt(ridge)
     return penalty, prior
 
 
-def _fastest_kernels_us(
-    model: LatencyModel,
-    layers: tuple[LayerInfo, ...],
-    per_layer: dict[tuple[str, str], KernelTiming],
-    statistic: str,
-) -> float:
-    """The calibrated kernel sum of the fastest config the table allows."""
-    fastest = 0.0
-    for layer in layers:
-        times = [
-            model.in_context(name, kernel_class(QuantChoice.from_label(label)), label)
-            * t.stat_us(statistic)
-            for (name, label), t in per_layer.items()
-            if name == layer.name and t.ok
-        ]
-        fastest += min(times, default=0.0)
-    return fastest
-
+def _fastest_config(model: LatencyModel) -> QuantConfig:
+    """Per layer, the choice whose kernel is fastest in context by ``model``."""
+    fastest: dict[str, tuple[float, str]] = {}
+    for (name, label), timing in model.per_layer.items():
+        if timing.ok:
+            cls = kernel_class(QuantChoice.from_label(label))
+            us = model.in_context(name, cls, label) * timing.stat_us(model.statistic)
+            if name not in fastest or us < fastest[name][0]:
+                fastest[name] = (us, label)
+    return QuantConfig.from_mapping(
+        {name: QuantChoice.from_label(label) for name, (_, label) in fastest.items()}
+    )
 
 
 def calibrate_latency_model(

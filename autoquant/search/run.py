@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -22,6 +23,7 @@ class PreparedRun:
     space: SearchSpace
     evaluator: object
     latency: tuple = ()  # autoquant.search.latency.RunLatency, one per hardware profile
+    own_hardware: frozenset[str] = frozenset()  # profile names given by ``worker --hardware``
 
     def references(self) -> list[tuple[str, QuantConfig]]:
         """fp32 first, then uniform int8 (weights per-channel symmetric, activations int8) as far
@@ -54,6 +56,7 @@ def prepare(
     with_evaluator: bool = True,
     searching: bool = False,
     status=None,
+    hardware: Sequence[str] = (),
 ) -> PreparedRun:
     """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input.
 
@@ -62,13 +65,22 @@ def prepare(
     has no kernel for, and the evaluator predicts ``latency_ms@<profile>`` for every config.
     The spec's ``latency`` objective becomes one ``latency@<profile>`` objective per profile.
     ``status(text)`` is told what is going on (profiling can take minutes the first time).
-    ``searching``: the space is to be searched, so a space of a single config is refused."""
+    ``searching``: the space is to be searched, so a space of a single config is refused.
+    ``hardware``: this machine's own profiles, each replacing the spec's profile of its name
+    (``autoquant worker --hardware``)."""
     from autoquant.space.discovery import other_param_bytes
     from autoquant.tasks import load_task
     from autoquant.tasks.base import with_eval_samples
 
     spec_path = Path(spec_path)
     loaded = read_spec(spec_path)
+    own: frozenset[str] = frozenset()
+    if hardware:
+        from autoquant.hardware import override_hardware
+
+        spec_profiles = loaded.hardware
+        loaded = replace(loaded, hardware=override_hardware(spec_profiles, hardware, cwd=Path.cwd()))
+        own = frozenset(r.name for r, s in zip(loaded.hardware, spec_profiles) if r is not s)
     spec, space_spec = loaded.spec, loaded.space
     if overrides:
         spec = spec.model_copy(update={"search": _overridden(spec.search, overrides)})
@@ -110,7 +122,7 @@ def prepare(
             batch_size=spec.evaluation.batch_size,
             latency=latency,
         )
-    return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency)
+    return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency, own)
 
 
 def _overridden(search: SearchSettings, overrides: dict) -> SearchSettings:

@@ -46,6 +46,7 @@ from autoquant.search.ledger import (
 )
 from autoquant.search.objectives import objectives_for
 from autoquant.search.run import PreparedRun
+from autoquant.search.targets import check_latency_targets
 from autoquant.storage import (
     StorageSettings,
     check_url,
@@ -311,7 +312,9 @@ def run_worker(
     """Measure configs of the shared study until the spec's budget of distinct configs (all
     workers together) is spent and settled, its time budget (this worker) runs out, or the
     space is exhausted: the one search loop (``driver.drive``) on a ``SharedLedger``. Storage
-    faults are retried for ``workers.retry_s`` (``on_status`` hears each retry), then exit 1."""
+    faults are retried for ``workers.retry_s`` (``on_status`` hears each retry), then exit 1.
+    Every profile (the spec's, or the worker's own: ``run.own_hardware``) must be the target
+    the study's latency was measured on (``autoquant.search.targets``)."""
     from autoquant.search.proposer import LoopContext
     from autoquant.search.samplers import make_proposer
 
@@ -327,6 +330,11 @@ def run_worker(
     def step(fn):
         return retrying(fn, url=url, retry_s=ss.retry_s, on_retry=on_status)
 
+    step(
+        lambda: check_latency_targets(
+            shared.study, run.latency, spec_file=str(run.spec_path), overridden=run.own_hardware
+        )
+    )
     done = step(lambda: entries(shared.study))
     # each worker (and each restart of one) samples its own sequence
     args = sampler_args(run, derived_seed(settings.seed, 1000 * index + len(done)))

@@ -1,0 +1,150 @@
+"""Workers that bring their own hardware profile (``autoquant worker --hardware``): the profile
+replaces the spec's profile of the same name, and a worker whose profile is another target than
+the one the study's latency was measured on is refused before it measures anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, SMALL_SPACE, write
+
+from autoquant.errors import UserError
+from autoquant.hardware import override_hardware, resolve_hardware
+from autoquant.latency.model import LatencyModel
+from autoquant.search.latency import RunLatency
+from autoquant.search.targets import TARGET_ATTR, check_latency_targets
+
+# ONNX Runtime on this CPU with a short timing budget: digits-mlp profiles in seconds
+LIGHT_ORT = {
+    "version": 1,
+    "name": "ort-light",
+    "target": {"kind": "llvm", "mcpu": "auto"},
+    "device": {"where": "local"},
+    "runtime": "onnxruntime",
+    "threads": 1,
+    "batch_size": 1,
+    "formats": ["fp32", "w8a8", "weight_only"],
+    "measure": {"warmup": 1, "number": 1, "repeat": 3, "min_repeat_ms": 2, "timeout_s": 60},
+    "end_to_end": {"calibration_configs": 4, "rounds": 1, "repeat": 1},
+}
+
+
+def profile_file(path: Path, **changes) -> Path:
+    return write(path, yaml.safe_dump({**LIGHT_ORT, **changes}))
+
+
+def worker_spec(tmp: Path) -> Path:
+    write(tmp / "space.yaml", SMALL_SPACE)
+    profile_file(tmp / "ort-light.yaml")
+    return write(
+        tmp / "spec.yaml",
+        "version: 1\nname: targets\ntask: digits-mlp\nspace: space.yaml\n"
+        "objectives: [accuracy, latency, size]\nhardware: [ort-light.yaml]\nhardware_validation: 0\n"
+        "search: {sampler: random, trials: 3, seed: 0}\nevaluation: {eval_samples: 300}\n"
+        "workers: {heartbeat_interval_s: 1, grace_period_s: 3, retry_s: 4}\n",
+    )
+
+
+# --- the override ---------------------------------------------------------------------------------
+
+
+def test_own_profile_replaces_the_spec_profile_of_its_name(tmp_path):
+    spec = worker_spec(tmp_path / "spec")
+    (tmp_path / "mine").mkdir()
+    mine = profile_file(tmp_path / "mine" / "board.yaml", threads=2)
+    resolved = resolve_hardware(["ort-light.yaml"], spec)
+    replaced = override_hardware(resolved, ["board.yaml"], cwd=tmp_path / "mine")
+    assert [r.name for r in replaced] == ["ort-light"]
+    assert replaced[0].path == mine and replaced[0].spec.threads == 2
+    assert override_hardware(resolved, [], cwd=tmp_path) == resolved
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("other.yaml", "profile name 'other' is not one of the spec's hardware; allowed: a profile named ort-light"),
+        ("missing.yaml", "profile file not found"),
+        ("no-such-builtin", "no such hardware profile"),
+    ],
+)
+def test_bad_own_profile_is_refused_naming_the_option(tmp_path, given, message):
+    spec = worker_spec(tmp_path)
+    profile_file(tmp_path / "other.yaml", name="other")
+    resolved = resolve_hardware(["ort-light.yaml"], spec)
+    with pytest.raises(UserError) as info:
+        override_hardware(resolved, [given], cwd=tmp_path)
+    assert info.value.key == "--hardware" and message in str(info.value)
+    assert "current directory" in str(info.value) or "not one of" in str(info.value)
+
+
+# --- the study's targets --------------------------------------------------------------------------
+
+
+def _latency(name: str, fingerprint_hash: str, threads: int) -> RunLatency:
+    fidelity = {
+        "fingerprint_hash": fingerprint_hash,
+        "fingerprint": {"host_cpu": "Some CPU", "runtime": "onnxruntime", "threads": threads},
+    }
+    return RunLatency(name, LatencyModel((), {}), fidelity)
+
+
+def test_first_worker_records_the_target_others_must_match(tmp_path):
+    import optuna
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", directions=["maximize"]
+    )
+    check_latency_targets(study, [_latency("board", "aaa", 1)], spec_file="spec.yaml")
+    assert study.user_attrs[TARGET_ATTR + "board"]["fingerprint_hash"] == "aaa"
+    # the same target again (another machine of the same kind): accepted, nothing rewritten
+    check_latency_targets(study, [_latency("board", "aaa", 1)], spec_file="spec.yaml")
+    # another target, from the spec: names the spec's entry
+    with pytest.raises(UserError) as info:
+        check_latency_targets(study, [_latency("board", "bbb", 4)], spec_file="spec.yaml")
+    text = str(info.value)
+    assert info.value.key == "hardware[0]" and info.value.file == "spec.yaml"
+    assert "threads 4" in text and "threads 1" in text and "bbb" in text and "aaa" in text
+    # another target this worker brought itself: names --hardware
+    with pytest.raises(UserError) as info:
+        check_latency_targets(
+            study, [_latency("board", "bbb", 4)], spec_file="spec.yaml", overridden={"board"}
+        )
+    assert info.value.key == "--hardware" and info.value.file is None
+    assert study.user_attrs[TARGET_ATTR + "board"]["fingerprint_hash"] == "aaa"
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+def _worker(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-m", "autoquant.cli", "worker", *map(str, args), "--quiet"],
+        cwd=cwd,
+        env={**env, "AUTOQUANT_CACHE_DIR": str(cwd / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_worker_with_another_target_is_refused_one_with_its_own_route_joins(tmp_path):
+    spec = worker_spec(tmp_path)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = _worker([spec, "--storage", url], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # this machine's own profile of the same name, but another target (threads): refused
+    profile_file(tmp_path / "four-threads.yaml", threads=2)
+    other = _worker([spec, "--storage", url, "--hardware", "four-threads.yaml"], tmp_path)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
+    assert "--hardware" in lines[0] and "threads 2" in lines[0] and "threads 1" in lines[0]
+    # the same target given from another file: joins the study (budget spent: nothing to do)
+    profile_file(tmp_path / "same.yaml", description="the same CPU, my copy")
+    same = _worker([spec, "--storage", url, "--hardware", "same.yaml", "--trials", "4"], tmp_path)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "1 configs measured here" in same.stdout, same.stdout
