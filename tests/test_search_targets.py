@@ -15,8 +15,10 @@ from conftest import ROOT, SMALL_SPACE, write
 from autoquant.errors import UserError
 from autoquant.hardware import override_hardware, resolve_hardware
 from autoquant.latency.model import LatencyModel
+from autoquant.measure.timing import KernelTiming
 from autoquant.search.latency import RunLatency
 from autoquant.search.targets import TARGET_ATTR, check_latency_targets
+from autoquant.space.values import LayerInfo, QuantChoice, QuantConfig
 
 # ONNX Runtime on this CPU with a short timing budget: digits-mlp profiles in seconds
 LIGHT_ORT = {
@@ -84,24 +86,43 @@ def test_bad_own_profile_is_refused_naming_the_option(tmp_path, given, message):
 # --- the study's targets --------------------------------------------------------------------------
 
 
-def _latency(name: str, fingerprint_hash: str, threads: int) -> RunLatency:
+LAYER = LayerInfo("fc", "linear", (4, 8), (1, 8), (1, 4), 32, 36, True)
+
+
+def _latency(name: str, fingerprint_hash: str, threads: int, intercept_us: float = 0.0) -> RunLatency:
     fidelity = {
         "fingerprint_hash": fingerprint_hash,
         "fingerprint": {"host_cpu": "Some CPU", "runtime": "onnxruntime", "threads": threads},
     }
-    return RunLatency(name, LatencyModel((), {}), fidelity)
+    per_layer = {
+        ("fc", "f32-a32"): KernelTiming("measured", "ort:fp32", median_us=10.0, min_us=9.0),
+        ("fc", "w8cs-a8"): KernelTiming("measured", "ort:w8a8", median_us=4.0, min_us=3.5),
+        ("fc", "w4cs-a32"): KernelTiming.failed("no kernel"),
+    }
+    model = LatencyModel((LAYER,), per_layer, intercept_us, {"integer": 1.2}, term_us={"changes": 2.0})
+    return RunLatency(name, model, fidelity)
+
+
+def _study(tmp_path: Path):
+    import optuna
+
+    return optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", directions=["maximize"]
+    )
 
 
 def test_first_worker_records_the_target_others_must_match(tmp_path):
-    import optuna
-
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", directions=["maximize"]
-    )
-    check_latency_targets(study, [_latency("board", "aaa", 1)], spec_file="spec.yaml")
+    study = _study(tmp_path)
+    first = check_latency_targets(study, [_latency("board", "aaa", 1, 5.0)], spec_file="spec.yaml")
     assert study.user_attrs[TARGET_ATTR + "board"]["fingerprint_hash"] == "aaa"
-    # the same target again (another machine of the same kind): accepted, nothing rewritten
-    check_latency_targets(study, [_latency("board", "aaa", 1)], spec_file="spec.yaml")
+    config = QuantConfig.from_mapping({"fc": QuantChoice(8, 8, "per_channel")})
+    assert first[0].predict(config).value == pytest.approx((5.0 + 1.2 * 4.0) / 1000)
+    # the same target again (another machine of the same kind, its own fit): accepted, and it
+    # predicts with the study's model, not its own
+    again = check_latency_targets(study, [_latency("board", "aaa", 1, 50.0)], spec_file="spec.yaml")
+    assert again[0].model.intercept_us == 5.0 and again[0].model.term_us == {"changes": 2.0}
+    assert again[0].predict(config).value == first[0].predict(config).value
+    assert again[0].predict(QuantConfig.from_mapping({"fc": QuantChoice(4, 32, "per_channel")})).source == "failed"
     # another target, from the spec: names the spec's entry
     with pytest.raises(UserError) as info:
         check_latency_targets(study, [_latency("board", "bbb", 4)], spec_file="spec.yaml")
@@ -115,6 +136,22 @@ def test_first_worker_records_the_target_others_must_match(tmp_path):
         )
     assert info.value.key == "--hardware" and info.value.file is None
     assert study.user_attrs[TARGET_ATTR + "board"]["fingerprint_hash"] == "aaa"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "not a mapping",
+        {"fingerprint_hash": "aaa", "model": {"statistic": "median"}},
+        {"fingerprint_hash": "aaa", "model": "x"},
+    ],
+)
+def test_a_record_that_is_no_model_is_one_line_not_a_traceback(tmp_path, record):
+    study = _study(tmp_path)
+    study.set_user_attr(TARGET_ATTR + "board", record)
+    with pytest.raises(UserError) as info:
+        check_latency_targets(study, [_latency("board", "aaa", 1)], spec_file="spec.yaml")
+    assert info.value.key == "hardware[0]" and "\n" not in str(info.value)
 
 
 # --- end to end -----------------------------------------------------------------------------------

@@ -231,6 +231,7 @@ def search_with_workers(
         settings=storage_settings(run),
         worker=worker_name(),
     )
+    # this process records its targets and latency models first: the workers predict with them
     check_latency_targets(shared.study, run.latency, spec_file=str(run.spec_path))
     console.print(
         f"{run.spec.name}: {n_workers} workers, study {name!r} on {shared.shown}, "

@@ -203,6 +203,63 @@ class LatencyModel:
         }
 
 
+def model_state(model: LatencyModel) -> dict[str, Any]:
+    """Everything ``model`` predicts from, as JSON (the kernels by their statistic only, failed
+    ones left out): what a shared study holds so that every worker predicts with one model."""
+    return {
+        "statistic": model.statistic,
+        "intercept_us": model.intercept_us,
+        "class_scale": dict(model.class_scale),
+        "kernel_correction": {f"{n}|{c}": v for (n, c), v in model.kernel_correction.items()},
+        "term_us": dict(model.term_us),
+        "form": model.form,
+        "leave_one_out_mape": dict(model.loo_mape),
+        "calibration_configs": model.calibration_configs,
+        "note": model.note,
+        "kernels_us": {
+            f"{n}|{c}": [t.impl, t.stat_us(model.statistic)]
+            for (n, c), t in model.per_layer.items()
+            if t.ok
+        },
+    }
+
+
+def model_from_state(layers: tuple[LayerInfo, ...], state: dict[str, Any]) -> LatencyModel:
+    """The model ``model_state`` wrote, for the same layers. ValueError for a state that is not
+    one (an unknown term, a non-finite figure): a study is input like any other."""
+
+    def number(value: Any) -> float:
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError(f"non-finite figure {value!r}")
+        return out
+
+    def key(text: str) -> tuple[str, str]:
+        name, _, label = str(text).rpartition("|")
+        return name, label
+
+    statistic = str(state["statistic"])
+    if statistic not in ("min", "median") or set(state["term_us"]) - set(TERMS):
+        raise ValueError(f"unknown statistic or term in {sorted(state)}")
+    per_layer = {
+        key(k): KernelTiming("measured", str(impl), median_us=number(us), min_us=number(us))
+        for k, (impl, us) in state["kernels_us"].items()
+    }
+    return LatencyModel(
+        layers,
+        per_layer,
+        number(state["intercept_us"]),
+        {str(c): number(v) for c, v in state["class_scale"].items()},
+        {key(k): number(v) for k, v in state["kernel_correction"].items()},
+        int(state["calibration_configs"]),
+        statistic,
+        None if state.get("note") is None else str(state["note"]),
+        str(state["form"]),
+        {str(f): float(v) for f, v in state.get("leave_one_out_mape", {}).items()},
+        {str(t): number(v) for t, v in state["term_us"].items()},
+    )
+
+
 def fit_latency_model(
     layers: tuple[LayerInfo, ...],
     per_layer: dict[tuple[str, str], KernelTiming],

@@ -90,8 +90,12 @@ def _checked_config(trial: Any, file: str | None) -> QuantConfig | None:
     if config.hash != recorded:
         raise refuse(f"has hash {config.hash}, the ledger records {attrs.get('config_hash')!r}")
     labels = {name: choice.label for name, choice in config.choices}
-    if trial.params and labels != trial.params:
-        wrong = sorted(n for n in labels.keys() | trial.params.keys() if labels.get(n) != trial.params.get(n))
+    # A storage read is not one snapshot (PostgreSQL reads a trial's params and its attributes
+    # in separate statements): a running trial may show its config with only the params
+    # written before the first statement. Those must agree; a finished trial's must all match.
+    names = labels.keys() | trial.params.keys() if trial.state.is_finished() else trial.params.keys()
+    wrong = sorted(n for n in names if labels.get(n) != trial.params.get(n))
+    if trial.params and wrong:
         raise refuse(f"disagrees with the trial's params on layer {wrong[0]!r}")
     return config
 

@@ -1,19 +1,25 @@
-"""One target per latency objective of a shared study, whichever machine a worker runs on.
+"""One target and one latency model per latency objective of a shared study, whichever
+machine a worker runs on.
 
-Each worker predicts ``latency@<profile>`` from its own profile (the spec's, or its own given
+Each worker profiles ``latency@<profile>`` with its own profile (the spec's, or its own given
 with ``autoquant worker --hardware``: a device on its machine, the same board through its own
 RPC tracker). Figures of two targets in one objective would make a front of nothing: so the
 first process to open the study records, per profile, the target fingerprint its latency
-model was measured on (CPU or RPC key, runtime and its version, threads, batch, kernel forms),
-and a worker whose profile is another target is refused before it measures anything.
+model was measured on (CPU or RPC key, runtime and its version, threads, batch, kernel forms)
+and the model itself; a worker whose profile is another target is refused before it measures
+anything, and one of the same target predicts with the recorded model, not its own fit, so
+every config of the study is predicted by one model. (Two workers that start at the same
+moment may both record; each then reads back and uses whichever record won.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Any
 
 from autoquant.errors import UserError
+from autoquant.latency.model import model_from_state, model_state
 
 TARGET_ATTR = "latency_target@"  # + profile name: a study user attribute
 SHOWN_KEYS = ("host_cpu", "rpc_key", "target", "runtime", "runtime_version", "threads", "batch")
@@ -39,27 +45,40 @@ def check_latency_targets(
     *,
     spec_file: str,
     overridden: Collection[str] = (),
-) -> None:
-    """Record each ``RunLatency``'s target in ``study`` (first comer), or refuse this process's
-    profile when it is another target than the recorded one: ``UserError`` naming the profile
-    (``--hardware`` when this worker gave its own, else the spec's ``hardware[i]``)."""
-    attrs = study.user_attrs
+) -> tuple[Any, ...]:
+    """Each ``RunLatency`` as the study has it: this process's target and model recorded when
+    the study has none for its profile; the recorded model when the target matches; a
+    ``UserError`` naming the profile (``--hardware`` when this worker gave its own, else the
+    spec's ``hardware[i]``) when it is another target. A record that is not a model (a study is
+    input like any other) is a ``UserError`` too."""
+    out = []
     for i, run_latency in enumerate(latency):
         name = run_latency.profile
         mine = target_of(run_latency.fidelity)
-        stored = attrs.get(TARGET_ATTR + name)
+        stored = study.user_attrs.get(TARGET_ATTR + name)
         if stored is None:
-            study.set_user_attr(TARGET_ATTR + name, mine)
-            continue
-        if stored.get("fingerprint_hash") == mine["fingerprint_hash"]:
-            continue
+            study.set_user_attr(TARGET_ATTR + name, {**mine, "model": model_state(run_latency.model)})
+            stored = study.user_attrs.get(TARGET_ATTR + name)  # another worker may have won
         given = name in overridden
-        raise UserError(
-            f"bad value {name!r}: this worker's profile {name} is another target "
-            f"({describe(mine['fingerprint'])}; fingerprint {mine['fingerprint_hash']}) than the "
-            f"one the study's latency@{name} was measured on ({describe(stored.get('fingerprint') or {})}; "
-            f"fingerprint {stored.get('fingerprint_hash')}); allowed: a profile of that same target "
-            "(same CPU or RPC key, runtime, threads and batch), or another study",
-            file=None if given else spec_file,
-            key="--hardware" if given else f"hardware[{i}]",
-        )
+        where = {"file": None if given else spec_file, "key": "--hardware" if given else f"hardware[{i}]"}
+        if not isinstance(stored, dict) or stored.get("fingerprint_hash") != mine["fingerprint_hash"]:
+            theirs = stored if isinstance(stored, dict) else {}
+            raise UserError(
+                f"bad value {name!r}: this worker's profile {name} is another target "
+                f"({describe(mine['fingerprint'])}; fingerprint {mine['fingerprint_hash']}) than "
+                f"the one the study's latency@{name} was measured on "
+                f"({describe(theirs.get('fingerprint') or {})}; fingerprint "
+                f"{theirs.get('fingerprint_hash')}); allowed: a profile of that same target "
+                "(same CPU or RPC key, runtime, threads and batch), or another study",
+                **where,
+            )
+        try:
+            model = model_from_state(run_latency.model.layers, stored["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(
+                f"bad value {name!r}: the study's latency model for latency@{name} cannot be read "
+                f"({type(exc).__name__}: {str(exc)[:100]}); allowed: a study written by autoquant",
+                **where,
+            ) from None
+        out.append(replace(run_latency, model=model))
+    return tuple(out)

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +314,8 @@ def run_worker(
     space is exhausted: the one search loop (``driver.drive``) on a ``SharedLedger``. Storage
     faults are retried for ``workers.retry_s`` (``on_status`` hears each retry), then exit 1.
     Every profile (the spec's, or the worker's own: ``run.own_hardware``) must be the target
-    the study's latency was measured on (``autoquant.search.targets``)."""
+    the study's latency was measured on, and predicts with the study's latency model
+    (``autoquant.search.targets``)."""
     from autoquant.search.proposer import LoopContext
     from autoquant.search.samplers import make_proposer
 
@@ -330,10 +331,13 @@ def run_worker(
     def step(fn):
         return retrying(fn, url=url, retry_s=ss.retry_s, on_retry=on_status)
 
-    step(
-        lambda: check_latency_targets(
-            shared.study, run.latency, spec_file=str(run.spec_path), overridden=run.own_hardware
-        )
+    run = with_latency(
+        run,
+        step(
+            lambda: check_latency_targets(
+                shared.study, run.latency, spec_file=str(run.spec_path), overridden=run.own_hardware
+            )
+        ),
     )
     done = step(lambda: entries(shared.study))
     # each worker (and each restart of one) samples its own sequence
@@ -357,6 +361,14 @@ def run_worker(
         stopped_because=stopped,
         elapsed_s=time.monotonic() - start,
     )
+
+
+def with_latency(run: PreparedRun, latency: tuple) -> PreparedRun:
+    """``run`` predicting with ``latency`` (the study's models) in place of its own fits."""
+    if not latency:
+        return run
+    evaluator = run.evaluator and replace(run.evaluator, latency=latency)
+    return replace(run, latency=latency, evaluator=evaluator)
 
 
 def _adopt(shared: SharedStudy, done: list) -> None:
