@@ -389,6 +389,17 @@ def read_spec(path: str | Path) -> LoadedSpec:
     return LoadedSpec(spec, load_space(space_path), hardware)
 
 
+def read_run_spec(path: Path) -> dict:
+    """The resolved spec a run directory holds (``RUN/spec.yaml``, as the search wrote it), read
+    within the YAML limits and validated as a spec (``UserError`` naming the file and key): a
+    run directory someone sent is input like any other. The mapping, as written."""
+    from autoquant.safeyaml import read_mapping
+
+    data = read_mapping(path)
+    parse_model(RunSpec, data, file=str(path))
+    return data
+
+
 def _latency_needs_hardware(spec: RunSpec, spec_path: Path) -> None:
     """A latency objective or limit without hardware profiles is the spec's mistake. The
     profiles themselves are found and validated by ``autoquant.hardware.resolve_hardware``."""

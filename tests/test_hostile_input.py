@@ -211,6 +211,31 @@ def test_space_of_a_single_config_refused_by_search(tmp_path, capsys, space):
     assert code == 0 and "warning: a single config" in out
 
 
+@pytest.mark.parametrize(
+    ("planted", "key"),
+    [
+        ("objectives: 5\n", "objectives"),
+        ("objectives: [accuracy, size]\nconstraints: {max_accuracy_drop: many}\n", "constraints.max_accuracy_drop"),
+        ("objectives: [accuracy, size]\nsearch: [1, 2]\n", "search"),
+    ],
+)
+def test_a_run_spec_that_is_no_spec_is_one_line_in_every_command(tmp_path, capsys, planted, key):
+    """A run directory someone sent: its spec.yaml is valid YAML but not a spec autoquant
+    writes. report, export, collect and a resuming search name the file and the key, exit 2."""
+    run_dir = tmp_path / "run"
+    space = "space: {version: 1, rules: [{match: {}, weight_bits: [8, 32]}]}\n"
+    write(run_dir / "spec.yaml", "version: 1\nname: t\ntask: digits-mlp\n" + space + planted)
+    write(run_dir / "trials.parquet", "")
+    write(run_dir / "pareto.csv", "trial,config\n1,{}\n")
+    for args in (["report", run_dir], ["export", run_dir], ["collect", run_dir]):
+        line = _one_line(capsys, args)
+        assert f"spec.yaml: {key}: bad value" in line, (args, line)
+    write(tmp_path / "space.yaml", SMALL_SPACE)
+    spec = write(tmp_path / "spec.yaml", GOOD)
+    line = _one_line(capsys, ["search", spec, "--out", run_dir, "--quiet"])
+    assert f"spec.yaml: {key}: bad value" in line, line
+
+
 def test_hostile_spec_yaml_in_a_run_directory_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     bomb = f"version: 1\nname: {_bomb()}\n"

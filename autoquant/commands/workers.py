@@ -42,6 +42,7 @@ def worker(
         list[str] | None,
         typer.Option(
             "--hardware",
+            metavar="PROFILE",
             help="this machine's own profile (name or YAML path) in place of the spec's profile "
             "of the same name: a local device, or the same board through its own RPC tracker; "
             "repeatable. It must be the target the study's latency was measured on",
@@ -83,7 +84,7 @@ def worker(
 
 
 def _resolved_spec(run_dir: Path) -> dict:
-    import yaml
+    from autoquant.spec import read_run_spec
 
     path = run_dir / "spec.yaml"
     if not path.is_file():
@@ -92,7 +93,7 @@ def _resolved_spec(run_dir: Path) -> dict:
             "by autoquant search",
             key="RUN",
         )
-    return yaml.safe_load(path.read_text())
+    return read_run_spec(path)
 
 
 def _settings(resolved: dict):
@@ -195,6 +196,24 @@ def _worker_command(run: Any, url: str, name: str, overrides: dict) -> list[str]
     return command
 
 
+def _watch(procs: list[subprocess.Popen], *, every_s: float, tick: Any) -> None:
+    """Wait for ``procs``, calling ``tick()`` every ``every_s`` seconds; on any interruption
+    stop them all before passing it on."""
+    last = time.monotonic()
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            if time.monotonic() - last >= every_s:
+                last = time.monotonic()
+                tick()
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+
+
 def search_with_workers(
     run: Any,
     run_dir: Path,
@@ -240,24 +259,16 @@ def search_with_workers(
     )
     command = _worker_command(run, url, name, overrides)
     procs = [subprocess.Popen([*command, "--index", str(i)]) for i in range(n_workers)]
-    last = time.monotonic()
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-            if time.monotonic() - last >= 5.0:
-                last = time.monotonic()
-                try:
-                    write_from_ledger(run_dir, url, name, resolved, started=started, stopped="running")
-                except MachineError:
-                    pass  # the workers retry on their own; the final write says what is lost
-                if not quiet:
-                    console.print(f"{shared.claims.count()}/{run.spec.search.trials} configs claimed", highlight=False)
-    except BaseException:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-        raise
+
+    def rewrite() -> None:
+        try:
+            write_from_ledger(run_dir, url, name, resolved, started=started, stopped="running")
+        except MachineError:
+            pass  # the workers retry on their own; the final write says what is lost
+        if not quiet:
+            console.print(f"{shared.claims.count()}/{run.spec.search.trials} configs claimed", highlight=False)
+
+    _watch(procs, every_s=5.0, tick=rewrite)
     codes = [p.returncode for p in procs]
     frame, front, outcome = write_from_ledger(
         run_dir, url, name, resolved, started=started, stopped="workers finished"

@@ -105,8 +105,8 @@ def load_front(run_dir: Path) -> RunFront:
     front is empty."""
     import pandas as pd
 
-    from autoquant.safeyaml import read_mapping
     from autoquant.search.objectives import objectives_for
+    from autoquant.spec import read_run_spec
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -131,7 +131,7 @@ def load_front(run_dir: Path) -> RunFront:
             f"run {str(run_dir)!r} has no Pareto front yet (pareto.csv is empty); run more trials",
             key="RUN",
         )
-    spec = read_mapping(spec_path)
+    spec = read_run_spec(spec_path)
     names = list(spec.get("objectives") or ["accuracy", "size"])
     try:
         objectives = objectives_for(names)

@@ -132,7 +132,7 @@ def load_run(path: Path) -> RunData:
     """Read ``spec.yaml``, ``trials.parquet``, ``pareto.csv`` and ``run.json`` of a run directory."""
     import pandas as pd
 
-    from autoquant.safeyaml import read_mapping
+    from autoquant.spec import read_run_spec
 
     if not path.exists():
         raise UserError(f"bad value {str(path)!r}: no such run directory; allowed: a directory made by autoquant search", key="RUN")
@@ -144,7 +144,7 @@ def load_run(path: Path) -> RunData:
             f"bad value {str(path)!r}: not a finished run directory (missing {', '.join(missing)}); "
             "allowed: a directory made by autoquant search", key="RUN",
         )
-    spec = _read(path, "spec.yaml", read_mapping)
+    spec = _read(path, "spec.yaml", read_run_spec)
     named = (objective_named(str(n)) for n in spec.get("objectives", ["accuracy", "size"]))
     objectives = tuple(o for o in named if o is not None)
     trials = _read(path, "trials.parquet", pd.read_parquet)

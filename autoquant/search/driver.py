@@ -394,12 +394,12 @@ def _one_trial(ctx, proposal) -> str:
 
 def check_resumable(run: PreparedRun, run_dir: Path, resolved: dict) -> None:
     """A run directory continues only the search it was made for."""
-    from autoquant.safeyaml import read_mapping
+    from autoquant.spec import read_run_spec
 
     stored_path = run_dir / "spec.yaml"
     if not stored_path.exists():
         return
-    stored = read_mapping(stored_path)
+    stored = read_run_spec(stored_path)
     for key in ("task", "space", "objectives", "constraints", "evaluation"):
         if stored.get(key) != resolved.get(key):
             raise UserError(
