@@ -4,17 +4,20 @@ the one the study's latency was measured on is refused before it measures anythi
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from conftest import ROOT, SMALL_SPACE, write
 
 from autoquant.errors import UserError
 from autoquant.hardware import override_hardware, resolve_hardware
-from autoquant.latency.model import LatencyModel
+from autoquant.latency.model import LatencyModel, model_from_state
 from autoquant.measure.timing import KernelTiming
 from autoquant.search.latency import RunLatency
 from autoquant.search.targets import TARGET_ATTR, check_latency_targets
@@ -157,12 +160,12 @@ def test_a_record_that_is_no_model_is_one_line_not_a_traceback(tmp_path, record)
 # --- end to end -----------------------------------------------------------------------------------
 
 
-def _worker(args: list, cwd: Path) -> subprocess.CompletedProcess:
+def _worker(args: list, cwd: Path, cache: str = "cache") -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(cwd)}
     return subprocess.run(
         [sys.executable, "-m", "autoquant.cli", "worker", *map(str, args), "--quiet"],
         cwd=cwd,
-        env={**env, "AUTOQUANT_CACHE_DIR": str(cwd / "cache")},
+        env={**env, "AUTOQUANT_CACHE_DIR": str(cwd / cache)},
         capture_output=True,
         text=True,
         timeout=600,
@@ -180,8 +183,30 @@ def test_worker_with_another_target_is_refused_one_with_its_own_route_joins(tmp_
     lines = other.stderr.strip().splitlines()
     assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
     assert "--hardware" in lines[0] and "threads 2" in lines[0] and "threads 1" in lines[0]
-    # the same target given from another file: joins the study (budget spent: nothing to do)
+    # the same target given from another file, on "another machine" (an empty latency table):
+    # joins the study and predicts with the study's model, nothing profiled or timed
     profile_file(tmp_path / "same.yaml", description="the same CPU, my copy")
-    same = _worker([spec, "--storage", url, "--hardware", "same.yaml", "--trials", "4"], tmp_path)
+    args = [spec, "--storage", url, "--hardware", "same.yaml", "--trials", "4"]
+    same = _worker(args, tmp_path, cache="other-machine")
     assert same.returncode == 0, same.stderr[-2000:]
     assert "1 configs measured here" in same.stdout, same.stdout
+    with sqlite3.connect(tmp_path / "other-machine" / "latency.sqlite") as conn:
+        assert conn.execute("select count(*) from timings").fetchone() == (0,)
+    # every config of the study predicted by one model: the one the first worker recorded
+    study = optuna.load_study(study_name="targets", storage=url)
+    model = model_from_state(_mlp_layers(), study.user_attrs[TARGET_ATTR + "ort-light"]["model"])
+    measured = [t for t in study.trials if "figures" in t.user_attrs]
+    assert len(measured) == 4
+    for t in measured:
+        config = QuantConfig.from_json(t.user_attrs["config"])
+        figure = json.loads(t.user_attrs["figures"])["latency_ms@ort-light"]
+        assert figure["value"] == pytest.approx(model.predict(config).value)
+        assert figure["source"] == "predicted"
+
+
+def _mlp_layers():
+    from autoquant.space.discovery import discover_layers
+    from autoquant.tasks import load_task
+
+    task = load_task("digits-mlp")
+    return tuple(discover_layers(task.model, task.example_inputs()))

@@ -53,7 +53,9 @@ def worker(
     """Measure configs of a shared study until its budget is spent (run it on any number of
     machines; the password comes from PGPASSWORD or ~/.pgpass)."""
     from autoquant.search.run import prepare
-    from autoquant.search.workers import resolve_storage, run_worker, worker_name
+    from autoquant.search.targets import recorded_targets
+    from autoquant.search.workers import run_worker, storage_of, worker_name
+    from autoquant.spec import read_spec
     from autoquant.storage import redact
 
     overrides = {
@@ -62,8 +64,11 @@ def worker(
         "seed": seed,
         "sampler": sampler.value if sampler else None,
     }
-    run = prepare(spec, overrides=overrides, hardware=hardware or ())
-    url, name = resolve_storage(run, storage, None)
+    loaded = read_spec(spec)
+    url, name = storage_of(loaded.spec, spec, storage, None)
+    # what the study already holds of each profile (its target, its model) is not profiled again
+    recorded = recorded_targets(url, study or name, _settings(loaded.spec.model_dump(mode="json")))
+    run = prepare(spec, overrides=overrides, hardware=hardware or (), recorded=recorded)
     shown = redact(url)
 
     def status(text: str) -> None:

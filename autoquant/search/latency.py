@@ -119,8 +119,11 @@ def prepare_run_latency(
     key: str,
     table_path: str | Path | None = None,
     status: Callable[[str], None] | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[RunLatency, SearchSpace]:
     """Profile, restrict the space, fit and validate for one profile (see the module text).
+    ``recorded``: what a shared study holds for this profile (``autoquant.search.targets``):
+    its model is taken instead, nothing profiled or timed (``_from_study``).
 
     Raises ``UserError`` (naming ``file`` and ``key``) when the profile can't give a latency
     model for this task: no float32 kernel for a layer, a layer left with no choice that has a
@@ -131,20 +134,53 @@ def prepare_run_latency(
     start = time.monotonic()
     run = _ProfileRun(profile, profile.hardware(), task, file, key, status)
     with backend_for(run.prof) as backend, LatencyTable(table_path) as table:
-        result = _profile_kernels(run, backend, table, space)
-        lookup = result.lookup()
-        _require_fp32_kernels(run, space, lookup)
-        restricted, dropped = _restrict_or_refuse(run, space, lookup)
-        checked = _check_model(run, backend, table, restricted, lookup, n_validate=n_validate, seed=seed)
         measured_on = {
             "fingerprint_hash": backend.fingerprint_hash(),
             "fingerprint": backend.fingerprint(),
             "table": str(table.path),
         }
+        if recorded is not None:
+            return _from_study(run, space, measured_on, recorded)
+        result = _profile_kernels(run, backend, table, space)
+        lookup = result.lookup()
+        _require_fp32_kernels(run, space, lookup)
+        restricted, dropped = _restrict_or_refuse(run, space, lookup)
+        checked = _check_model(run, backend, table, restricted, lookup, n_validate=n_validate, seed=seed)
     fidelity = _fidelity(run, measured_on, result, dropped, checked)
     fidelity |= {"seed": seed, "elapsed_s": time.monotonic() - start}
     latency = RunLatency(run.prof.name, checked.model, strict_json(fidelity), run.prof)
     return latency, restricted
+
+
+def _from_study(
+    run: _ProfileRun, space: SearchSpace, measured_on: dict[str, Any], recorded: dict[str, Any]
+) -> tuple[RunLatency, SearchSpace]:
+    """A worker joining a study that holds this profile's target and latency model: the same
+    target takes the model and the space restricted to its kernels, with nothing profiled or
+    timed; another target gets an empty model (the study's target check refuses the worker
+    before it measures anything: there is nothing to fit for it)."""
+    from autoquant.latency.model import model_from_state
+
+    layers = space.layer_infos
+    restricted, model = space, LatencyModel(layers, {})
+    if isinstance(recorded, dict) and recorded.get("fingerprint_hash") == measured_on["fingerprint_hash"]:
+        try:
+            model = model_from_state(layers, recorded["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise run.refuse(
+                f"the shared study's latency model cannot be read ({type(exc).__name__})",
+                "a study written by autoquant",
+            ) from None
+        restricted, _ = _restrict_or_refuse(run, space, model.per_layer)
+        run.say("latency model taken from the shared study: nothing profiled")
+    fidelity = {
+        "profile": run.prof.name,
+        "objective": latency_objective(run.prof.name).name,
+        **measured_on,
+        "model": model.to_dict(),
+        "model_source": "the shared study",
+    }
+    return RunLatency(run.prof.name, model, strict_json(fidelity), run.prof), restricted
 
 
 def _profile_kernels(run: _ProfileRun, backend: Any, table: Any, space: SearchSpace) -> Any:

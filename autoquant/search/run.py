@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from autoquant.errors import UserError, show
 from autoquant.space import QuantChoice, QuantConfig, SearchSpace, build_space
 from autoquant.space.searchspace import check_searchable
-from autoquant.spec import RunSpec, SearchSettings, SearchSpaceSpec, read_spec
+from autoquant.spec import LoadedSpec, RunSpec, SearchSettings, SearchSpaceSpec, read_spec
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def prepare(
     searching: bool = False,
     status=None,
     hardware: Sequence[str] = (),
+    recorded: Mapping[str, dict] | None = None,
 ) -> PreparedRun:
     """Load the spec, its task and space; calibrate. Raises ``UserError`` for bad input.
 
@@ -67,20 +68,15 @@ def prepare(
     ``status(text)`` is told what is going on (profiling can take minutes the first time).
     ``searching``: the space is to be searched, so a space of a single config is refused.
     ``hardware``: this machine's own profiles, each replacing the spec's profile of its name
-    (``autoquant worker --hardware``)."""
+    (``autoquant worker --hardware``); ``recorded``: the targets and latency models a shared
+    study holds, by profile name (``autoquant.search.targets.recorded_targets``): a profile
+    found there is not profiled again."""
     from autoquant.space.discovery import other_param_bytes
     from autoquant.tasks import load_task
     from autoquant.tasks.base import with_eval_samples
 
     spec_path = Path(spec_path)
-    loaded = read_spec(spec_path)
-    own: frozenset[str] = frozenset()
-    if hardware:
-        from autoquant.hardware import override_hardware
-
-        spec_profiles = loaded.hardware
-        loaded = replace(loaded, hardware=override_hardware(spec_profiles, hardware, cwd=Path.cwd()))
-        own = frozenset(r.name for r, s in zip(loaded.hardware, spec_profiles) if r is not s)
+    loaded, own = _with_own_hardware(read_spec(spec_path), hardware)
     spec, space_spec = loaded.spec, loaded.space
     if overrides:
         spec = spec.model_copy(update={"search": _overridden(spec.search, overrides)})
@@ -103,8 +99,9 @@ def prepare(
     latency: tuple = ()
     if spec.hardware:
         spec, space, latency = _prepare_hardware(
-            spec, spec_path, loaded.hardware, task, space, profile=with_evaluator, status=status
-        )
+            spec, spec_path, loaded.hardware, task, space,
+            profile=with_evaluator, status=status, recorded=recorded or {},
+        )  # fmt: skip
         if searching:  # the profiles may have taken choices away
             check_searchable(space, file=space_file(spec, spec_path))
     evaluator = None
@@ -123,6 +120,18 @@ def prepare(
             latency=latency,
         )
     return PreparedRun(spec, space_spec, spec_path, task, space, evaluator, latency, own)
+
+
+def _with_own_hardware(loaded: LoadedSpec, hardware: Sequence[str]) -> tuple[LoadedSpec, frozenset[str]]:
+    """``loaded`` with this machine's own profiles in place of the spec's of the same names, and
+    those names."""
+    if not hardware:
+        return loaded, frozenset()
+    from autoquant.hardware import override_hardware
+
+    mine = override_hardware(loaded.hardware, hardware, cwd=Path.cwd())
+    own = frozenset(r.name for r, theirs in zip(mine, loaded.hardware) if r is not theirs)
+    return replace(loaded, hardware=mine), own
 
 
 def _overridden(search: SearchSettings, overrides: dict) -> SearchSettings:
@@ -165,6 +174,7 @@ def _prepare_hardware(
     *,
     profile: bool,
     status,
+    recorded: Mapping[str, dict],
 ):
     """(spec with ``latency`` expanded per profile, restricted space, RunLatency per profile);
     ``hardware``: the spec's ``ResolvedProfile``s (``autoquant.hardware.resolve_hardware``)."""
@@ -204,6 +214,7 @@ def _prepare_hardware(
             file=str(spec_path),
             key=f"hardware[{i}]",
             status=status,
+            recorded=recorded.get(resolved.name),
         )
         latency.append(run_latency)
     return spec, space, tuple(latency)

@@ -33,6 +33,28 @@ def target_of(fidelity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def recorded_targets(url: str, study_name: str, settings: Any) -> dict[str, dict]:
+    """The targets and latency models study ``study_name`` holds, by profile name ({} while no
+    such study exists): a worker joining it need not profile what the study already has."""
+    from autoquant.storage import open_storage, retrying
+
+    storage = open_storage(url, settings)
+
+    def read() -> dict[str, Any]:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return {}
+        return storage.get_study_user_attrs(study_id)
+
+    attrs = retrying(read, url=url, retry_s=settings.retry_s)
+    return {
+        key.removeprefix(TARGET_ATTR): value
+        for key, value in attrs.items()
+        if key.startswith(TARGET_ATTR) and isinstance(value, dict)
+    }
+
+
 def describe(fingerprint: dict[str, Any]) -> str:
     """The fingerprint's distinguishing fields on one line (``cpu ..., runtime ...``)."""
     parts = [f"{k} {fingerprint[k]}" for k in SHOWN_KEYS if fingerprint.get(k) not in (None, "")]

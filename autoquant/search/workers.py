@@ -81,22 +81,27 @@ def storage_settings(run: PreparedRun) -> StorageSettings:
 
 
 def resolve_storage(run: PreparedRun, override: str | None, run_dir: Path | None) -> tuple[str, str]:
+    """``storage_of`` for a prepared run."""
+    return storage_of(run.spec, run.spec_path, override, run_dir)
+
+
+def storage_of(spec: Any, spec_path: Path, override: str | None, run_dir: Path | None) -> tuple[str, str]:
     """(URL, study name): ``--storage`` over the spec's ``storage``, else the run directory's
     study.db (study ``autoquant``, as a single-process search). A shared database holds one
     study per spec name."""
-    given = override if override is not None else run.spec.storage
+    given = override if override is not None else spec.storage
     if given is None:
         if run_dir is None:
             raise UserError(
                 "bad value None: a worker needs a shared storage; allowed: --storage URL or "
                 "storage: in the spec (postgresql://USER@HOST:PORT/DB)",
-                file=str(run.spec_path),
+                file=str(spec_path),
                 key="storage",
             )
         return sqlite_url(run_dir), STUDY_NAME
     key = "--storage" if override is not None else "storage"
-    url = check_url(given, file=None if override is not None else str(run.spec_path), key=key)
-    return url, run.spec.name
+    url = check_url(given, file=None if override is not None else str(spec_path), key=key)
+    return url, spec.name
 
 
 def open_shared(
