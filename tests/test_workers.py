@@ -74,20 +74,22 @@ def ledger(url: str, name: str, password: str):
         return entries(study)
 
 
-def states(url: str, name: str, password: str) -> tuple[set[int], dict[int, str]]:
-    """(numbers of COMPLETE trials, running trial number -> worker) straight from SQL."""
+def states(url: str, name: str, password: str, conn=None) -> tuple[set[int], dict[int, str]]:
+    """(numbers of COMPLETE trials, running trial number -> worker) straight from SQL (on
+    ``conn``, an autocommit connection, when given: polling without a connection per call)."""
     import psycopg
 
-    conninfo = f"{url}?password={password}"
-    with psycopg.connect(conninfo, connect_timeout=5) as conn:
-        if conn.execute("select to_regclass('trials')").fetchone()[0] is None:
-            return set(), {}  # no worker has created the study yet
-        rows = conn.execute(
-            "select t.number, t.state, a.value_json from trials t join studies s using (study_id) "
-            "left join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'worker' "
-            "where s.study_name = %s",
-            (name,),
-        ).fetchall()
+    if conn is None:
+        with psycopg.connect(f"{url}?password={password}", connect_timeout=5, autocommit=True) as own:
+            return states(url, name, password, own)
+    if conn.execute("select to_regclass('trials')").fetchone()[0] is None:
+        return set(), {}  # no worker has created the study yet
+    rows = conn.execute(
+        "select t.number, t.state, a.value_json from trials t join studies s using (study_id) "
+        "left join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'worker' "
+        "where s.study_name = %s",
+        (name,),
+    ).fetchall()
     complete = {n for n, s, _ in rows if s == "COMPLETE"}
     running = {n: (w or "") for n, s, w in rows if s == "RUNNING"}
     return complete, running
@@ -98,6 +100,9 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
     spec_path = spec(tmp, trials=trials)
     env = pg.env()
     rng = random.Random(seed)
+    import psycopg
+
+    conn = psycopg.connect(f"{url}?password={pg.password}", connect_timeout=5, autocommit=True)
     procs = [cli(["worker", spec_path, "--storage", url, "--index", i, "--quiet"], env) for i in range(workers)]
     seen_complete: set[int] = set()
     killed = mid_trial = 0
@@ -116,17 +121,17 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
         if proc.poll() is not None:
             early = exited(proc)  # the budget ran out before every kill, or the worker failed
             break
+        complete, _ = states(url, "shared", pg.password, conn)
+        seen_complete |= complete
         if killed % 2:  # every other kill waits until this worker is inside a trial
             until = time.monotonic() + 60
             while time.monotonic() < until and proc.poll() is None:
-                _, running = states(url, "shared", pg.password)
+                _, running = states(url, "shared", pg.password, conn)
                 if any(w.endswith(f':{proc.pid}"') for w in running.values()):
                     break  # kill at once: a digits-mlp trial lasts a fraction of a second
-                time.sleep(0.02)
+                time.sleep(0.01)
         else:
             time.sleep(rng.uniform(0.2, 1.5))
-        complete, running = states(url, "shared", pg.password)
-        seen_complete |= complete
         if proc.poll() is not None:
             early = exited(proc)
             break
@@ -136,6 +141,7 @@ def kill_workers(pg: PgServer, tmp: Path, *, workers: int, kills: int, trials: i
         _, running = states(url, "shared", pg.password)
         mid_trial += any(w.endswith(f':{proc.pid}"') for w in running.values())
         procs[i] = cli(["worker", spec_path, "--storage", url, "--index", i, "--quiet"], env)
+    conn.close()
     assert killed == kills, f"{killed} of {kills} kills: {early or 'out of time'}"
     for proc in procs:
         out, err = proc.communicate(timeout=300)
