@@ -153,7 +153,7 @@ def open_storage(
         "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback": on_stale
     }
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = _rdb_storage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=settings.heartbeat_interval_s,
@@ -173,6 +173,25 @@ def open_storage(
             key=key,
         ) from None
     return storage
+
+
+def _rdb_storage(url: str, **kwargs: Any) -> Any:
+    """``optuna.storages.RDBStorage(url, **kwargs)``. Workers started together on a new
+    database all create Optuna's tables at once, and PostgreSQL refuses all but one of the
+    concurrent ``CREATE TABLE``s (a unique violation in its catalog): the others try again and
+    find the tables made."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError) as exc:
+            concurrent = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if not concurrent or attempt == 5:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _sync_at_checkpoints(engine: Any) -> None:

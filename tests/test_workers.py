@@ -280,3 +280,32 @@ def test_storage_lost_mid_run_exits_1_with_finished_trials_safe(pg, tmp_path):
     assert "lost for" in lines[-1] and "safe" in lines[-1]
     assert pg.password not in err.decode()
     assert before <= states(url, "lost", pg.password)[0]
+
+
+def test_workers_opening_a_new_database_at_once_all_get_it(pg):
+    """Workers started together on a new database all create Optuna's tables at once;
+    PostgreSQL refuses all but one CREATE TABLE (a unique violation in its catalog): each must
+    still open the storage, not exit 2 as if the URL were wrong."""
+    import threading
+
+    from autoquant.storage import StorageSettings, check_url, open_storage
+
+    url = check_url(pg.create_db("fresh"), file=None, key="t")
+    barrier = threading.Barrier(6)
+    failures: list[str] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            open_storage(url, StorageSettings())
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever a worker hit
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSWORD", pg.password)
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert failures == []
