@@ -255,3 +255,32 @@ def test_latency_budget_uses_the_runs_per_profile_latency_column(run_dir, tmp_pa
         "export", str(run), "--pick", "max_latency_ms=0.5", "--out", str(tmp_path / "o")
     )
     assert code == 2 and "smallest latency_ms@cpu on the front: 1" in err
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "expected"),
+    [
+        ({"profiles": {"cpu-local-ort": {"threads": 2, "fingerprint": {"runtime": "onnxruntime"}}}}, 2),
+        ({"profiles": {"cpu-local": {"threads": 2, "fingerprint": {"runtime": "tvm"}}}}, 1),
+        ({"profiles": {"ort": {"threads": 10**6, "fingerprint": {"runtime": "onnxruntime"}}}}, 1),
+        ({"profiles": {"ort": {"threads": True, "fingerprint": {"runtime": "onnxruntime"}}}}, 1),
+        ({"profiles": {"ort": {"threads": "2; rm -rf /", "fingerprint": {"runtime": "onnxruntime"}}}}, 1),
+        ({"profiles": ["not", "a", "mapping"]}, 1),
+        ("garbage", 1),
+        (None, 1),
+    ],
+)
+def test_export_times_on_the_threads_the_search_predicted_for(tmp_path, fidelity, expected):
+    """The export's latency check runs on the threads of the run's ONNX Runtime profile (what
+    its latency figures were predicted for); a run without one, or a file that is not one
+    autoquant writes (a run directory is input like any other), gets 1 thread."""
+    import os
+
+    from autoquant.export.pick import run_ort_threads
+
+    if fidelity is not None:
+        text = fidelity if isinstance(fidelity, str) else json.dumps(fidelity)
+        (tmp_path / "latency_fidelity.json").write_text(text)
+    threads, why = run_ort_threads(tmp_path)
+    assert threads == min(expected, os.cpu_count() or 1)
+    assert ("cpu-local-ort" in why) == (threads == 2 and expected == 2)

@@ -48,8 +48,13 @@ def export(
         bool, typer.Option("--all", help="export and validate every front point")
     ] = False,
     threads: Annotated[
-        int, typer.Option(min=1, help="ORT intra-op threads (latency and checks)")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="ORT intra-op threads (latency and checks) [default: the threads of the run's "
+            "ONNX Runtime profile, as the search predicted; else 1]",
+        ),
+    ] = None,
     latency_repeats: Annotated[
         int, typer.Option(min=0, help="timed runs per graph (0: skip latency)")
     ] = 200,
@@ -94,6 +99,10 @@ def export(
     from autoquant.export.validate import Tolerances
 
     console = Console(markup=False)  # names come from run directories: never markup
+    if threads is None:
+        from autoquant.export.pick import run_ort_threads
+
+        threads, _ = run_ort_threads(run)
     options = ExportOptions(
         threads=threads,
         latency_repeats=latency_repeats,

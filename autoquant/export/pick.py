@@ -267,3 +267,28 @@ def choose(front: RunFront, pick: Pick):
             f"bad value {pick.text!r}: the points inside the budget have no accuracy", key="--pick"
         )
     return order.iloc[0]
+
+
+def run_ort_threads(run_dir: Path) -> tuple[int, str]:
+    """(threads, why): the intra-op threads of the ONNX Runtime profile the run's latency was
+    predicted for (``latency_fidelity.json``), so that the export is timed as the search
+    promised; 1 when the run has none. The file is input like any other: a count that is not a
+    whole number from 1 to this machine's CPUs is ignored."""
+    import json
+    import os
+
+    try:
+        data = json.loads((Path(run_dir) / "latency_fidelity.json").read_text())
+        profiles = data["profiles"]
+        found = [
+            (name, p["threads"])
+            for name, p in profiles.items()
+            if isinstance(p, dict)
+            and (p.get("fingerprint") or {}).get("runtime") == "onnxruntime"
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 1, "the run has no ONNX Runtime profile"
+    for name, threads in found:
+        if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= (os.cpu_count() or 1):
+            return threads, f"the threads of the run's profile {name}"
+    return 1, "the run has no ONNX Runtime profile"

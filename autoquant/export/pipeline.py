@@ -344,6 +344,7 @@ SUMMARY_COLUMNS = (
     "promised_size_bytes",
     "file_bytes",
     "file_ratio_vs_fp32",
+    "promised_latency_ms",
     "latency_ms",
     "fp32_latency_ms",
     "speedup_vs_fp32",
@@ -374,6 +375,7 @@ def summary_rows(results: list[ExportResult]) -> list[dict[str, Any]]:
                 "promised_size_bytes": promised.get("size_bytes", {}).get("value"),
                 "file_bytes": measured["file_bytes"]["value"],
                 "file_ratio_vs_fp32": measured["file_ratio_vs_fp32"]["value"],
+                "promised_latency_ms": _promised_latency(promised),
                 "latency_ms": measured.get("latency_ms", {}).get("value"),
                 "fp32_latency_ms": measured.get("fp32_latency_ms", {}).get("value"),
                 "speedup_vs_fp32": measured.get("speedup_vs_fp32", {}).get("value"),
@@ -382,6 +384,12 @@ def summary_rows(results: list[ExportResult]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _promised_latency(promised: dict[str, Any]) -> float | None:
+    """The search's latency figure for the point (predicted), when it had one profile."""
+    figures = [v.get("value") for k, v in promised.items() if k.startswith("latency_ms@")]
+    return figures[0] if len(figures) == 1 else None
 
 
 def write_summary(path: Path, results: list[ExportResult]) -> None:
