@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from pathlib import Path
 from typing import Annotated
@@ -103,6 +104,13 @@ def export(
         from autoquant.export.pick import run_ort_threads
 
         threads, _ = run_ort_threads(run)
+    from autoquant.backends.ort.session import share_thread_pool
+
+    # every session of this process on one pool, as the profile's timings ran and as one
+    # deployed session runs: the export and the fp32 graph timed in turn, each with a pool of
+    # its own, had the idle one's spinning workers take the CPU from the one being timed
+    with contextlib.suppress(RuntimeError):  # a pool made earlier in this process: the
+        share_thread_pool(threads)  # sessions run on it, and the manifest says its threads
     options = ExportOptions(
         threads=threads,
         latency_repeats=latency_repeats,
