@@ -50,12 +50,9 @@ def export(
     ] = False,
     threads: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            help="ORT intra-op threads (latency and checks) [default: the threads of the run's "
-            "ONNX Runtime profile, as the search predicted; else 1]",
-        ),
-    ] = None,
+        typer.Option(min=1, help="ORT intra-op threads (latency and checks) [default: the run's "
+                     "ONNX Runtime profile's, as the search predicted; else 1]"),
+    ] = None,  # fmt: skip
     latency_repeats: Annotated[
         int, typer.Option(min=0, help="timed runs per graph (0: skip latency)")
     ] = 200,
@@ -100,19 +97,8 @@ def export(
     from autoquant.export.validate import Tolerances
 
     console = Console(markup=False)  # names come from run directories: never markup
-    if threads is None:
-        from autoquant.export.pick import run_ort_threads
-
-        threads, _ = run_ort_threads(run)
-    from autoquant.backends.ort.session import share_thread_pool
-
-    # every session of this process on one pool, as the profile's timings ran and as one
-    # deployed session runs: the export and the fp32 graph timed in turn, each with a pool of
-    # its own, had the idle one's spinning workers take the CPU from the one being timed
-    with contextlib.suppress(RuntimeError):  # a pool made earlier in this process: the
-        share_thread_pool(threads)  # sessions run on it, and the manifest says its threads
     options = ExportOptions(
-        threads=threads,
+        threads=_session_pool(run, threads),
         latency_repeats=latency_repeats,
         int4_kernel=int4_kernel.value,
         kernel_weights=kernel_weights.value,
@@ -125,6 +111,21 @@ def export(
     _print_results(console, results, all_=all_)
     if any(not r.ok for r in results):
         raise typer.Exit(1)
+
+
+def _session_pool(run: Path, threads: int | None) -> int:
+    """The threads the export's sessions run on (``--threads``, else the run's ONNX Runtime
+    profile's), made this process's one thread pool: as the profile's timings ran and as one
+    deployed session runs (the export and the fp32 graph timed in turn, each with a pool of its
+    own, had the idle one's spinning workers take the CPU from the one being timed)."""
+    from autoquant.backends.ort.session import share_thread_pool
+    from autoquant.export.pick import run_ort_threads
+
+    if threads is None:
+        threads, _ = run_ort_threads(run)
+    with contextlib.suppress(RuntimeError):  # a pool made earlier in this process: the
+        share_thread_pool(threads)  # sessions run on it, and the manifest says its threads
+    return threads
 
 
 def _print_results(console, results, *, all_: bool) -> None:
