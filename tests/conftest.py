@@ -9,21 +9,39 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``autoquant`` in-process the way the console script does; return (code, out, err)."""
+def _main(args: list) -> int:
+    """``autoquant ARGS`` in-process the way the console script runs it; its exit code."""
     from autoquant.cli import main
 
     old = sys.argv
     sys.argv = ["autoquant", *map(str, args)]
-    code = 0
     try:
         main()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = old
+    return 0
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``autoquant`` in-process the way the console script does; return (code, out, err)."""
+    code = _main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def run_cli_captured(args: list) -> tuple[int, str, str]:
+    """``run_cli`` where pytest's capsys is not at hand (a module fixture, a hypothesis
+    example): (code, out, err) from sys.stdout / sys.stderr redirected, which is where rich's
+    consoles write at print time."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _main(args)
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli_captured
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from autoquant.cli import main  # noqa: E402
 from autoquant.export.pick import Pick, choose, load_front  # noqa: E402
 from autoquant.export.pipeline import ExportContext, ExportOptions, export_point  # noqa: E402
 
@@ -24,22 +24,7 @@ FAST = ["--latency-repeats", "20"]
 
 def cli(*args: str) -> tuple[int, str, str]:
     """Run the real ``autoquant`` entry point in-process; (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["autoquant", *args]
-    code = 0
-    try:
-        # rich's consoles write to whatever sys.stdout / sys.stderr are at print time.
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return run_cli_captured(list(args))
 
 
 @pytest.fixture(scope="session")

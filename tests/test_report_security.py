@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from browser import render, requires_chromium
-from conftest import run_cli, small_spec
+from conftest import run_cli, run_cli_captured, small_spec
 
 # Each payload, if it ran, marks <body> with its own number: the test names which one got through.
 IMG = "<img src=x onerror=document.body.setAttribute('data-pwned',1)>"
@@ -73,7 +73,7 @@ def hostile(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     spec = small_spec(base / "spec", trials=6)
     first = base / RUN_A
-    code, _, err = run_cli(["search", spec, "--out", first, "--quiet"], _Capture())
+    code, _, err = run_cli_captured(["search", spec, "--out", first, "--quiet"])
     assert code == 0, err
     searched = (first / "report.html").read_text()
     second = base / RUN_B
@@ -88,15 +88,6 @@ def hostile(tmp_path_factory):
     html_path, _ = write_compare(compare_runs(runs), base / "cmp")
     pages["compare"] = (html_path, html_path.read_text())
     return pages
-
-
-class _Capture:
-    """run_cli wants capsys; a module fixture has none, and the search's output is not checked."""
-
-    def readouterr(self):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(out="", err="")
 
 
 class _Markup(HTMLParser):

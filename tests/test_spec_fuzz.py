@@ -15,12 +15,9 @@ export dry run), so most examples carry at least one damaging mutation.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
 import os
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -28,7 +25,7 @@ from pathlib import Path
 import pytest
 import typer.main
 import yaml
-from conftest import ROOT
+from conftest import ROOT, run_cli_captured
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -249,23 +246,6 @@ def cases(draw) -> dict[str, bytes]:
     return files
 
 
-def _cli(args: list[str]) -> tuple[int, str, str]:
-    from autoquant.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["autoquant", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    return code, out.getvalue(), err.getvalue()
-
-
 def _snapshot(*roots: Path, skip: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for root in roots:
@@ -323,11 +303,11 @@ def test_mutated_specs_and_spaces_exit_0_or_one_line_2(tmp_path, monkeypatch):
             except UserError:
                 refused = True
             if refused:  # search reads the files first: it must refuse before it loads anything
-                code, out, err = _cli(["search", str(spec), "--out", str(run_dir), "--quiet"])
+                code, out, err = run_cli_captured(["search", str(spec), "--out", str(run_dir), "--quiet"])
                 _check_refusal(code, out, err, "search")
                 assert code == 2, (out[-2000:], err)
             else:  # the task loaded, the space built, the export's dry run
-                code, out, err = _cli(["space", str(spec)])
+                code, out, err = run_cli_captured(["space", str(spec)])
                 _check_refusal(code, out, err, "space")
             codes[code] += 1
             after = _snapshot(case, workdir, skip=run_dir)
