@@ -194,7 +194,7 @@ def _finish_search(run, run_dir: Path, objectives, outcome) -> None:
 
 def _print_outcome(outcome, frame, front) -> None:
     """What the search did this time, and the front (with the references it dominates)."""
-    from autoquant.report.terminal import front_table
+    from autoquant.report.terminal import front_table, run_front_table
 
     if outcome.interrupted_before:
         console.print(
@@ -206,9 +206,7 @@ def _print_outcome(outcome, frame, front) -> None:
         f"stopped: {outcome.stopped_because}; {outcome.elapsed_s:.1f} s"
     )
     if not front.empty:
-        console.print(
-            front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)")
-        )
+        console.print(run_front_table(front, frame))
         refs = frame[frame["reference"].notna() & ~frame["on_front"]]
         if not refs.empty:
             console.print(front_table(refs, title="references not on the front (dominated)"))

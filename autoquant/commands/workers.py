@@ -170,7 +170,7 @@ def collect(
 ) -> None:
     """Write RUN's trials.parquet, pareto.csv, run.json and report from the shared ledger (at any
     time: running trials are left out; stale ones are failed and their configs freed)."""
-    from autoquant.report.terminal import front_table
+    from autoquant.report.terminal import run_front_table
     from autoquant.storage import redact
 
     started = time.monotonic()
@@ -186,7 +186,7 @@ def collect(
         highlight=False,
     )
     if not front.empty:
-        console.print(front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)"))
+        console.print(run_front_table(front, frame))
     console.print(f"run directory: {run}")
 
 
@@ -231,7 +231,7 @@ def search_with_workers(
     """``autoquant search --workers N``: N worker processes on this machine measure into the
     study (the run's study.db, or the shared storage); this process, which owns the run
     directory, rewrites its tables as they go and once more at the end."""
-    from autoquant.report.terminal import front_table
+    from autoquant.report.terminal import run_front_table
     from autoquant.search.objectives import objectives_for
     from autoquant.search.targets import check_latency_targets
     from autoquant.search.workers import (
@@ -284,7 +284,7 @@ def search_with_workers(
         highlight=False,
     )
     if not front.empty:
-        console.print(front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)"))
+        console.print(run_front_table(front, frame))
     console.print(f"run directory: {run_dir}  (spec.yaml, trials.parquet, pareto.csv, report.html)")
     failed = [c for c in codes if c != 0]
     if failed:

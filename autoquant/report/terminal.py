@@ -29,6 +29,11 @@ def _drop(row) -> str:
     return f"{text} {NOISE_MARK}" if within_noise(row) else text
 
 
+def run_front_table(front, frame) -> Table:
+    """``front_table`` of a run's front, titled with its size among all the run's configs."""
+    return front_table(front, title=f"Pareto front ({len(front)} of {len(frame)} configs)")
+
+
 def front_table(front, *, title: str) -> Table:
     """One row per config; accuracy is measured on the task's held-out data (with its 95%
     bootstrap interval where the run has one), sizes and bits are exact for the config. A drop
