@@ -205,17 +205,10 @@ class LatencyModel:
 
 def model_state(model: LatencyModel) -> dict[str, Any]:
     """Everything ``model`` predicts from, as JSON (the kernels by their statistic only, failed
-    ones left out): what a shared study holds so that every worker predicts with one model."""
+    ones left out): what a shared study holds so that every worker predicts with one model.
+    ``to_dict``'s figures, and the kernels they multiply."""
     return {
-        "statistic": model.statistic,
-        "intercept_us": model.intercept_us,
-        "class_scale": dict(model.class_scale),
-        "kernel_correction": {f"{n}|{c}": v for (n, c), v in model.kernel_correction.items()},
-        "term_us": dict(model.term_us),
-        "form": model.form,
-        "leave_one_out_mape": dict(model.loo_mape),
-        "calibration_configs": model.calibration_configs,
-        "note": model.note,
+        **model.to_dict(),
         "kernels_us": {
             f"{n}|{c}": [t.impl, t.stat_us(model.statistic)]
             for (n, c), t in model.per_layer.items()
